@@ -1,0 +1,67 @@
+# bibo-export: every user-facing command. `make help` lists them.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+VENV_XLA ?= .venv-xla
+# On a TPU VM: `make setup TORCH_XLA_EXTRA=tpu` installs torch_xla[tpu] (libtpu) instead.
+TORCH_XLA_EXTRA ?=
+# torch_xla's backend for tests and the XLA CPU fallback; a TPU VM sets PJRT_DEVICE=TPU.
+PJRT_DEVICE ?= CPU
+PYTEST_ARGS ?=
+
+XLA_PACKAGE := torch_xla$(if $(TORCH_XLA_EXTRA),[$(TORCH_XLA_EXTRA)])==2.9.0
+STAMP := $(VENV)/.stamp
+XLA_STAMP := $(VENV_XLA)/.stamp$(if $(TORCH_XLA_EXTRA),-$(TORCH_XLA_EXTRA))
+# This machine's pip config prints many harmless "Location ... is ignored" warnings: drop only
+# those lines; every other line, and pip's exit status, still reach the user.
+QUIET_PIP := { grep -v "^WARNING: Location '.*' is ignored" || true; }
+
+.PHONY: help setup setup-export setup-xla test test-export test-xla bench-dispatch clean distclean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+setup: setup-export setup-xla ## create both virtual environments (idempotent)
+
+setup-export: $(STAMP) ## the export/test env .venv (torch 2.13, executorch, onnx)
+
+setup-xla: $(XLA_STAMP) ## the XLA env .venv-xla (torch 2.9, torch_xla 2.9)
+
+# A stamp is newer than its requirement file only after a complete install, so editing the
+# pins (or an interrupted install) rebuilds the environment from scratch.
+$(STAMP): requirements/export.txt pyproject.toml
+	@echo "== creating $(VENV) from requirements/export.txt"
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements/export.txt 2>&1 | $(QUIET_PIP)
+	$(VENV)/bin/pip install --disable-pip-version-check -q --no-deps -e . 2>&1 | $(QUIET_PIP)
+	touch $@
+
+$(XLA_STAMP): requirements/xla.txt pyproject.toml
+	@echo "== creating $(VENV_XLA) from requirements/xla.txt (torch 2.9 is a ~7 GB CUDA build: minutes)"
+	rm -rf $(VENV_XLA)
+	$(PYTHON) -m venv $(VENV_XLA)
+	$(VENV_XLA)/bin/pip install --disable-pip-version-check -q -r requirements/xla.txt "$(XLA_PACKAGE)" 2>&1 | $(QUIET_PIP)
+	$(VENV_XLA)/bin/pip install --disable-pip-version-check -q --no-deps -e . 2>&1 | $(QUIET_PIP)
+	touch $@
+
+test: test-export test-xla ## run the whole suite in both environments
+
+test-export: $(STAMP) ## tests in the export env (model, export, runtimes)
+	$(VENV)/bin/python -m pytest -m "not xla" $(PYTEST_ARGS)
+
+test-xla: $(XLA_STAMP) ## tests in the XLA env (model under torch 2.9, XLA compilation)
+	PJRT_DEVICE=$(PJRT_DEVICE) $(VENV_XLA)/bin/python -m pytest -m "not export" $(PYTEST_ARGS)
+
+bench-dispatch: $(STAMP) $(XLA_STAMP) ## MoE dispatch benchmark → bench/results/dispatch.json
+	$(VENV)/bin/python -m bench.dispatch --backend eager
+	PJRT_DEVICE=$(PJRT_DEVICE) $(VENV_XLA)/bin/python -m bench.dispatch --backend xla
+
+clean: ## remove run outputs, artifacts and benchmark results (keeps the environments)
+	rm -rf runs artifacts bench/results .pytest_cache
+
+distclean: clean ## also remove both virtual environments
+	rm -rf $(VENV) $(VENV_XLA)

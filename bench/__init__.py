@@ -1,0 +1,1 @@
+"""Benchmarks: `make bench-*` targets write bench/results/*.json and print a table."""

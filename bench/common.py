@@ -1,0 +1,52 @@
+"""Timing, result files and tables shared by the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bibo_export.io import atomic_write_text
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` over ``repeats`` calls after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine() -> dict[str, Any]:
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+
+
+def update_results(name: str, section: str, payload: dict[str, Any]) -> Path:
+    """Merge ``payload`` under ``section`` of bench/results/NAME.json (other sections kept)."""
+    path = RESULTS_DIR / f"{name}.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results[section] = payload
+    atomic_write_text(path, json.dumps(results, indent=2))
+    return path
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A Markdown table of ``rows`` restricted to ``columns``."""
+    def fmt(value: Any) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""The ``bibo-export`` command line. Each subcommand is a thin layer over the package."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from .config import PRESETS, BiBoConfig
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    """Print a preset's or a file's config with every derived value resolved."""
+    config = BiBoConfig.from_file(args.config) if args.config else BiBoConfig.preset(args.preset)
+    print(config.to_json())
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    """Describe a checkpoint: size, layers, experts and the router's balancing state."""
+    from .model import BiBoForCausalLM
+
+    model = BiBoForCausalLM.from_pretrained(args.checkpoint)
+    config = model.config
+    print(f"{args.checkpoint}: {model.num_parameters() / 1e6:.2f}M parameters, "
+          f"{config.num_hidden_layers} layers ({len(model.moe_layers)} MoE), "
+          f"{config.num_routed_experts} experts, top-{config.num_experts_per_tok}, "
+          f"router {config.router_type}, dispatch {config.moe_dispatch}")
+    for i, moe in enumerate(model.moe_layers):
+        bias = ", ".join(f"{b:+.3f}" for b in moe.expert_bias.tolist())
+        print(f"  moe layer {i}: router bias [{bias}]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bibo-export", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help=cmd_config.__doc__)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--preset", default="sort-tiny", choices=sorted(PRESETS))
+    source.add_argument("--config", help="a config JSON file")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("info", help=cmd_info.__doc__)
+    p.add_argument("checkpoint", help="a folder with config.json and model.safetensors")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except (ValueError, FileNotFoundError) as err:
+        # Bad input is the user's to fix: one line, no traceback.
+        print(f"bibo-export {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

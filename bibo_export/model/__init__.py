@@ -1,0 +1,8 @@
+"""The BiBo Mixture-of-Experts decoder (DESIGN §3–§5)."""
+
+from .bibo import BiBoForCausalLM, CausalLMOutput, DecoderLayer
+from .checkpoint import CheckpointError
+from .moe import MoE, RoutingStats, update_router_bias
+
+__all__ = ["BiBoForCausalLM", "CausalLMOutput", "CheckpointError", "DecoderLayer", "MoE",
+           "RoutingStats", "update_router_bias"]

@@ -1,0 +1,64 @@
+"""Building blocks shared by the attention and feed-forward parts of BiBo (DESIGN §3)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in fp32, cast back to the input dtype, then scaled by a weight (init 1)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+def rotary_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [T, head_dim] for rotate-half RoPE at the given absolute positions."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device,
+                                            dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE over the full head dim; x is [B, heads, T, d]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Causal, bias-free Conv1d over time: x [B, T, C_in], weight [C_out, C_in, K].
+
+    Returns ([B, T, C_out], new state [B, K-1, C_in]). ``state`` holds the sequence's previous
+    K-1 inputs (zeros at its start), so running a sequence in pieces equals running it whole.
+    """
+    history = weight.shape[-1] - 1
+    if state is None:
+        state = x.new_zeros(x.shape[0], history, x.shape[2])
+    padded = torch.cat([state.to(x.dtype), x], dim=1)
+    y = F.conv1d(padded.transpose(1, 2), weight.to(x.dtype)).transpose(1, 2)
+    return y, padded[:, padded.shape[1] - history:]
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), no biases: the dense FFN of mlp-only layers."""
+
+    def __init__(self, hidden_size: int, width: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,248 @@
+"""BiBo's mixture-of-experts layer with static-shape capacity dispatch (DESIGN §3, §5).
+
+Expert indices: 0 … n-4 are SwiGLU MLPs, n-3 Identity, n-2 Zero, n-1 ReLU². Only the MLP
+experts have parameters and capacity slots; the other three are elementwise. Three dispatch
+formulations compute the same function at different costs:
+
+* ``index``: gather tokens into an [E, C, h] buffer with index_add, bmm, scatter back (linear in S);
+* ``einsum``: one-hot dispatch/combine masks [S, E, C] and matmuls (quadratic in S; TPU-classic);
+* ``dense``: every MLP expert on every token, no capacity (the oracle).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import BiBoConfig
+from .layers import causal_conv1d
+
+LOGIT_STD_EPS = 1e-6
+TOPK_NORM_EPS = 1e-6
+
+
+@dataclass
+class RoutingStats:
+    """What one MoE call routed: the input of the load-balancing bias update."""
+
+    expert_counts: Tensor  # [n] fp32, assignments per expert (before capacity drops)
+    dropped: Tensor  # [] fp32, MLP-expert assignments past capacity
+    num_tokens: int
+
+
+# --------------------------------------------------------------------------------- routing
+def normalize_logits(logits: Tensor, router_lambda: float) -> Tensor:
+    """z̃ = λ (z − mean z) / (std z + ε), per token over the experts (unbiased std).
+
+    The std is written out because torch_xla 2.9 has no autograd kernel for ``aten::std``.
+    """
+    centered = logits - logits.mean(-1, keepdim=True)
+    std = torch.sqrt(centered.square().sum(-1, keepdim=True) / (logits.shape[-1] - 1))
+    return router_lambda * centered / (std + LOGIT_STD_EPS)
+
+
+def select_experts(normalized: Tensor, bias: Tensor, top_k: int,
+                   renormalize: bool) -> tuple[Tensor, Tensor]:
+    """Top-k of z̃ + b (b steers selection only), weighted by softmax(z̃) at the chosen experts.
+
+    Returns indices [S, k] in priority order (best first) and fp32 weights [S, k].
+    """
+    probs = torch.softmax(normalized, dim=-1)
+    _, indices = torch.topk(normalized + bias, top_k, dim=-1)
+    weights = probs.gather(-1, indices)
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + TOPK_NORM_EPS)
+    return indices, weights
+
+
+def capacity_slots(indices: Tensor, num_mlp_experts: int,
+                   capacity: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Slot of every assignment in its expert, GShard-style, flattened k-major.
+
+    k-major order puts every token's first choice before any token's second choice, so a full
+    expert drops low-priority assignments first. Returns (expert [kS], position [kS], keep [kS]);
+    ``keep`` is False for parameter-free experts and for assignments past ``capacity``.
+    """
+    expert = indices.t().reshape(-1)
+    is_mlp = expert < num_mlp_experts
+    one_hot = F.one_hot(expert.clamp(max=num_mlp_experts - 1), num_mlp_experts)
+    one_hot = one_hot * is_mlp[:, None]
+    position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1
+    return expert, position, is_mlp & (position < capacity)
+
+
+def update_router_bias(bias: Tensor, tokens_seen: Tensor, counts: Tensor, stats: RoutingStats,
+                       threshold: int, factor: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The aux-loss-free load-balancing rule as a pure function (DESIGN §3.9, §4).
+
+    Counters accumulate; once ``threshold`` tokens are seen, b_e += u·sign(mean(counts) − counts_e)
+    and the counters reset. ``torch.where`` keeps it one static graph: no host sync, no branch.
+    """
+    tokens_seen = tokens_seen + stats.num_tokens
+    counts = counts + stats.expert_counts
+    due = tokens_seen >= threshold
+    stepped = bias + factor * torch.sign(counts.mean() - counts)
+    return (torch.where(due, stepped, bias), torch.where(due, torch.zeros_like(tokens_seen),
+                                                         tokens_seen),
+            torch.where(due, torch.zeros_like(counts), counts))
+
+
+# --------------------------------------------------------------------------------- experts
+class MLPExperts(nn.Module):
+    """E SwiGLU experts with stacked weights, applied to a batch of slots x [E, C, h]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, width: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, width, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, width, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = torch.bmm(x, self.gate_proj.transpose(1, 2))
+        up = torch.bmm(x, self.up_proj.transpose(1, 2))
+        return torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))
+
+
+class SharedConvExpert(nn.Module):
+    """Always-on expert: down(silu(CausalConv1d_K(u)) * up(u)), no biases."""
+
+    def __init__(self, hidden_size: int, width: int, kernel_size: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(hidden_size, width, kernel_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden_size, bias=False)
+
+    def forward(self, u: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
+        conv, state = causal_conv1d(u, self.conv.weight, state)
+        return self.down_proj(F.silu(conv) * self.up_proj(u)), state
+
+
+def dispatch_index(u: Tensor, experts: MLPExperts, expert: Tensor, position: Tensor,
+                   keep: Tensor, weight: Tensor, capacity: int) -> Tensor:
+    """Gather kept assignments into [E, C, h] slots, run the experts, scatter-add back."""
+    num_tokens, hidden = u.shape
+    num_experts = experts.gate_proj.shape[0]
+    token = torch.arange(expert.shape[0], device=u.device) % num_tokens
+    overflow = num_experts * capacity  # one spare row absorbs everything not kept
+    slot = torch.where(keep, expert * capacity + position, overflow)
+    slots = u.new_zeros(overflow + 1, hidden).index_add(0, slot, u.index_select(0, token))
+    out = experts(slots[:overflow].view(num_experts, capacity, hidden)).reshape(overflow, hidden)
+    out = torch.cat([out, out.new_zeros(1, hidden)])
+    contribution = out.index_select(0, slot) * (weight * keep).to(u.dtype)[:, None]
+    return u.new_zeros(num_tokens, hidden).index_add(0, token, contribution)
+
+
+def dispatch_einsum(u: Tensor, experts: MLPExperts, expert: Tensor, position: Tensor,
+                    keep: Tensor, weight: Tensor, capacity: int) -> Tensor:
+    """Same as ``dispatch_index`` with one-hot [S, E, C] masks and matmuls only."""
+    num_tokens = u.shape[0]
+    num_experts = experts.gate_proj.shape[0]
+    top_k = expert.shape[0] // num_tokens
+    expert_mask = F.one_hot(expert.clamp(max=num_experts - 1), num_experts).to(u.dtype)
+    expert_mask = (expert_mask * keep[:, None].to(u.dtype)).view(top_k, num_tokens, num_experts)
+    slot_mask = F.one_hot(position.clamp(0, capacity - 1), capacity).to(u.dtype)
+    slot_mask = slot_mask.view(top_k, num_tokens, capacity)
+    dispatch = torch.einsum("kse,ksc->sec", expert_mask, slot_mask)
+    combine = torch.einsum("kse,ksc->sec",
+                           expert_mask * weight.to(u.dtype).view(top_k, num_tokens, 1), slot_mask)
+    out = experts(torch.einsum("sec,sh->ech", dispatch, u))
+    return torch.einsum("sec,ech->sh", combine, out)
+
+
+def dispatch_dense(u: Tensor, experts: MLPExperts, gates: Tensor) -> Tensor:
+    """Every MLP expert on every token, mixed by the dense gate matrix [S, E]: the oracle."""
+    num_experts = experts.gate_proj.shape[0]
+    out = experts(u.expand(num_experts, *u.shape))
+    return torch.einsum("se,esh->sh", gates.to(u.dtype), out)
+
+
+# --------------------------------------------------------------------------------- the layer
+class MoE(nn.Module):
+    def __init__(self, config: BiBoConfig) -> None:
+        super().__init__()
+        h, n = config.hidden_size, config.num_routed_experts
+        self.config = config
+        if config.router_type == "mlp":
+            self.router = nn.Linear(h, n, bias=False)
+        else:
+            self.router = nn.Conv1d(h, n, config.kernel_size, bias=False)
+        self.experts = MLPExperts(config.num_mlp_experts, h, config.moe_intermediate_size)
+        self.shared_expert = SharedConvExpert(h, config.moe_intermediate_size, config.kernel_size)
+        # Load-balancing state: not trained, saved with the checkpoint, always fp32.
+        self.register_buffer("expert_bias", torch.zeros(n))
+        self.register_buffer("tokens_seen", torch.zeros(()))
+        self.register_buffer("expert_counts", torch.zeros(n))
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
+        # model.to(bf16) must not round the balancing counters and bias (DESIGN §4).
+        super()._apply(fn, recurse)
+        for name in ("expert_bias", "tokens_seen", "expert_counts"):
+            self._buffers[name] = self._buffers[name].float()
+        return self
+
+    def router_logits(self, u: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """fp32 logits [B, T, n]; the conv router also returns its new causal state."""
+        weight = self.router.weight.float()
+        if self.config.router_type == "mlp":
+            return F.linear(u.float(), weight), None
+        return causal_conv1d(u.float(), weight, state)
+
+    def forward(self, u: Tensor, cache: dict[str, Tensor] | None
+                ) -> tuple[Tensor, RoutingStats, dict[str, Tensor]]:
+        """u [B, T, h] (post-attention norm) → (output [B, T, h], routing stats, new conv states)."""
+        config = self.config
+        B, T, h = u.shape
+        states = {} if cache is None else cache
+        logits, router_state = self.router_logits(u, states.get("router_conv"))
+        logits = logits.reshape(B * T, -1)
+        if self.training and config.router_noise > 0:
+            logits = logits + torch.randn_like(logits) * math.sqrt(config.router_noise)
+        indices, weights = select_experts(normalize_logits(logits, config.router_lambda),
+                                          self.expert_bias, config.num_experts_per_tok,
+                                          config.norm_topk_prob)
+        flat = u.reshape(B * T, h)
+        gates = torch.zeros_like(logits).scatter_add(-1, indices, weights)  # [S, n]
+        routed, dropped = self._mlp_experts(flat, indices, weights, gates)
+        n = config.num_routed_experts
+        free = gates[:, n - 3, None].to(u.dtype) * flat + \
+            gates[:, n - 1, None].to(u.dtype) * F.relu(flat).square()  # Identity, ReLU²; Zero adds 0
+        shared, shared_state = self.shared_expert(u, states.get("shared_conv"))
+        out = (routed + free).view(B, T, h) + config.moe_shared_scaling * shared
+
+        stats = RoutingStats(
+            expert_counts=torch.zeros_like(self.expert_counts).scatter_add(
+                0, indices.reshape(-1), torch.ones_like(weights).reshape(-1)),
+            dropped=dropped, num_tokens=B * T)
+        new_cache = {"shared_conv": shared_state}
+        if router_state is not None:
+            new_cache["router_conv"] = router_state
+        return out, stats, new_cache
+
+    def _mlp_experts(self, flat: Tensor, indices: Tensor, weights: Tensor,
+                     gates: Tensor) -> tuple[Tensor, Tensor]:
+        """The MLP experts' weighted sum [S, h] and the number of dropped assignments."""
+        config, num_mlp = self.config, self.config.num_mlp_experts
+        if config.moe_dispatch == "dense":
+            dropped = flat.new_zeros((), dtype=torch.float32)
+            return dispatch_dense(flat, self.experts, gates[:, :num_mlp]), dropped
+        capacity = config.expert_capacity(flat.shape[0])
+        expert, position, keep = capacity_slots(indices, num_mlp, capacity)
+        dropped = ((expert < num_mlp) & ~keep).sum().float()
+        dispatch = dispatch_index if config.moe_dispatch == "index" else dispatch_einsum
+        out = dispatch(flat, self.experts, expert, position, keep, weights.t().reshape(-1),
+                       capacity)
+        return out, dropped
+
+    @torch.no_grad()
+    def apply_routing_stats(self, stats: RoutingStats) -> None:
+        """Fold one training call's statistics into the counters and maybe step the bias."""
+        bias, tokens, counts = update_router_bias(
+            self.expert_bias, self.tokens_seen, self.expert_counts, stats,
+            self.config.bias_update_threshold, self.config.bias_update_factor)
+        self.expert_bias.copy_(bias)
+        self.tokens_seen.copy_(tokens)
+        self.expert_counts.copy_(counts)

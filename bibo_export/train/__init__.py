@@ -1,0 +1,1 @@
+"""Training BiBo: data, the compiled train step, checkpoints and the training loop."""

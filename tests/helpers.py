@@ -1,0 +1,27 @@
+"""Small configurations and oracles shared by the tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bibo_export.config import BiBoConfig
+
+
+def tiny_config(**overrides: Any) -> BiBoConfig:
+    """A few-layer BiBo with every feature on (conv router, SSMax, MoE and dense layers)."""
+    values: dict[str, Any] = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, num_routed_experts=8,
+        num_experts_per_tok=3, moe_intermediate_size=24, max_position_embeddings=128,
+        router_type="conv", mlp_only_layers=[0], bias_update_threshold=800)
+    values.update(overrides)
+    return BiBoConfig(**values)
+
+
+def swiglu_reference(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                     down: torch.Tensor) -> torch.Tensor:
+    """One expert on one token, written out with plain matrix-vector products."""
+    return down @ (F.silu(gate @ x) * (up @ x))
