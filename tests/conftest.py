@@ -4,8 +4,11 @@ import os
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 
 try:
-    # Must precede the first backward of the session: the autograd engine sizes its per-device
-    # queues then, and an XLA device registered later trips an internal assert.
-    import torch_xla  # noqa: F401
+    import torch_xla
 except ImportError:  # the export env has no torch_xla; its tests deselect the xla marker
-    pass
+    torch_xla = None
+
+if torch_xla is not None:
+    # Start the XLA runtime before any backward of the session: the autograd engine sizes its
+    # per-device queues on first use, and an XLA device that appears later trips its assert.
+    torch_xla.device()

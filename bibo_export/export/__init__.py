@@ -1,0 +1,1 @@
+"""Exporters: prepare → export → quantize → lower → save → verify, for ONNX and ExecuTorch."""
