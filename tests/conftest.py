@@ -12,3 +12,14 @@ if torch_xla is not None:
     # Start the XLA runtime before any backward of the session: the autograd engine sizes its
     # per-device queues on first use, and an XLA device that appears later trips its assert.
     torch_xla.device()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def trained_sort_tiny(tmp_path_factory):
+    """(checkpoint folder, SortingTask) of a briefly trained sort-tiny, shared by the session."""
+    from helpers import train_sort_tiny
+
+    return train_sort_tiny(tmp_path_factory.mktemp("trained") / "sort-tiny")
