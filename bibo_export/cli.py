@@ -30,6 +30,19 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"  moe layer {i}: router bias [{bias}]")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train BiBo (torch_xla on TPU or its CPU backend; eager CPU; CUDA) with checkpoints."""
+    import dataclasses
+
+    from .train.trainer import TrainConfig, train
+
+    given = {k: v for k, v in vars(args).items()
+             if k in {f.name for f in dataclasses.fields(TrainConfig)} and v is not None}
+    if args.config:
+        given["model_config"] = given.pop("config", args.config)
+    train(TrainConfig(**given), args.out, resume=args.resume, stop_after=args.stop_after)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bibo-export", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +52,32 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--preset", default="sort-tiny", choices=sorted(PRESETS))
     source.add_argument("--config", help="a config JSON file")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("train", help=cmd_train.__doc__,
+                       description="Unset options take TrainConfig's defaults (a resumed run "
+                                   "keeps its saved config; --steps may extend it).")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--preset", choices=sorted(PRESETS))
+    model.add_argument("--config", help="a BiBoConfig JSON file")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, final/")
+    p.add_argument("--steps", type=int, help="total optimizer steps of the schedule")
+    p.add_argument("--data", help="sort[:LENGTHS] | text:PATH | bin:PATH[:uint16|uint32]")
+    p.add_argument("--device", choices=["auto", "xla", "cpu", "cuda"])
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--mesh", help="SPMD mesh, e.g. fsdp=4 or data=2,fsdp=2,expert=2")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--grad-accum", dest="grad_accum", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--sequence-length", dest="sequence_length", type=int)
+    p.add_argument("--capacity-factor", dest="capacity_factor", type=float)
+    p.add_argument("--log-every", dest="log_every", type=int)
+    p.add_argument("--eval-every", dest="eval_every", type=int)
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--stop-after", dest="stop_after", type=int,
+                   help="end this invocation after N steps (resume later)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("info", help=cmd_info.__doc__)
     p.add_argument("checkpoint", help="a folder with config.json and model.safetensors")

@@ -1,0 +1,100 @@
+"""Where training runs: torch_xla (a TPU, else the XLA CPU backend), eager CPU, or CUDA.
+
+The XLA backends compile the whole train step (``torch_xla.compile(full_graph=True)``) and read
+metrics through step closures, so logging never forces an extra execution. CUDA compiles the
+model with ``torch.compile``; eager CPU runs as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+DEVICES = ("auto", "xla", "cpu", "cuda")
+
+
+@dataclass
+class Backend:
+    name: str  # xla-tpu, xla-cpu, cpu, cuda
+    device: torch.device
+    bf16: bool
+
+    @property
+    def is_xla(self) -> bool:
+        return self.name.startswith("xla")
+
+    def compile_step(self, step: Callable) -> Callable:
+        if self.is_xla:
+            import torch_xla
+            return torch_xla.compile(step, full_graph=True)
+        return step
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.name == "cuda":
+            model.compile()  # in place: parameters, buffers and the state dict keep their names
+        return model
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def on_host(self, callback: Callable[[Any], None], tensors: Any) -> None:
+        """Call ``callback`` with ``tensors`` moved to the host once their values exist."""
+        if self.is_xla:
+            import torch_xla.core.xla_model as xm
+            # .cpu() transfers the computed values; .item() on a device tensor would re-execute.
+            xm.add_step_closure(lambda t: callback(_to_cpu(t)), args=(tensors,))
+        else:
+            callback(_to_cpu(tensors))
+
+    def sync(self) -> None:
+        if self.is_xla:
+            import torch_xla
+            torch_xla.sync()
+
+
+def _to_cpu(tree: Any) -> Any:
+    return torch.utils._pytree.tree_map(lambda t: t.detach().cpu(), tree)
+
+
+def _tpu_present() -> bool:
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")) and \
+        importlib.util.find_spec("libtpu") is not None
+
+
+def select_backend(device: str, precision: str = "auto") -> Backend:
+    """Resolve ``--device`` (auto: a TPU if present, else XLA's CPU backend, else eager CPU)."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"unknown precision {precision!r}; choose auto, bf16 or fp32")
+    has_xla = importlib.util.find_spec("torch_xla") is not None
+    if device == "auto":
+        device = "xla" if has_xla else "cpu"
+    if device == "xla":
+        if not has_xla:
+            raise ValueError("--device xla needs torch_xla: run in .venv-xla (make setup-xla)")
+        os.environ.setdefault("PJRT_DEVICE", "TPU" if _tpu_present() else "CPU")
+        import torch_xla
+        import torch_xla.runtime as xr
+        name = f"xla-{xr.device_type().lower()}"
+        backend = Backend(name, torch_xla.device(), bf16=_bf16(precision, name == "xla-tpu"))
+    elif device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
+        backend = Backend("cuda", torch.device("cuda"), bf16=_bf16(precision, True))
+    else:
+        backend = Backend("cpu", torch.device("cpu"), bf16=_bf16(precision, False))
+    return backend
+
+
+def _bf16(precision: str, default: bool) -> bool:
+    return default if precision == "auto" else precision == "bf16"

@@ -1,0 +1,48 @@
+"""AdamW with the usual parameter groups and a warm-up + cosine schedule computed in-graph."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..model import BiBoForCausalLM
+
+NO_DECAY_SUFFIXES = ("norm.weight", "ssmax_scale", "bias")
+
+
+def parameter_groups(model: BiBoForCausalLM, weight_decay: float) -> list[dict]:
+    """Decay matrices only: norms, biases and SSMax scales are excluded. The router's selection
+    bias is a buffer, never an optimizer parameter."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if name.endswith(NO_DECAY_SUFFIXES) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, lr: Tensor, weight_decay: float, capturable: bool,
+                    foreach: bool) -> torch.optim.AdamW:
+    """AdamW reading its learning rate from the device tensor ``lr``.
+
+    ``capturable`` keeps the step count and bias corrections on the device (XLA, CUDA) so the
+    update needs no host value; eager CPU cannot capture. The multi-tensor (foreach) kernels
+    reject capturable XLA tensors in torch 2.9, so only CUDA uses them.
+    """
+    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95),
+                             capturable=capturable, foreach=foreach)
+
+
+def warmup_cosine(step: Tensor, base_lr: float, warmup_steps: int, total_steps: int,
+                  min_lr_ratio: float) -> Tensor:
+    """Linear warm-up from base/warmup to base, then cosine to base·min_ratio; tensor in, out.
+
+    Only tensor arithmetic on the step counter: no per-step Python float enters the graph.
+    """
+    step = step.float()
+    warm = (step + 1) / warmup_steps
+    progress = torch.clamp((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0, 1)
+    cosine = min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + torch.cos(math.pi * progress))
+    return base_lr * torch.where(step < warmup_steps, warm, cosine)
