@@ -27,27 +27,17 @@ def swiglu_reference(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     return down @ (F.silu(gate @ x) * (up @ x))
 
 
-def train_sort_tiny(out_dir, steps: int = 250, lengths=(6,), lr: float = 3e-3):
+def train_sort_tiny(out_dir, steps: int = 250, length: int = 6, lr: float = 3e-3):
     """Briefly train the sort-tiny preset on the sorting task (eager CPU, seeded) and save it.
 
-    Returns (checkpoint folder, SortingTask). Int8 parity is only meaningful on a model that
-    has learned something (DESIGN §7), so the export tests share one such model per session.
+    Returns (final checkpoint folder, SortingTask). Int8 parity is only meaningful on a model
+    that has learned something (DESIGN §7), so the export tests share one such model.
     """
-    import math
-
-    from bibo_export.model import BiBoForCausalLM
     from bibo_export.train.sorting import SortingTask
-    from bibo_export.train.step import train_step
+    from bibo_export.train.trainer import TrainConfig, train
 
-    torch.manual_seed(48)
-    model = BiBoForCausalLM(BiBoConfig.preset("sort-tiny", capacity_factor=1.25)).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)
-                                                 * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    task = SortingTask(lengths=lengths, batch_size=32)
-    for _, (input_ids, labels) in zip(range(steps), task.train_batches()):
-        train_step(model, optimizer, input_ids, labels)
-        schedule.step()
-    model.save_pretrained(out_dir)
-    return out_dir, task
+    config = TrainConfig(preset="sort-tiny", data=f"sort:{length}", steps=steps, batch_size=32,
+                         lr=lr, device="cpu", log_every=50, eval_every=steps,
+                         checkpoint_every=steps)
+    final = train(config, out_dir)
+    return final, SortingTask(lengths=(length,), batch_size=32, seed=config.seed)
