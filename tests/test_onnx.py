@@ -1,0 +1,220 @@
+"""ONNX export and the ONNX Runtime runtime, against eager PyTorch (DESIGN §7)."""
+
+import json
+import re
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from bibo_export.config import BiBoConfig
+from bibo_export.export.onnx import export_onnx, integer_kernels, subgraphs
+from bibo_export.export.prepare import inference_copy
+from bibo_export.model import BiBoForCausalLM
+from bibo_export.parity import BARS, compare_generation, compare_logits, sorting_accuracy
+from bibo_export.runtimes import load
+from bibo_export.runtimes.eager import EagerRuntime
+from bibo_export.runtimes.onnx import weights_read_per_call
+from bibo_export.train.sorting import to_inputs_and_labels
+from helpers import tiny_config
+
+pytestmark = pytest.mark.export
+
+MAX_LENGTH = 64
+EXPERT_WEIGHT = re.compile(r"layers\.(\d+)\.mlp\.expert_ffns\.(\d+)\.")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Eager PyTorch on a shared 2-core machine: one thread avoids spin-wait oversubscription
+    (50x faster here); the results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_random(path, config: BiBoConfig, seed: int):
+    torch.manual_seed(seed)
+    BiBoForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fp32_exports(tmp_path_factory):
+    """fp32 exports of a random-init sort-tiny and of a small config with other choices
+    (mlp router, n=6, k=2, K=2): {name: (checkpoint, export folder)}."""
+    root = tmp_path_factory.mktemp("onnx-fp32")
+    configs = {"sort-tiny": BiBoConfig.preset("sort-tiny"),
+               "mlp-router": tiny_config(router_type="mlp", num_routed_experts=6,
+                                         num_experts_per_tok=2, kernel_size=2,
+                                         num_hidden_layers=2, mlp_only_layers=[1])}
+    exports = {}
+    for seed, (name, config) in enumerate(configs.items()):
+        checkpoint = save_random(root / f"{name}-ckpt", config, seed)
+        export_onnx(checkpoint, root / name, max_length=MAX_LENGTH)
+        exports[name] = (checkpoint, root / name)
+    return exports
+
+
+@pytest.fixture(scope="module")
+def int8_export(trained_sort_tiny, tmp_path_factory):
+    checkpoint, task = trained_sort_tiny
+    out = tmp_path_factory.mktemp("onnx-int8") / "int8"
+    manifest = export_onnx(checkpoint, out, int8=True, max_length=MAX_LENGTH)
+    return checkpoint, task, out, manifest
+
+
+# ------------------------------------------------------------------------------ fp32 parity
+@pytest.mark.parametrize("name", ["sort-tiny", "mlp-router"])
+def test_fp32_logits_and_greedy_generation_match_eager(fp32_exports, name):
+    checkpoint, folder = fp32_exports[name]
+    onnx_rt, eager = load(folder), load(checkpoint)
+    vocab = eager.config.vocab_size
+    prompts = np.random.default_rng(1).integers(0, vocab, (3, 24), dtype=np.int64)
+    logits = compare_logits(onnx_rt.logits(prompts), eager.logits(prompts))
+    assert logits["max_abs"] <= BARS["onnx-fp32"]["max_abs"], logits
+    generation = compare_generation(onnx_rt, eager, prompts[:, :8], max_new_tokens=32)
+    assert generation["greedy_match"], generation
+
+
+def test_export_folder_is_complete_and_described(fp32_exports):
+    checkpoint, folder = fp32_exports["sort-tiny"]
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "model.onnx",
+                                                       "model.onnx.data"]
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp left
+    onnx.checker.check_model(folder / "model.onnx")
+    model = onnx.load(folder / "model.onnx", load_external_data=False)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 18
+    props = {p.key: p.value for p in model.metadata_props}
+    saved = BiBoForCausalLM.from_pretrained(checkpoint).config
+    assert BiBoConfig.from_json(props["bibo.config"]) == saved
+    assert props["version.onnxruntime"] and props["version.torch"]
+    names = [i.name for i in model.graph.input]
+    assert names[:2] == ["input_ids", "start_pos"] and "layers.1.router_conv" in names
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert {f["name"] for f in manifest["files"]} == {"model.onnx", "model.onnx.data"}
+    assert manifest["verification"]["passed"] and manifest["verification"]["greedy_match"]
+
+
+# ------------------------------------------------------------------------------ decode cost
+def test_decode_runs_only_the_selected_experts(fp32_exports):
+    """ORT's profiler: the expert weights read in each decode step are exactly those of the
+    MLP experts eager routing selected for that token."""
+    checkpoint, folder = fp32_exports["mlp-router"]
+    model = inference_copy(BiBoForCausalLM.from_pretrained(checkpoint))
+    prompt = np.array([[5, 9, 1, 33]], dtype=np.int64)
+    tokens = torch.from_numpy(EagerRuntime(model).generate(prompt, 6))
+    moe_layers = [i for i, layer in enumerate(model.layers) if layer.is_moe]
+    num_mlp = model.config.num_mlp_experts
+    cache = model.new_cache(1, MAX_LENGTH)
+    expected = []
+    with torch.no_grad():
+        for position in range(tokens.shape[1] - 1):
+            out = model(tokens[:, position:position + 1], cache=cache, start_pos=position)
+            cache = out.cache
+            if position >= prompt.shape[1] - 1:  # the decode steps (the prefill's last token on)
+                expected.append({(layer, e) for layer, stats in zip(moe_layers, out.routing)
+                                 for e in range(num_mlp) if stats.expert_counts[e] > 0})
+    calls = weights_read_per_call(folder, prompt, 6)
+    ran = [{(int(m[1]), int(m[2])) for m in map(EXPERT_WEIGHT.search, call) if m}
+           for call in calls[1:]]
+    assert ran == expected[1:]
+    all_experts = {(layer, e) for layer in moe_layers for e in range(num_mlp)}
+    assert all(step < all_experts for step in ran)
+
+
+# ------------------------------------------------------------------------------ int8
+def test_int8_matches_trained_eager(int8_export):
+    checkpoint, task, folder, _ = int8_export
+    int8, eager = load(folder), load(checkpoint)
+    ids = np.concatenate([to_inputs_and_labels(s)[0].numpy() for s in task.eval_sets.values()])
+    metrics = compare_logits(int8.logits(ids), eager.logits(ids))
+    bars = BARS["int8"]
+    assert metrics["top1_agreement"] >= bars["top1_agreement"], metrics
+    assert metrics["cosine"] >= bars["cosine"], metrics
+    got, want = sorting_accuracy(int8, task), sorting_accuracy(eager, task)
+    assert want["token_accuracy"] > 0.5, want  # the model learned the task: a meaningful test
+    assert got["token_accuracy"] >= want["token_accuracy"] - bars["token_accuracy_drop"]
+
+
+def test_int8_graph_runs_integer_expert_kernels_and_a_float_router(int8_export):
+    _, _, folder, manifest = int8_export
+    model = onnx.load(folder / "model.onnx", load_external_data=False)
+    graphs = list(subgraphs(model.graph))
+    config = BiBoConfig.from_json({p.key: p.value for p in model.metadata_props}["bibo.config"])
+    int8_inputs = {name for g in graphs for n in g.node if n.op_type in ("MatMulInteger",
+                                                                           "ConvInteger")
+                   for name in n.input}
+    experts = {m.group(0) + proj for m in map(EXPERT_WEIGHT.search, int8_inputs) if m
+               for proj in ("gate", "up", "down")}
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    assert len(experts) == 3 * moe_layers * config.num_mlp_experts
+    for part in ("self_attn.q_proj", "self_attn.o_proj", "lm_head"):
+        assert any(part in name for name in int8_inputs), part
+    router = [n for n in model.graph.node if any(".router.weight" in i for i in n.input)]
+    assert router and all(n.op_type == "Conv" for n in router)  # float Conv, not ConvInteger
+    assert not any("router" in name for name in int8_inputs)
+    # What ORT runs after its own graph optimizations, If branches included.
+    kernels = integer_kernels(folder / "model.onnx")
+    assert kernels.get("DynamicQuantizeMatMul", 0) + kernels.get("MatMulIntegerToFloat", 0) \
+        >= 3 * moe_layers * config.num_mlp_experts
+    assert set(manifest["quantization"]["quantized_weights"]) >= {"experts", "attention",
+                                                                 "lm_head"}
+
+
+def test_int8_files_are_at_most_035_of_fp32(int8_export, fp32_exports):
+    _, _, folder, manifest = int8_export
+    fp32_folder = fp32_exports["sort-tiny"][1]  # same architecture, random weights
+    size = lambda f: sum(p.stat().st_size for p in f.iterdir() if p.name.startswith("model"))
+    assert size(folder) <= 0.35 * size(fp32_folder), (size(folder), size(fp32_folder))
+
+
+# ------------------------------------------------------------------------------ bad inputs
+@pytest.mark.parametrize("ids, max_new, message", [
+    (np.array([[1, 256]]), 0, "outside the vocabulary"),
+    (np.array([[-1, 2]]), 0, "outside the vocabulary"),
+    (np.zeros((1, 0), np.int64), 0, "empty"),
+    (np.ones((1, 60), np.int64), 10, "exceeds the maximum length 64"),
+    (np.array([1, 2, 3]), 0, "shape"),
+    (np.array([[1.0, 2.0]]), 0, "integers"),
+    ([[1, 2]], 0, "numpy array"),
+])
+def test_bad_inputs_are_one_line_value_errors(fp32_exports, ids, max_new, message):
+    runtime = load(fp32_exports["sort-tiny"][1])
+    with pytest.raises(ValueError, match=message) as err:
+        runtime.generate(ids, max_new) if max_new else runtime.logits(ids)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "truncated"), ("drop-data", "model.onnx.data is missing"),
+    ("drop-manifest", "no manifest.json"), ("truncate-unchecked", "cannot load"),
+])
+def test_damaged_export_is_reported(fp32_exports, tmp_path, damage, message):
+    folder = shutil.copytree(fp32_exports["mlp-router"][1], tmp_path / "export")
+    model_file = folder / "model.onnx"
+    if damage.startswith("truncate"):
+        model_file.write_bytes(model_file.read_bytes()[: model_file.stat().st_size // 2])
+    elif damage == "drop-data":
+        (folder / "model.onnx.data").unlink()
+    else:
+        (folder / "manifest.json").unlink()
+    if damage == "truncate-unchecked":
+        from bibo_export.runtimes.onnx import OnnxRuntime
+        call = lambda: OnnxRuntime.from_folder(folder, check=False)
+    else:
+        call = lambda: load(folder)
+    with pytest.raises(ValueError, match=message) as err:
+        call()
+    assert "\n" not in str(err.value)
+
+
+def test_export_rejects_bad_arguments(tmp_path, fp32_exports):
+    with pytest.raises(ValueError, match="not found"):
+        export_onnx(tmp_path / "nowhere", tmp_path / "out")
+    with pytest.raises(ValueError, match="max_length"):
+        export_onnx(fp32_exports["mlp-router"][0], tmp_path / "out", max_length=10_000)
+    assert not (tmp_path / "out").exists()
