@@ -1,0 +1,80 @@
+"""ExecuTorch: run an exported ``.pte`` (XNNPACK delegate + portable kernels) from Python.
+
+The program keeps the KV cache and conv states in mutable buffers that persist between calls
+of its ``forward(input_ids, start_pos)``; a call at start_pos 0 starts a new sequence.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import BiBoConfig
+from .base import Runtime
+
+METADATA_METHOD = "bibo_metadata"  # written by bibo_export.export.executorch
+
+
+def check_file(path: Path) -> None:
+    """Catch missing, foreign and truncated files before the ExecuTorch loader sees them: it
+    only logs some of these problems, and a later call on such a program can crash."""
+    from executorch.exir._serialize._program import _get_extended_header
+
+    if not path.is_file():
+        raise ValueError(f"ExecuTorch program not found: {path}")
+    with path.open("rb") as f:
+        head = f.read(64)
+    if head[4:6] != b"ET":
+        raise ValueError(f"{path} is not an ExecuTorch program (no ET file identifier)")
+    header = _get_extended_header(head)
+    expected = 0 if header is None else max(header.program_size, header.segment_base_offset
+                                             + header.segment_data_size)
+    if path.stat().st_size < expected:
+        raise ValueError(f"{path} is truncated: {path.stat().st_size} of {expected} bytes")
+
+
+class ExecuTorchRuntime(Runtime):
+    name = "executorch"
+
+    def __init__(self, method, metadata: dict, path: Path) -> None:  # noqa: ANN001 - ET Method
+        super().__init__(BiBoConfig.from_dict(metadata["config"]), metadata["max_length"],
+                         batch_size=metadata["batch_size"])
+        self.method = method
+        self.precision = metadata["precision"]
+        self.path = path
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ExecuTorchRuntime:
+        """Load a ``.pte``; a missing, truncated or foreign file raises a one-line ValueError."""
+        from executorch.runtime import Runtime as ETRuntime
+
+        path = Path(path)
+        check_file(path)
+        try:
+            program = ETRuntime.get().load_program(path)
+            names = program.method_names
+            if METADATA_METHOD not in names or "forward" not in names:
+                raise ValueError(f"{path} is not a bibo-export ExecuTorch program "
+                                 f"(methods: {sorted(names)})")
+            encoded = program.load_method(METADATA_METHOD).execute([])[0]
+            metadata = json.loads(bytes(encoded.numpy().tolist()).decode())
+            method = program.load_method("forward")
+        except (RuntimeError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{path} is not a loadable ExecuTorch program (truncated or "
+                             f"corrupt?): {reason}") from None
+        return cls(method, metadata, path)
+
+    def _run(self, input_ids: np.ndarray, start_pos: int) -> np.ndarray:
+        outputs = self.method.execute([torch.from_numpy(input_ids),
+                                       torch.tensor(start_pos, dtype=torch.long)])
+        return outputs[0].numpy()
+
+    def _prefill(self, input_ids: np.ndarray) -> np.ndarray:
+        return self._run(input_ids, 0)
+
+    def _decode(self, input_ids: np.ndarray, position: int) -> np.ndarray:
+        return self._run(input_ids, position)
