@@ -130,11 +130,15 @@ class StatefulDecoder(nn.Module):
 
     Calling with start_pos 0 begins a new sequence: cached positions ≥ start_pos are masked by
     causality and overwritten as the sequence grows, and the conv states are zeroed.
+    ``torch.export`` (torch 2.13) keeps the ``copy_`` calls in its non-functional IR, so
+    ``graph_signature.buffers_to_mutate`` is empty until ``run_decompositions()`` (which
+    ``to_edge`` runs) functionalizes them into buffer mutations of the program.
     """
 
     def __init__(self, model: BiBoForCausalLM, batch_size: int, max_length: int) -> None:
         super().__init__()
         self.model = model
+        self.batch_size, self.max_length = batch_size, max_length
         self.names = [name.replace(".", "_") for name in cache_names(model)]
         for name, tensor in zip(self.names, flatten_cache(model.new_cache(batch_size, max_length))):
             self.register_buffer(name, tensor, persistent=False)
