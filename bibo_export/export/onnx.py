@@ -251,33 +251,53 @@ def export_onnx(checkpoint: str | Path, out: str | Path, int8: bool = False,
     ``ValueError`` and leaves any previous export in ``out`` untouched. Returns the manifest.
     """
     precision = "int8" if int8 else "fp32"
-    out = Path(out)
+    return export_onnx_precisions(checkpoint, {precision: out}, max_length,
+                                  require_parity)[precision]
+
+
+def export_onnx_precisions(checkpoint: str | Path, outs: dict[str, str | Path],
+                           max_length: int | None = None,
+                           require_parity: bool = True) -> dict[str, dict[str, Any]]:
+    """Like ``export_onnx`` for several precisions ("fp32", "int8") from one trace, e.g.
+    ``{"fp32": "artifacts/onnx/fp32", "int8": "artifacts/onnx/int8"}``; returns the manifests."""
+    unknown = set(outs) - {"fp32", "int8"}
+    if unknown or not outs:
+        raise ValueError(f"precisions must be fp32 and/or int8, got {sorted(outs)}")
     with stage("onnx", "prepare"):
         model = BiBoForCausalLM.from_pretrained(checkpoint).eval()
         max_length = check_max_length(model, max_length)
     with stage("onnx", "export"):
         graph = export_graph(model, max_length)
+    manifests = {}
+    for precision, out in outs.items():
+        variant = onnx.ModelProto()
+        variant.CopyFrom(graph)  # quantization rewrites the graph in place
+        manifests[precision] = save_and_verify(variant, model, Path(out), precision, max_length,
+                                               require_parity, checkpoint=str(checkpoint))
+    return manifests
+
+
+def save_and_verify(graph: onnx.ModelProto, model: BiBoForCausalLM, out: Path, precision: str,
+                    max_length: int, require_parity: bool, **fields: Any) -> dict[str, Any]:
+    """quantize (int8) → save → verify → manifest, all inside a folder that replaces ``out``
+    only once everything succeeded."""
     with atomic_directory(out) as folder, tempfile.TemporaryDirectory() as workdir:
-        quantization = None
-        if int8:
+        if precision == "int8":
             with stage("onnx", "quantize"):
-                graph, quantization = quantize_int8(graph, Path(workdir))
-        with stage("onnx", "save"):
+                graph, fields["quantization"] = quantize_int8(graph, Path(workdir))
+        with stage("onnx", f"save {precision}"):
             strip_debug_info(graph)
             set_metadata(graph, model.config.to_dict(), max_length, precision)
             save_model(graph, folder / MODEL_FILE)
             onnx.checker.check_model(folder / MODEL_FILE)  # the path form handles external data
-        with stage("onnx", "verify"):
+        with stage("onnx", f"verify {precision}"):
             verification = verify(folder, model, precision, max_length)
         if require_parity and not verification["passed"]:
             raise ValueError(f"ONNX {precision} export failed verification against eager: "
                              f"{json.dumps(verification)}")
-        manifest_fields = dict(format="onnx", precision=precision, opset=OPSET,
-                               max_length=max_length, checkpoint=str(checkpoint),
-                               versions=versions(), verification=verification)
-        if quantization is not None:
-            manifest_fields["quantization"] = quantization
-        write_manifest(folder, [MODEL_FILE, DATA_FILE], **manifest_fields)
+        write_manifest(folder, [MODEL_FILE, DATA_FILE], format="onnx", precision=precision,
+                       opset=OPSET, max_length=max_length, versions=versions(),
+                       verification=verification, **fields)
     return check_manifest(out)
 
 

@@ -1,0 +1,134 @@
+"""ONNX benchmark on the `bench` preset (random weights): eager fp32 vs ORT fp32 vs ORT int8.
+
+    python -m bench.onnx [--threads 1] [--prompt 128] [--new-tokens 32]
+
+Measures prefill latency (B=1, T=--prompt), decode tokens/s (B=1, through the cache), artifact
+sizes, the weight bytes each decode step actually reads (ORT's profiler: nodes in untaken
+``If`` branches never run) against the active-parameter minimum, and a memory-bandwidth
+roofline measured on this machine in the same run. Writes bench/results/onnx.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from bench.common import machine, median_seconds, table, update_results
+from bibo_export.config import BiBoConfig
+from bibo_export.export.onnx import export_onnx_precisions
+from bibo_export.model import BiBoForCausalLM
+from bibo_export.runtimes.base import Runtime
+from bibo_export.runtimes.eager import EagerRuntime
+from bibo_export.runtimes.onnx import OnnxRuntime, weights_read_per_call
+
+
+def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes/s of a large single-threaded memory copy (read + write), best of ``repeats``."""
+    src = np.ones(megabytes << 18, dtype=np.float32)
+    dst = np.empty_like(src)
+    best = min(median_seconds(lambda: np.copyto(dst, src), 1, warmup=1) for _ in range(repeats))
+    return 2 * src.nbytes / best
+
+
+def active_parameter_bytes(model: BiBoForCausalLM, bytes_per_weight: int) -> int:
+    """Weights one decoded token needs at least: everything but the routed experts and the
+    embedding table, plus one embedding row and k MLP experts per MoE layer."""
+    config = model.config
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for moe in model.moe_layers for p in moe.experts.parameters())
+    per_expert = experts // (len(model.moe_layers) * config.num_mlp_experts)
+    active = (total - experts - model.embed_tokens.weight.numel() + config.hidden_size
+              + len(model.moe_layers) * config.num_experts_per_tok * per_expert)
+    return active * bytes_per_weight
+
+
+def decode_tokens_per_second(runtime: Runtime, prompt: np.ndarray, new_tokens: int,
+                             repeats: int) -> float:
+    """Decode steps per second: generate(n) minus generate(1) isolates the n-1 decode steps."""
+    full = median_seconds(lambda: runtime.generate(prompt, new_tokens), repeats)
+    prefill = median_seconds(lambda: runtime.generate(prompt, 1), repeats)
+    return (new_tokens - 1) / (full - prefill)
+
+
+def folder_bytes(folder: Path, prefix: str) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith(prefix))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads for torch and ORT alike (default 1: fair on a shared box)")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    max_length = args.prompt + args.new_tokens
+
+    print(f"== ONNX benchmark: `bench` preset, random weights, {args.threads} thread(s)")
+    torch.manual_seed(0)
+    model = BiBoForCausalLM(BiBoConfig.preset("bench")).eval()
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, model.config.vocab_size, (1, args.prompt), dtype=np.int64)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model.save_pretrained(tmp / "checkpoint")
+        start = time.perf_counter()
+        manifests = export_onnx_precisions(tmp / "checkpoint", {p: tmp / p for p in
+                                                                ("fp32", "int8")},
+                                           max_length=max_length, require_parity=False)
+        export_seconds = time.perf_counter() - start
+        runtimes: dict[str, Runtime] = {
+            "eager fp32": EagerRuntime(model, max_length),
+            "ort fp32": OnnxRuntime.from_folder(tmp / "fp32", options=options),
+            "ort int8": OnnxRuntime.from_folder(tmp / "int8", options=options)}
+        sizes = {"eager fp32": folder_bytes(tmp / "checkpoint", "model"),
+                 "ort fp32": folder_bytes(tmp / "fp32", "model"),
+                 "ort int8": folder_bytes(tmp / "int8", "model")}
+        decode_prompt = prompt[:, :16]
+        read = {name: weights_read_per_call(tmp / name.split()[1], decode_prompt, 9)[1:]
+                for name in ("ort fp32", "ort int8")}
+        bandwidth = copy_bandwidth()
+        minimum = {"fp32": active_parameter_bytes(model, 4), "int8": active_parameter_bytes(model, 1)}
+        rows = []
+        for name, runtime in runtimes.items():
+            precision = name.split()[1]
+            prefill = median_seconds(lambda: runtime.logits(prompt), args.repeats)
+            tokens_per_s = decode_tokens_per_second(runtime, decode_prompt, args.new_tokens,
+                                                    args.repeats)
+            row = dict(runtime=name, prefill_ms=prefill * 1e3, decode_tok_s=tokens_per_s,
+                       artifact_mb=sizes[name] / 1e6, min_active_mb=minimum[precision] / 1e6)
+            if name in read:
+                per_token = float(np.mean([sum(call.values()) for call in read[name]]))
+                row.update(read_mb_per_token=per_token / 1e6,
+                           read_vs_min=per_token / minimum[precision],
+                           roofline_tok_s=bandwidth / per_token)
+            rows.append(row)
+            print(f"  {name}: prefill {prefill * 1e3:.1f} ms, decode {tokens_per_s:.1f} tok/s",
+                  flush=True)
+    payload = {"machine": machine(), "threads": args.threads, "prompt": args.prompt,
+               "new_tokens": args.new_tokens, "copy_bandwidth_gb_s": bandwidth / 1e9,
+               "export_seconds": export_seconds, "rows": rows,
+               "int8_size_ratio": sizes["ort int8"] / sizes["ort fp32"],
+               "verification": {p: m["verification"] for p, m in manifests.items()},
+               "quantized_weights": {group: len(names) for group, names in
+                                     manifests["int8"]["quantization"]["quantized_weights"]
+                                     .items()}}
+    path = update_results("onnx", "bench", payload)
+    print(table(rows, ["runtime", "prefill_ms", "decode_tok_s", "artifact_mb", "min_active_mb",
+                       "read_mb_per_token", "read_vs_min", "roofline_tok_s"]))
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; int8/fp32 size "
+          f"{payload['int8_size_ratio']:.3f}; results: {path}")
+
+
+if __name__ == "__main__":
+    main()
