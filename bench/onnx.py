@@ -98,7 +98,8 @@ def main() -> None:
         read = {name: weights_read_per_call(tmp / name.split()[1], decode_prompt, 9)[1:]
                 for name in ("ort fp32", "ort int8")}
         bandwidth = copy_bandwidth()
-        minimum = {"fp32": active_parameter_bytes(model, 4), "int8": active_parameter_bytes(model, 1)}
+        minimum = {"fp32": active_parameter_bytes(model, 4),
+                   "int8": active_parameter_bytes(model, 1)}
         rows = []
         for name, runtime in runtimes.items():
             precision = name.split()[1]

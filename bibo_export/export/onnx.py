@@ -83,7 +83,7 @@ def gemms_to_matmuls(model: onnx.ModelProto) -> int:
     These are the expert Linears on 2-D tokens; ``quantize_dynamic`` quantizes MatMul only.
     Returns the number of rewritten nodes.
     """
-    weights = {init.name: init for init in model.graph.initializer}
+    weights = own_weights(model)
     count = 0
     for graph in subgraphs(model.graph):
         for node in graph.node:
@@ -93,14 +93,24 @@ def gemms_to_matmuls(model: onnx.ModelProto) -> int:
             if node.op_type != "Gemm" or len(node.input) != 2 or node.input[1] not in weights \
                     or not plain:
                 continue
-            weight = weights[node.input[1]]
+            weight = weights.pop(node.input[1])
             name = weight.name.removesuffix(".weight") + ".weight_t"
             weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight).T.copy(), name))
-            node.input[1] = name  # each expert weight has exactly one consumer
+            node.input[1] = name
             node.op_type = "MatMul"
             del node.attribute[:]
             count += 1
     return count
+
+
+def own_weights(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Top-level initializers read by exactly one node: safe to rename or transpose."""
+    readers: dict[str, int] = {}
+    for graph in subgraphs(model.graph):
+        for node in graph.node:
+            for name in node.input:
+                readers[name] = readers.get(name, 0) + 1
+    return {init.name: init for init in model.graph.initializer if readers.get(init.name) == 1}
 
 
 def module_of(node: onnx.NodeProto) -> str:
@@ -116,7 +126,7 @@ def name_linear_weights(model: onnx.ModelProto) -> None:
 
     The exporter calls them ``val_N``; module names make the quantization report readable.
     """
-    weights = {init.name: init for init in model.graph.initializer}
+    weights = own_weights(model)
     for node in model.graph.node:
         module = module_of(node)
         if node.op_type == "MatMul" and node.input[1] in weights and module.startswith("model."):
@@ -131,7 +141,8 @@ def router_nodes(model: onnx.ModelProto) -> list[str]:
             if node.op_type in ("MatMul", "Conv") and ROUTER_SCOPE.search(module_of(node))]
 
 
-def quantize_int8(model: onnx.ModelProto, workdir: Path) -> tuple[onnx.ModelProto, dict]:
+def quantize_int8(model: onnx.ModelProto,
+                  workdir: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Dynamic int8 quantization of everything but the router; returns (model, report)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -308,3 +319,14 @@ def check_max_length(model: BiBoForCausalLM, max_length: int | None) -> int:
     if not isinstance(max_length, int) or not 2 <= max_length <= limit:
         raise ValueError(f"max_length must be an integer in [2, {limit}], got {max_length!r}")
     return max_length
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    """One line for the CLI: precision, size and the verification against eager."""
+    v = manifest["verification"]
+    line = (f"onnx {manifest['precision']}: {manifest['total_bytes'] / 1e6:.1f} MB, vs eager "
+            f"max|Δ| {v['max_abs']:.2e}, top-1 {v['top1_agreement']:.3f}, cosine "
+            f"{v['cosine']:.4f}, greedy match {v['greedy_match']}")
+    if "integer_kernels" in v:
+        line += f", integer kernels {v['integer_kernels']}"
+    return line + (", verified" if v["passed"] else ", FAILED the DESIGN §7 bars")
