@@ -11,6 +11,15 @@ TORCH_XLA_EXTRA ?=
 # torch_xla's backend for tests and the XLA CPU fallback; a TPU VM sets PJRT_DEVICE=TPU.
 PJRT_DEVICE ?= CPU
 PYTEST_ARGS ?=
+# make train-tpu: chosen so that on 2 CPU cores through XLA's CPU backend it ends in < 15 min
+# with a sort-tiny that sorts its trained length; on a TPU raise STEPS/BATCH, set MESH.
+PRESET ?= sort-tiny
+STEPS ?= 800
+BATCH ?= 32
+DATA ?= sort:6
+MESH ?=
+RUN ?= runs/$(PRESET)
+TRAIN_ARGS ?=
 
 XLA_PACKAGE := torch_xla$(if $(TORCH_XLA_EXTRA),[$(TORCH_XLA_EXTRA)])==2.9.0
 STAMP := $(VENV)/.stamp
@@ -19,7 +28,8 @@ XLA_STAMP := $(VENV_XLA)/.stamp$(if $(TORCH_XLA_EXTRA),-$(TORCH_XLA_EXTRA))
 # those lines; every other line, and pip's exit status, still reach the user.
 QUIET_PIP := { grep -v "^WARNING: Location '.*' is ignored" || true; }
 
-.PHONY: help setup setup-export setup-xla test test-export test-xla bench-dispatch clean distclean
+.PHONY: help setup setup-export setup-xla test test-export test-xla train-tpu bench-train bench-dispatch \
+	clean distclean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -55,6 +65,15 @@ test-export: $(STAMP) ## tests in the export env (model, export, runtimes)
 
 test-xla: $(XLA_STAMP) ## tests in the XLA env (model under torch 2.9, XLA compilation)
 	PJRT_DEVICE=$(PJRT_DEVICE) $(VENV_XLA)/bin/python -m pytest -m "not export" $(PYTEST_ARGS)
+
+train-tpu: $(XLA_STAMP) ## train through torch_xla (TPU if present, else XLA CPU) → runs/PRESET/final
+	$(VENV_XLA)/bin/bibo-export train --preset $(PRESET) --steps $(STEPS) --batch-size $(BATCH) \
+		--data $(DATA) --out $(RUN) $(if $(MESH),--mesh $(MESH)) \
+		$(if $(wildcard $(RUN)/checkpoints/step-*),--resume) $(TRAIN_ARGS)
+
+bench-train: $(STAMP) $(XLA_STAMP) ## train-step tokens/s, static vs dynamic dispatch → bench/results/train.json
+	$(VENV)/bin/python -m bench.train --backend eager
+	PJRT_DEVICE=$(PJRT_DEVICE) $(VENV_XLA)/bin/python -m bench.train --backend xla
 
 bench-dispatch: $(STAMP) $(XLA_STAMP) ## MoE dispatch benchmark → bench/results/dispatch.json
 	$(VENV)/bin/python -m bench.dispatch --backend eager

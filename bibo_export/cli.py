@@ -39,13 +39,35 @@ def cmd_train(args: argparse.Namespace) -> None:
     given = {k: v for k, v in vars(args).items()
              if k in {f.name for f in dataclasses.fields(TrainConfig)} and v is not None}
     if args.config:
-        given["model_config"] = given.pop("config", args.config)
+        given["model_config"] = args.config
+    if args.set:
+        given["model_overrides"] = dict(parse_assignment(item) for item in args.set)
     train(TrainConfig(**given), args.out, resume=args.resume, stop_after=args.stop_after)
 
 
+def parse_assignment(item: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as JSON when it parses (numbers, null, lists), else text."""
+    import json
+
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """Usage mistakes print one line, like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bibo-export", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineErrors(prog="bibo-export", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
 
     p = sub.add_parser("config", help=cmd_config.__doc__)
     source = p.add_mutually_exclusive_group()
@@ -71,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--sequence-length", dest="sequence_length", type=int)
     p.add_argument("--capacity-factor", dest="capacity_factor", type=float)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a model config field, e.g. --set vocab_size=257 (repeatable)")
     p.add_argument("--log-every", dest="log_every", type=int)
     p.add_argument("--eval-every", dest="eval_every", type=int)
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)

@@ -55,6 +55,16 @@ class Backend:
         else:
             callback(_to_cpu(tensors))
 
+    def compile_stats(self) -> dict[str, Any]:
+        """XLA graphs compiled so far and ops that fell back to the CPU (``aten::*`` counters):
+        after warm-up the first must stay flat and the second empty (DESIGN §5)."""
+        if not self.is_xla:
+            return {}
+        import torch_xla.debug.metrics as met
+        compiles = met.metric_data("CompileTime")
+        return {"xla_compiles": compiles[0] if compiles else 0,
+                "cpu_fallbacks": sorted(n for n in met.counter_names() if n.startswith("aten::"))}
+
     def sync(self) -> None:
         if self.is_xla:
             import torch_xla
@@ -65,9 +75,11 @@ def _to_cpu(tree: Any) -> Any:
     return torch.utils._pytree.tree_map(lambda t: t.detach().cpu(), tree)
 
 
-def _tpu_present() -> bool:
-    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")) and \
+def default_pjrt_device() -> str:
+    """TPU when this host has TPU chips and libtpu, else XLA's CPU backend."""
+    tpu = bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")) and \
         importlib.util.find_spec("libtpu") is not None
+    return "TPU" if tpu else "CPU"
 
 
 def select_backend(device: str, precision: str = "auto") -> Backend:
@@ -82,7 +94,7 @@ def select_backend(device: str, precision: str = "auto") -> Backend:
     if device == "xla":
         if not has_xla:
             raise ValueError("--device xla needs torch_xla: run in .venv-xla (make setup-xla)")
-        os.environ.setdefault("PJRT_DEVICE", "TPU" if _tpu_present() else "CPU")
+        os.environ.setdefault("PJRT_DEVICE", default_pjrt_device())
         import torch_xla
         import torch_xla.runtime as xr
         name = f"xla-{xr.device_type().lower()}"

@@ -31,8 +31,18 @@ def build_optimizer(model: nn.Module, lr: Tensor, weight_decay: float, capturabl
     update needs no host value; eager CPU cannot capture. The multi-tensor (foreach) kernels
     reject capturable XLA tensors in torch 2.9, so only CUDA uses them.
     """
-    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95),
-                             capturable=capturable, foreach=foreach)
+    optimizer = torch.optim.AdamW(parameter_groups(model, weight_decay), lr=0.0,
+                                  betas=(0.9, 0.95), capturable=capturable, foreach=foreach)
+    # Handed over after construction: AdamW's range check on a device tensor would read it back
+    # to the host (an aten::_local_scalar_dense on XLA).
+    use_lr_tensor(optimizer, lr)
+    return optimizer
+
+
+def use_lr_tensor(optimizer: torch.optim.Optimizer, lr: Tensor) -> None:
+    """Make every parameter group read the learning rate from ``lr`` (also after a reload)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def warmup_cosine(step: Tensor, base_lr: float, warmup_steps: int, total_steps: int,

@@ -8,6 +8,8 @@ multi-host pod the same annotations span every host.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..model.moe import MLPExperts
-from .backend import Backend
+from .backend import default_pjrt_device
 
 AXES = ("data", "fsdp", "expert")
 
@@ -39,12 +41,15 @@ class Parallelism:
     axes: dict[str, int] | None = None
 
     @classmethod
-    def from_spec(cls, spec: str | None, backend: Backend) -> Parallelism:
+    def from_spec(cls, spec: str | None, device: str) -> Parallelism:
+        """Parse ``--mesh`` and switch torch_xla to SPMD; must run before any XLA device is used
+        (torch_xla replicates already-initialised tensors, and that path crashed on 2.9)."""
         if not spec:
             return cls()
         axes = parse_mesh(spec)
-        if not backend.is_xla:
-            raise ValueError("--mesh needs the XLA backend (--device auto or xla in .venv-xla)")
+        if device not in ("auto", "xla") or importlib.util.find_spec("torch_xla") is None:
+            raise ValueError("--mesh needs torch_xla SPMD: use --device auto or xla in .venv-xla")
+        os.environ.setdefault("PJRT_DEVICE", default_pjrt_device())
         import torch_xla.distributed.spmd as xs
         import torch_xla.runtime as xr
 

@@ -24,7 +24,7 @@ from ..model.bibo import IGNORE_INDEX
 from .backend import Backend, select_backend
 from .checkpointing import checkpoint_dirs, load_training_checkpoint, save_training_checkpoint
 from .data import DataSource, make_data_source
-from .optim import build_optimizer, warmup_cosine
+from .optim import build_optimizer, use_lr_tensor, warmup_cosine
 from .parallel import Parallelism
 from .step import TrainStep
 
@@ -34,6 +34,7 @@ class TrainConfig:
     preset: str = "sort-tiny"
     model_config: str | None = None  # a BiBoConfig JSON file; overrides preset
     capacity_factor: float | None = 1.25  # overrides the model's; None keeps the model's value
+    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # BiBoConfig fields
     data: str = "sort:8"  # sort[:LENGTHS] | text:PATH | bin:PATH[:uint16|uint32]
     sequence_length: int = 256  # text and bin windows
     steps: int = 600
@@ -63,6 +64,7 @@ class TrainConfig:
     def model_config_resolved(self, vocab_size: int) -> BiBoConfig:
         base = (BiBoConfig.from_file(self.model_config) if self.model_config
                 else BiBoConfig.preset(self.preset))
+        base = BiBoConfig.from_dict({**base.to_dict(), **self.model_overrides})
         if vocab_size > base.vocab_size:
             raise ValueError(f"the data has {vocab_size} token ids but the model's vocab_size "
                              f"is {base.vocab_size}")
@@ -98,20 +100,26 @@ class MetricsLog:
 
 
 @torch.no_grad()
-def evaluate(model: BiBoForCausalLM, data: DataSource, backend: Backend) -> dict[str, float]:
+def evaluate(model: BiBoForCausalLM, data: DataSource, backend: Backend,
+             parallel: Parallelism | None = None) -> dict[str, float]:
     """Held-out loss (and perplexity, or sorting token / full-sequence accuracy)."""
+    parallel = parallel or Parallelism()
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, device=backend.device)  # loss sum, tokens, correct, exact rows
     rows = 0
     for input_ids, labels in data.eval_batches():
-        input_ids, labels = input_ids.to(backend.device), labels.to(backend.device)
+        input_ids = parallel.shard_batch(input_ids[None].to(backend.device))[0]
+        labels = parallel.shard_batch(labels[None].to(backend.device))[0]
         with backend.autocast():
             logits = model(input_ids).logits
         mask = labels != IGNORE_INDEX
         loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels,
                                                  ignore_index=IGNORE_INDEX, reduction="sum")
-        correct = (logits.argmax(-1) == labels) & mask
+        # "The label's logit is the largest" rather than argmax: XLA's SPMD partitioner
+        # aborts on the variadic reduce argmax lowers to (torch_xla 2.9).
+        label_logit = logits.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        correct = (label_logit >= logits.max(-1).values) & mask
         totals += torch.stack([loss, mask.sum().float(), correct.sum().float(),
                                (correct | ~mask).all(-1).sum().float()])
         rows += input_ids.shape[0]
@@ -137,12 +145,15 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
     latest = checkpoint_dirs(checkpoints)[-1] if resume and checkpoint_dirs(checkpoints) else None
     if resume and latest is None:
         raise ValueError(f"nothing to resume: {checkpoints} holds no checkpoint")
+    if not resume and checkpoint_dirs(checkpoints):
+        raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose "
+                         "another --out")
     if resume:  # the run's own config wins, except the length of the schedule
         saved = TrainConfig.from_json((out / "train_config.json").read_text())
         config = dataclasses.replace(saved, steps=config.steps)
 
+    parallel = Parallelism.from_spec(config.mesh, config.device)  # before any device exists
     backend = select_backend(config.device, config.precision)
-    parallel = Parallelism.from_spec(config.mesh, backend)
     data = make_data_source(config.data, config.batch_size, config.seed, config.sequence_length)
     print(f"training on {backend.name}{parallel.describe()} "
           f"({'bf16 autocast' if backend.bf16 else 'fp32'}), data {config.data}", flush=True)
@@ -163,8 +174,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
                                 foreach=backend.name == "cuda")
     if saved_state is not None:
         optimizer.load_state_dict(saved_state["optimizer"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr  # the saved copy is a host tensor; the step writes this one
+        use_lr_tensor(optimizer, lr)  # the saved copy is a host tensor; the step writes this one
         torch.set_rng_state(saved_state["torch_rng"])
     warmup = max(1, int(config.warmup_fraction * config.steps))
     schedule = lambda step: warmup_cosine(step, config.lr, warmup, config.steps,  # noqa: E731
@@ -195,10 +205,11 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
             rate = window_steps * tokens_per_step / elapsed
             window_start, window_steps = time.perf_counter(), 0
             backend.on_host(lambda m, s=done, r=rate: log.write(
-                {"step": s, **{k: v.tolist() for k, v in m.items()}, "tokens_per_s": r}), metrics)
+                {"step": s, **{k: v.tolist() for k, v in m.items()}, "tokens_per_s": r,
+                 **backend.compile_stats()}), metrics)
         backend.sync()
         if done % config.eval_every == 0 or done == config.steps:
-            log.write({"step": done, "eval": evaluate(model, data, backend)})
+            log.write({"step": done, "eval": evaluate(model, data, backend, parallel)})
         if done % config.checkpoint_every == 0 or done == end:
             save_training_checkpoint(checkpoints, done, model, optimizer, config.keep_checkpoints)
     bar.close()

@@ -1,0 +1,88 @@
+"""Training throughput: tokens/s of the real train step, static dispatch vs the dynamic baseline.
+
+    python -m bench.train --backend eager   # eager CPU (.venv)
+    python -m bench.train --backend xla     # torch_xla: TPU if present, else its CPU backend
+
+For the `sort-tiny` and `bench` presets: median step time after warm-up, tokens/s, the time of
+the first (compiling) steps, XLA compilations, for `index` dispatch (capacity 1.25) and for the
+reference-style dynamic loop (bench.baselines), whose routing-dependent shapes recompile on XLA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from bench.baselines import LoopDispatchMoE
+from bench.common import machine, table, update_results
+from bibo_export.config import BiBoConfig
+from bibo_export.model import BiBoForCausalLM
+from bibo_export.train.backend import select_backend
+from bibo_export.train.optim import build_optimizer, warmup_cosine
+from bibo_export.train.step import TrainStep
+
+SHAPES = {"sort-tiny": (32, 16), "bench": (8, 128)}  # batch, tokens per sequence
+
+
+def measure(preset: str, dispatch: str, backend_name: str, steps: int) -> dict:
+    backend = select_backend(backend_name)
+    torch.manual_seed(0)
+    model = BiBoForCausalLM(BiBoConfig.preset(preset, capacity_factor=1.25))
+    if dispatch == "loop":
+        for moe in model.moe_layers:
+            moe.__class__ = LoopDispatchMoE  # same weights, reference-style dispatch
+    model = model.to(backend.device).train()
+    lr = torch.zeros((), device=backend.device)
+    counter = torch.zeros((), device=backend.device)
+    optimizer = build_optimizer(model, lr, 0.01, capturable=backend.name != "cpu", foreach=False)
+    step = TrainStep(model, optimizer, lr, counter,
+                     lambda s: warmup_cosine(s, 1e-3, 10, 1000, 0.1), grad_clip=1.0)
+    step = step if dispatch == "loop" else backend.compile_step(step)
+    batch, length = SHAPES[preset]
+    vocab = model.config.vocab_size
+    times = []
+    for _ in range(steps):
+        ids = torch.randint(0, vocab, (1, batch, length)).to(backend.device)
+        start = time.perf_counter()
+        metrics = step(ids, ids)
+        backend.sync()
+        metrics["loss"].cpu()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times[2:])
+    stats = backend.compile_stats()
+    return dict(backend=backend.name, preset=preset, dispatch=dispatch,
+                tokens_per_s=batch * length / median, median_step_ms=median * 1e3,
+                first_two_steps_s=times[0] + times[1], compiles=stats.get("xla_compiles", 0),
+                cpu_fallbacks=len(stats.get("cpu_fallbacks", [])))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=("eager", "xla"), required=True)
+    parser.add_argument("--presets", nargs="+", default=list(SHAPES))
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+
+    device = "cpu" if args.backend == "eager" else "xla"
+    print(f"== train benchmark ({args.backend}): train step tokens/s, index vs dynamic loop")
+    rows = []
+    for preset in args.presets:
+        for dispatch in ("loop", "index"):
+            row = measure(preset, dispatch, device, args.steps)
+            rows.append(row)
+            print(f"  {preset:9s} {dispatch:5s} {row['tokens_per_s']:9.0f} tok/s", flush=True)
+        rows[-1]["speedup_vs_loop"] = rows[-1]["tokens_per_s"] / rows[-2]["tokens_per_s"]
+        rows[-2]["speedup_vs_loop"] = 1.0
+    path = update_results("train", args.backend, {"machine": machine(), "rows": rows,
+                                                   "shapes": SHAPES})
+    print(table(rows, ["backend", "preset", "dispatch", "tokens_per_s", "speedup_vs_loop",
+                       "median_step_ms", "first_two_steps_s", "compiles", "cpu_fallbacks"]))
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()
