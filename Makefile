@@ -20,6 +20,10 @@ DATA ?= sort:6
 MESH ?=
 RUN ?= runs/$(PRESET)
 TRAIN_ARGS ?=
+# make export-*: the checkpoint to export (default: what make train-tpu produced, trained first
+# if missing) and where the artifacts go.
+CKPT ?= $(RUN)/final
+ARTIFACTS ?= artifacts
 
 XLA_PACKAGE := torch_xla$(if $(TORCH_XLA_EXTRA),[$(TORCH_XLA_EXTRA)])==2.9.0
 STAMP := $(VENV)/.stamp
@@ -28,7 +32,8 @@ XLA_STAMP := $(VENV_XLA)/.stamp$(if $(TORCH_XLA_EXTRA),-$(TORCH_XLA_EXTRA))
 # those lines; every other line, and pip's exit status, still reach the user.
 QUIET_PIP := { grep -v "^WARNING: Location '.*' is ignored" || true; }
 
-.PHONY: help setup setup-export setup-xla test test-export test-xla train-tpu bench-train bench-dispatch \
+.PHONY: help setup setup-export setup-xla test test-export test-xla train-tpu export-onnx \
+	export-executorch bench bench-train bench-dispatch bench-onnx bench-executorch \
 	clean distclean
 
 help: ## list the targets
@@ -70,6 +75,28 @@ train-tpu: $(XLA_STAMP) ## train through torch_xla (TPU if present, else XLA CPU
 	$(VENV_XLA)/bin/bibo-export train --preset $(PRESET) --steps $(STEPS) --batch-size $(BATCH) \
 		--data $(DATA) --out $(RUN) $(if $(MESH),--mesh $(MESH)) \
 		$(if $(wildcard $(RUN)/checkpoints/step-*),--resume) $(TRAIN_ARGS)
+
+# The default checkpoint is built on demand; an explicit CKPT must already exist.
+$(RUN)/final/config.json:
+	$(MAKE) train-tpu
+
+DEFAULT_CKPT := $(if $(filter $(RUN)/final,$(CKPT)),$(RUN)/final/config.json)
+
+export-onnx: $(STAMP) $(DEFAULT_CKPT) ## CKPT → artifacts/onnx/{fp32,int8}, verified against eager
+	$(VENV)/bin/bibo-export export onnx --checkpoint $(CKPT) --out $(ARTIFACTS)/onnx/fp32
+	$(VENV)/bin/bibo-export export onnx --checkpoint $(CKPT) --out $(ARTIFACTS)/onnx/int8 --int8
+
+export-executorch: $(STAMP) $(DEFAULT_CKPT) ## CKPT → artifacts/executorch/model_{fp32,int8}.pte, verified
+	$(VENV)/bin/bibo-export export executorch --checkpoint $(CKPT) --out $(ARTIFACTS)/executorch/model_fp32.pte
+	$(VENV)/bin/bibo-export export executorch --checkpoint $(CKPT) --out $(ARTIFACTS)/executorch/model_int8.pte --int8
+
+bench: bench-dispatch bench-train bench-onnx bench-executorch ## every benchmark → bench/results/*.json
+
+bench-onnx: $(STAMP) ## ONNX Runtime fp32/int8 vs eager: prefill, decode, bytes → bench/results/onnx.json
+	$(VENV)/bin/python -m bench.onnx
+
+bench-executorch: $(STAMP) ## ExecuTorch fp32/int8 vs eager → bench/results/executorch.json
+	$(VENV)/bin/python -m bench.executorch
 
 bench-train: $(STAMP) $(XLA_STAMP) ## train-step tokens/s, static vs dynamic dispatch → bench/results/train.json
 	$(VENV)/bin/python -m bench.train --backend eager

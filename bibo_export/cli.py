@@ -15,6 +15,42 @@ def cmd_config(args: argparse.Namespace) -> None:
     print(config.to_json())
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    """Export a checkpoint to ONNX (one prefill/decode graph, explicit cache I/O), verified."""
+    from .export.onnx import export_onnx, summary
+
+    print(summary(export_onnx(args.checkpoint, args.out, int8=args.int8,
+                              max_length=args.max_length)))
+
+
+def cmd_export_executorch(args: argparse.Namespace) -> None:
+    """Export a checkpoint to an ExecuTorch .pte (XNNPACK, cache in mutable buffers), verified."""
+    from .export.executorch import export_executorch
+
+    export_executorch(args.checkpoint, args.out, int8=args.int8, max_length=args.max_length)
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        return [int(token) for token in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Greedy generation with any runtime: a checkpoint folder, an ONNX folder or a .pte."""
+    import numpy as np
+
+    from .runtimes import load
+
+    prompt = np.array([parse_ids(args.prompt_ids)], dtype=np.int64)
+    runtime = load(args.model)
+    tokens = runtime.generate(prompt, args.max_new_tokens)[0]
+    new = tokens[prompt.shape[1]:]
+    print(f"{runtime.name}: prompt {','.join(map(str, prompt[0]))} -> "
+          f"{','.join(map(str, new))}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     """Describe a checkpoint: size, layers, experts and the router's balancing state."""
     from .model import BiBoForCausalLM
@@ -102,6 +138,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", dest="stop_after", type=int,
                    help="end this invocation after N steps (resume later)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or ExecuTorch")
+    formats = p.add_subparsers(dest="format", required=True, parser_class=OneLineErrors)
+    for name, func, out_help in [
+            ("onnx", cmd_export_onnx, "output folder (model.onnx, model.onnx.data, manifest.json)"),
+            ("executorch", cmd_export_executorch, "output .pte file (manifest.json beside it)")]:
+        q = formats.add_parser(name, help=func.__doc__)
+        q.add_argument("--checkpoint", required=True, help="a checkpoint folder (e.g. runs/sort-tiny/final)")
+        q.add_argument("--out", required=True, help=out_help)
+        q.add_argument("--int8", action="store_true", help="int8 weights; the router stays float")
+        q.add_argument("--max-length", dest="max_length", type=int,
+                       help="prompt + generated tokens the cache holds (default: the model's maximum)")
+        q.set_defaults(func=func)
+
+    p = sub.add_parser("generate", help=cmd_generate.__doc__)
+    p.add_argument("--model", required=True, help="checkpoint folder, ONNX folder or .pte file")
+    p.add_argument("--prompt-ids", dest="prompt_ids", required=True, help="e.g. 3,1,2,255")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=16)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help=cmd_info.__doc__)
     p.add_argument("checkpoint", help="a folder with config.json and model.safetensors")
