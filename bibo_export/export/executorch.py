@@ -292,4 +292,21 @@ def export_executorch(checkpoint: str | Path, out: str | Path, int8: bool = Fals
               "ops": ops, "verification": verification,
               "versions": {name: version(name) for name in ("torch", "executorch", "torchao")}}
     update_manifest(out.parent, out.name, record)
+    print(summary(out.name, record), flush=True)
     return record
+
+
+def summary(name: str, record: dict[str, Any]) -> str:
+    """The parity summary of one exported program, as printed at the end of an export."""
+    ops, check = record["ops"], record["verification"]
+    weight_bytes = record["decode_weight_bytes_per_token"]
+    return (f"[{EXPORTER}] {name}: {record['precision']}, {record['bytes'] / 1e6:.2f} MB; "
+            f"XNNPACK {ops['delegate_calls']} delegates ({ops['delegated_ops']} ops, "
+            f"{ops['quantized_linears']} int8 linears), {ops['portable_ops']} portable ops; "
+            f"decode reads {weight_bytes['touched'] / 1e6:.2f} MB/token (active minimum "
+            f"{weight_bytes['active_minimum'] / 1e6:.2f} MB)\n"
+            f"[{EXPORTER}] vs eager: max|Δ| {check['max_abs']:.2e}, top-1 "
+            f"{check['top1_agreement']:.1%}, cosine {check['cosine']:.5f}, greedy tokens "
+            f"{'identical' if check['greedy_match'] else 'differ'}; DESIGN §7 bars "
+            f"{'met' if check['passed'] else 'NOT met'}"
+            f"{' (int8 bars assume a trained model)' if record['precision'] == 'int8' else ''}")

@@ -1,0 +1,101 @@
+"""ExecuTorch benchmark on the `bench` preset: prefill latency, decode speed, sizes, decode cost.
+
+    python -m bench.executorch                 # random-init `bench` model, exported here
+    python -m bench.executorch --checkpoint DIR
+    python -m bench.executorch --preset sort-tiny --prompt 16   # a quick run
+
+Rows: eager fp32 (the reference), ExecuTorch fp32 and int8 (XNNPACK). Prefill is one call of
+T = --prompt tokens at B = 1; decode is tokens/s of single-token steps after that prompt.
+Decode weight bytes per token compare what the program reads with the active-parameter minimum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import machine, median_seconds, table, update_results
+from bibo_export.config import BiBoConfig
+from bibo_export.export.executorch import export_executorch
+from bibo_export.model import BiBoForCausalLM
+from bibo_export.runtimes import load
+from bibo_export.runtimes.base import Runtime
+
+
+def random_checkpoint(directory: Path, preset: str) -> Path:
+    torch.manual_seed(0)
+    BiBoForCausalLM(BiBoConfig.preset(preset)).save_pretrained(directory)
+    return directory
+
+
+def time_runtime(runtime: Runtime, prompt: np.ndarray, decode_steps: int,
+                 repeats: int) -> dict[str, float]:
+    prefill = median_seconds(lambda: runtime.logits(prompt), repeats)
+    position = prompt.shape[1]
+    token = np.zeros((1, 1), dtype=np.int64)
+
+    def decode() -> None:
+        runtime.logits(prompt)  # each timed run decodes from the same state
+        for step in range(decode_steps):
+            runtime._decode(token, position + step)
+
+    total = median_seconds(decode, repeats)
+    return {"prefill_ms": prefill * 1e3,
+            "decode_tok_s": decode_steps / max(total - prefill, 1e-9)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, help="default: a random-init --preset model")
+    parser.add_argument("--preset", default="bench")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    max_length = args.prompt + args.decode_steps
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        checkpoint = args.checkpoint or random_checkpoint(tmp / "checkpoint", args.preset)
+        records = {precision: export_executorch(checkpoint, tmp / f"model_{precision}.pte",
+                                                int8=precision == "int8", max_length=max_length)
+                   for precision in ("fp32", "int8")}
+        config = BiBoConfig.from_file(checkpoint / "config.json")
+        prompt = np.random.default_rng(0).integers(0, config.vocab_size, (1, args.prompt))
+        rows = []
+        for name, path in (("eager fp32", checkpoint), ("executorch fp32", tmp / "model_fp32.pte"),
+                           ("executorch int8", tmp / "model_int8.pte")):
+            runtime = load(path)
+            print(f"  timing {name} ...", flush=True)
+            row = {"runtime": name, **time_runtime(runtime, prompt, args.decode_steps,
+                                                   args.repeats)}
+            record = records.get(name.split()[-1]) if name.startswith("executorch") else None
+            if record is not None:
+                weight_bytes = record["decode_weight_bytes_per_token"]
+                row.update(bytes=record["bytes"], delegate_calls=record["ops"]["delegate_calls"],
+                           portable_ops=record["ops"]["portable_ops"],
+                           decode_weight_bytes=weight_bytes["touched"],
+                           active_minimum_bytes=weight_bytes["active_minimum"],
+                           touched_vs_minimum=weight_bytes["touched"]
+                           / weight_bytes["active_minimum"],
+                           max_abs_vs_eager=record["verification"]["max_abs"])
+            rows.append(row)
+    rows[2]["size_ratio_int8_fp32"] = rows[2]["bytes"] / rows[1]["bytes"]
+    section = "custom" if args.checkpoint else args.preset
+    path = update_results("executorch", section, {
+        "machine": machine(), "checkpoint": str(args.checkpoint or f"random {args.preset}"),
+        "prompt_tokens": args.prompt, "batch_size": 1,
+        "decode_steps": args.decode_steps, "rows": rows})
+    print(table(rows, ["runtime", "prefill_ms", "decode_tok_s", "bytes", "size_ratio_int8_fp32",
+                       "decode_weight_bytes", "active_minimum_bytes", "touched_vs_minimum",
+                       "delegate_calls", "portable_ops", "max_abs_vs_eager"]))
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()
