@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from bibo_export.model import BiBoForCausalLM
@@ -39,3 +40,36 @@ def test_bad_input_is_one_line_and_non_zero(tmp_path):
         assert message in result.stderr
         assert "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_generate_through_the_eager_runtime(tmp_path):
+    torch.manual_seed(0)
+    model = BiBoForCausalLM(tiny_config())
+    model.save_pretrained(tmp_path)
+    result = run_cli("generate", "--model", str(tmp_path), "--prompt-ids", "3,1,2,60",
+                     "--max-new-tokens", "5")
+    assert result.returncode == 0, result.stderr
+    from bibo_export.model.generate import greedy_generate
+    expected = greedy_generate(model.eval(), torch.tensor([[3, 1, 2, 60]]), 5)[0, 4:].tolist()
+    assert result.stdout.strip() == f"eager: prompt 3,1,2,60 -> {','.join(map(str, expected))}"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("generate", "--model", "{ckpt}", "--prompt-ids", "3,x"), "comma-separated integers"),
+    (("generate", "--model", "{ckpt}", "--prompt-ids", "3,64"), "token id 64 is outside"),
+    (("generate", "--model", "{ckpt}", "--prompt-ids", "3", "--max-new-tokens", "200"),
+     "exceeds the maximum length 128"),
+    (("generate", "--model", "{tmp}/none", "--prompt-ids", "3"), "model not found"),
+    (("generate", "--model", "{tmp}", "--prompt-ids", "3"), "neither a checkpoint folder"),
+    (("export", "onnx", "--checkpoint", "{tmp}/none", "--out", "{tmp}/o"), "not found"),
+    (("export", "executorch", "--checkpoint", "{tmp}/none", "--out", "{tmp}/m.pte"),
+     "not a checkpoint folder"),
+    (("export", "tflite", "--checkpoint", "{ckpt}", "--out", "{tmp}/o"), "invalid choice"),
+])
+def test_bad_runtime_and_export_input_is_one_line(tmp_path, args, message):
+    ckpt = tmp_path / "ckpt"
+    BiBoForCausalLM(tiny_config()).save_pretrained(ckpt)
+    result = run_cli(*(a.format(ckpt=ckpt, tmp=tmp_path) for a in args))
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
