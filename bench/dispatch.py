@@ -66,8 +66,10 @@ def run_eager(tokens_list: list[int], repeats: int) -> list[dict]:
 def run_xla(tokens: int, steps: int) -> list[dict]:
     import torch_xla
     import torch_xla.debug.metrics as met
+    import torch_xla.runtime as xr
 
     device = torch_xla.device()
+    backend = f"xla-{xr.device_type().lower()}"
     rows, baseline = [], None
     for formulation in FORMULATIONS:
         layer = make_layer(formulation, device)
@@ -84,7 +86,7 @@ def run_xla(tokens: int, steps: int) -> list[dict]:
         seconds = statistics.median(times[2:])
         baseline = baseline or seconds
         fallbacks = sorted(n for n in met.counter_names() if n.startswith("aten::"))
-        rows.append(dict(backend=f"xla-{device.type}", tokens=tokens, dispatch=formulation,
+        rows.append(dict(backend=backend, tokens=tokens, dispatch=formulation,
                          median_ms=seconds * 1e3, ratio_vs_loop=seconds / baseline,
                          compiles=compiles[-1], compiles_after_step2=compiles[-1] - compiles[1],
                          cpu_fallbacks=",".join(fallbacks) or "none"))
