@@ -218,3 +218,24 @@ def test_export_rejects_bad_arguments(tmp_path, fp32_exports):
     with pytest.raises(ValueError, match="max_length"):
         export_onnx(fp32_exports["mlp-router"][0], tmp_path / "out", max_length=10_000)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_generate_on_an_onnx_folder(fp32_exports, tmp_path):
+    import subprocess
+    import sys
+
+    checkpoint, folder = fp32_exports["mlp-router"]
+
+    def generate(model):
+        return subprocess.run([sys.executable, "-m", "bibo_export.cli", "generate", "--model",
+                               str(model), "--prompt-ids", "3,1,2,5", "--max-new-tokens", "6"],
+                              capture_output=True, text=True)
+
+    ok, reference = generate(folder), generate(checkpoint)
+    assert ok.returncode == reference.returncode == 0, ok.stderr
+    assert ok.stdout.split("->")[1] == reference.stdout.split("->")[1]  # same greedy tokens
+    damaged = shutil.copytree(folder, tmp_path / "damaged")
+    (damaged / "model.onnx").write_bytes((damaged / "model.onnx").read_bytes()[:1000])
+    bad = generate(damaged)
+    assert bad.returncode == 2 and "truncated" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
