@@ -173,6 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input is the user's to fix: one line, no traceback.
         print(f"bibo-export {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as err:  # e.g. an export run from .venv-xla
+        print(f"bibo-export {args.command}: error: {err.name} is not installed in this "
+              "environment (training runs in .venv-xla, export and runtimes in .venv)",
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -61,9 +61,10 @@ def test_generate_through_the_eager_runtime(tmp_path):
      "exceeds the maximum length 128"),
     (("generate", "--model", "{tmp}/none", "--prompt-ids", "3"), "model not found"),
     (("generate", "--model", "{tmp}", "--prompt-ids", "3"), "neither a checkpoint folder"),
-    (("export", "onnx", "--checkpoint", "{tmp}/none", "--out", "{tmp}/o"), "not found"),
-    (("export", "executorch", "--checkpoint", "{tmp}/none", "--out", "{tmp}/m.pte"),
-     "not a checkpoint folder"),
+    pytest.param(("export", "onnx", "--checkpoint", "{tmp}/none", "--out", "{tmp}/o"),
+                 "not found", marks=pytest.mark.export),
+    pytest.param(("export", "executorch", "--checkpoint", "{tmp}/none", "--out", "{tmp}/m.pte"),
+                 "not a checkpoint folder", marks=pytest.mark.export),
     (("export", "tflite", "--checkpoint", "{ckpt}", "--out", "{tmp}/o"), "invalid choice"),
 ])
 def test_bad_runtime_and_export_input_is_one_line(tmp_path, args, message):
