@@ -86,11 +86,3 @@ class SortingTask:
             for start in range(0, len(samples), self.batch_size):
                 yield (length, *to_inputs_and_labels(samples[start:start + self.batch_size]))
 
-
-def sorting_accuracy(logits: Tensor, labels: Tensor) -> tuple[float, float]:
-    """(token accuracy, full-sequence exact match) of argmax predictions on supervised labels."""
-    mask = labels != IGNORE_INDEX
-    correct = (logits.argmax(-1) == labels) & mask
-    token_acc = correct.sum().item() / max(mask.sum().item(), 1)
-    seq_acc = (correct | ~mask).all(dim=1).float().mean().item()
-    return token_acc, seq_acc
