@@ -16,7 +16,7 @@ from bibo_export.export.prepare import inference_copy
 from bibo_export.model import BiBoForCausalLM
 from bibo_export.parity import BARS, compare_logits, sorting_accuracy
 from bibo_export.runtimes import load
-from bibo_export.runtimes.base import Runtime
+from bibo_export.runtimes.base import RowByRow
 from bibo_export.runtimes.eager import EagerRuntime
 
 pytestmark = pytest.mark.export
@@ -60,20 +60,6 @@ def prompt(vocab_size: int, length: int = 12, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab_size, (1, length))
 
 
-class RowByRow(Runtime):
-    """Feeds a batch-1 program one row at a time, for whole-set metrics."""
-
-    def __init__(self, runtime: Runtime) -> None:
-        super().__init__(runtime.config, runtime.max_length)
-        self.runtime = runtime
-
-    def _prefill(self, input_ids: np.ndarray) -> np.ndarray:
-        return np.concatenate([self.runtime.logits(row[None]) for row in input_ids])
-
-    def _decode(self, input_ids: np.ndarray, position: int) -> np.ndarray:
-        raise NotImplementedError
-
-
 # ------------------------------------------------------------------------------ fp32 parity
 @pytest.mark.parametrize("exported", ["sort_tiny_fp32", "mlp_router_fp32"])
 def test_fp32_logits_and_greedy_tokens_match_eager(exported, request):
@@ -99,6 +85,16 @@ def test_decode_steps_match_full_forward(sort_tiny_fp32):
     for position in range(8, tokens.shape[1]):
         step = runtime._decode(tokens[:, position:position + 1], position)
         assert np.abs(step[:, 0] - full[:, position]).max() <= BARS["executorch-fp32"]["max_abs"]
+
+
+def test_a_prompt_that_fills_the_cache(sort_tiny_fp32):
+    """A max_length - 2 token prefill and a decode step at the last cached position."""
+    checkpoint, out, _ = sort_tiny_fp32
+    runtime, eager = load(out), EagerRuntime.from_checkpoint(checkpoint)
+    ids = prompt(runtime.config.vocab_size, length=MAX_LENGTH - 2, seed=4)
+    delta = compare_logits(runtime.logits(ids), eager.logits(ids))
+    assert delta["max_abs"] <= BARS["executorch-fp32"]["max_abs"]
+    np.testing.assert_array_equal(runtime.generate(ids, 2), eager.generate(ids, 2))
 
 
 def test_generation_restarts_cleanly(sort_tiny_fp32):
@@ -143,10 +139,9 @@ def test_int8_delegates_quantized_linears_and_keeps_router_float(trained_int8):
     config = BiBoConfig.preset("sort-tiny")
     moe_layers = config.num_hidden_layers - len(config.mlp_only_layers)
     dense_layers = len(config.mlp_only_layers)
-    # Every Linear but the router: attention 4, dense SwiGLU 3, MoE experts 3 each + the shared
-    # expert (conv-as-Linear, up, down), the LM head.
-    expected = (4 * config.num_hidden_layers + 3 * dense_layers
-                + moe_layers * (3 * config.num_mlp_experts + 3) + 1)
+    # Every Linear but the router: attention 4, dense SwiGLU 3, the fused experts 3 per MoE
+    # layer + the shared expert (conv-as-Linear, up, down), the LM head.
+    expected = 4 * config.num_hidden_layers + 3 * dense_layers + moe_layers * (3 + 3) + 1
     assert record["ops"]["quantized_linears"] == expected
     # sort-tiny's router is a Conv1d: it stays a float convolution, one per MoE layer.
     assert record["ops"]["float_linears"] == 0

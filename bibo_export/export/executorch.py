@@ -79,7 +79,7 @@ class UnfoldedSharedExpert(nn.Module):
 
 def prepare(model: BiBoForCausalLM, batch_size: int, max_length: int) -> StatefulDecoder:
     """The export form of ``model`` as a stateful decoder (the input model is untouched)."""
-    model = prepare_for_export(model)
+    model = prepare_for_export(model, "fused")
     for moe in model.moe_layers:
         moe.shared_expert = UnfoldedSharedExpert(moe.shared_expert)
     return StatefulDecoder(model, batch_size, max_length).eval()

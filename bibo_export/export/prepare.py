@@ -2,13 +2,15 @@
 
 What changes from the training form, and why:
 
-* **Per-expert ``nn.Linear`` experts.** int8 recipes (ORT ``quantize_dynamic`` on MatMul,
-  torchao 8da8w) quantize 2-D Linear weights only, never the stacked [E, m, h] tensors.
+* **Experts as ``nn.Linear``.** int8 recipes (ORT ``quantize_dynamic`` on MatMul, torchao
+  8da8w) quantize 2-D Linear weights only, never the stacked [E, m, h] tensors. Two layouts:
+  ``"skip-unselected"`` (ONNX) gives each expert its own three Linears and runs it under
+  ``torch.cond`` on "did any token choose it", so a decode step touches only the chosen
+  experts' weights (ONNX exports ``cond`` as ``If``); ``"fused"`` (ExecuTorch, whose XNNPACK
+  delegate cannot reach into ``cond``, DESIGN §6) computes every expert at once with three wide
+  Linears, which lowers and runs far faster than E separate ones.
 * **No capacity.** Inference computes every selected expert; dropping would make a token's
   output depend on the rest of the batch. Parity is measured against eager with the same rule.
-* **Optional skipping of unselected experts** (``skip_unselected``): each expert runs under
-  ``torch.cond`` on "did any token choose it", so a decode step touches only the chosen experts'
-  weights. ONNX exports ``cond`` as ``If``.
 * **Flat signatures.** ``FlatCacheDecoder`` takes and returns the cache as a flat tuple of
   tensors (ONNX inputs/outputs); ``StatefulDecoder`` keeps it in buffers that the program
   mutates (ExecuTorch's mutable buffers).
@@ -18,14 +20,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..model import BiBoForCausalLM
 from ..model.bibo import LayerCache
 from ..model.layers import SwiGLU
 from ..model.moe import MLPExperts, MoE
+
+
+ExpertLayout = Literal["skip-unselected", "fused"]
 
 
 def expert_linears(experts: MLPExperts) -> nn.ModuleList:
@@ -41,27 +48,50 @@ def expert_linears(experts: MLPExperts) -> nn.ModuleList:
     return modules
 
 
-class ExportMoE(MoE):
-    """MoE whose MLP experts are separate Linear modules, computed per expert, never dropped."""
+class FusedExperts(nn.Module):
+    """All E experts as three Linears: gate and up stack the experts' rows ([E·m, h]), down
+    joins their columns ([h, E·m]). Scaling expert e's block of the activation by its gate
+    weight before the down projection makes Σ_e g_e · down_e(act_e) a single matmul."""
 
-    def __init__(self, moe: MoE, skip_unselected: bool) -> None:
+    def __init__(self, experts: MLPExperts) -> None:
+        super().__init__()
+        num_experts, self.width, hidden = experts.gate_proj.shape
+        self.gate_proj = nn.Linear(hidden, num_experts * self.width, bias=False)
+        self.up_proj = nn.Linear(hidden, num_experts * self.width, bias=False)
+        self.down_proj = nn.Linear(num_experts * self.width, hidden, bias=False)
+        with torch.no_grad():
+            self.gate_proj.weight.copy_(experts.gate_proj.reshape(-1, hidden))
+            self.up_proj.weight.copy_(experts.up_proj.reshape(-1, hidden))
+            self.down_proj.weight.copy_(experts.down_proj.permute(1, 0, 2).reshape(hidden, -1))
+
+    def forward(self, x: Tensor, gates: Tensor) -> Tensor:
+        act = F.silu(self.gate_proj(x)) * self.up_proj(x)  # [N, E·m]
+        act = act.unflatten(-1, (-1, self.width)) * gates[..., None].to(x.dtype)
+        return self.down_proj(act.flatten(-2))
+
+
+class ExportMoE(MoE):
+    """MoE whose MLP experts are Linear modules (``layout``), computed exactly, never dropped."""
+
+    def __init__(self, moe: MoE, layout: ExpertLayout) -> None:
         super().__init__(dataclasses.replace(moe.config, capacity_factor=None))
         self.load_state_dict(moe.state_dict())
-        self.expert_ffns = expert_linears(moe.experts)
+        self.layout = layout
+        self.expert_ffns = (FusedExperts(moe.experts) if layout == "fused"
+                            else expert_linears(moe.experts))
         del self.experts
-        self.skip_unselected = skip_unselected
 
     def _mlp_experts(self, flat: Tensor, indices: Tensor, weights: Tensor,
                      gates: Tensor) -> tuple[Tensor, Tensor]:
+        no_aux = flat.new_zeros((), dtype=torch.float32)
+        if self.layout == "fused":
+            return self.expert_ffns(flat, gates[:, :self.config.num_mlp_experts]), no_aux
         out = torch.zeros_like(flat)
         for e, ffn in enumerate(self.expert_ffns):
             gate = gates[:, e, None].to(flat.dtype)
-            if self.skip_unselected:
-                out = out + torch.cond(gate.ne(0).any(), _weighted_expert(ffn), _no_expert,
-                                       (flat, gate))
-            else:
-                out = out + ffn(flat) * gate
-        return out, flat.new_zeros((), dtype=torch.float32)
+            out = out + torch.cond(gate.ne(0).any(), _weighted_expert(ffn), _no_expert,
+                                   (flat, gate))
+        return out, no_aux
 
 
 def _weighted_expert(ffn: nn.Module):
@@ -74,13 +104,13 @@ def _no_expert(x: Tensor, gate: Tensor) -> Tensor:
     return torch.zeros_like(x)
 
 
-def prepare_for_export(model: BiBoForCausalLM, skip_unselected: bool = False) -> BiBoForCausalLM:
+def prepare_for_export(model: BiBoForCausalLM, layout: ExpertLayout) -> BiBoForCausalLM:
     """An eval-mode copy of ``model`` in export form (the input model is left untouched)."""
     model = copy.deepcopy(model).eval()
     model.config = dataclasses.replace(model.config, capacity_factor=None)
     for layer in model.layers:
         if layer.is_moe:
-            layer.mlp = ExportMoE(layer.mlp, skip_unselected)
+            layer.mlp = ExportMoE(layer.mlp, layout)
     return model
 
 
