@@ -17,9 +17,10 @@ import time
 import torch
 
 from bench.baselines import LoopDispatchMoE
-from bench.common import machine, median_seconds, table, update_results
+from bench.common import machine, table, update_results
 from bibo_export.config import BiBoConfig
 from bibo_export.model.moe import MoE
+from bibo_export.timing import median_seconds
 
 FORMULATIONS = ("loop", "index", "einsum", "dense")
 CAPACITY_FACTOR = 1.25

@@ -18,34 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import machine, median_seconds, table, update_results
+from bench.common import machine, table, update_results
 from bibo_export.config import BiBoConfig
 from bibo_export.export.executorch import export_executorch
 from bibo_export.model import BiBoForCausalLM
 from bibo_export.runtimes import load
-from bibo_export.runtimes.base import Runtime
+from bibo_export.timing import time_runtime
 
 
 def random_checkpoint(directory: Path, preset: str) -> Path:
     torch.manual_seed(0)
     BiBoForCausalLM(BiBoConfig.preset(preset)).save_pretrained(directory)
     return directory
-
-
-def time_runtime(runtime: Runtime, prompt: np.ndarray, decode_steps: int,
-                 repeats: int) -> dict[str, float]:
-    prefill = median_seconds(lambda: runtime.logits(prompt), repeats)
-    position = prompt.shape[1]
-    token = np.zeros((1, 1), dtype=np.int64)
-
-    def decode() -> None:
-        runtime.logits(prompt)  # each timed run decodes from the same state
-        for step in range(decode_steps):
-            runtime._decode(token, position + step)
-
-    total = median_seconds(decode, repeats)
-    return {"prefill_ms": prefill * 1e3,
-            "decode_tok_s": decode_steps / max(total - prefill, 1e-9)}
 
 
 def main() -> None:

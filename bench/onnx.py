@@ -19,13 +19,14 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from bench.common import machine, median_seconds, table, update_results
+from bench.common import machine, table, update_results
 from bibo_export.config import BiBoConfig
 from bibo_export.export.onnx import export_onnx_precisions
 from bibo_export.model import BiBoForCausalLM
 from bibo_export.runtimes.base import Runtime
 from bibo_export.runtimes.eager import EagerRuntime
 from bibo_export.runtimes.onnx import OnnxRuntime, weights_read_per_call
+from bibo_export.timing import median_seconds, time_runtime
 
 
 def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
@@ -46,14 +47,6 @@ def active_parameter_bytes(model: BiBoForCausalLM, bytes_per_weight: int) -> int
     active = (total - experts - model.embed_tokens.weight.numel() + config.hidden_size
               + len(model.moe_layers) * config.num_experts_per_tok * per_expert)
     return active * bytes_per_weight
-
-
-def decode_tokens_per_second(runtime: Runtime, prompt: np.ndarray, new_tokens: int,
-                             repeats: int) -> float:
-    """Decode steps per second: generate(n) minus generate(1) isolates the n-1 decode steps."""
-    full = median_seconds(lambda: runtime.generate(prompt, new_tokens), repeats)
-    prefill = median_seconds(lambda: runtime.generate(prompt, 1), repeats)
-    return (new_tokens - 1) / (full - prefill)
 
 
 def folder_bytes(folder: Path, prefix: str) -> int:
@@ -104,8 +97,8 @@ def main() -> None:
         for name, runtime in runtimes.items():
             precision = name.split()[1]
             prefill = median_seconds(lambda: runtime.logits(prompt), args.repeats)
-            tokens_per_s = decode_tokens_per_second(runtime, decode_prompt, args.new_tokens,
-                                                    args.repeats)
+            tokens_per_s = time_runtime(runtime, decode_prompt, args.new_tokens,
+                                        args.repeats)["decode_tok_s"]
             row = dict(runtime=name, prefill_ms=prefill * 1e3, decode_tok_s=tokens_per_s,
                        artifact_mb=sizes[name] / 1e6, min_active_mb=minimum[precision] / 1e6)
             if name in read:

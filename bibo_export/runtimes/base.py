@@ -17,6 +17,7 @@ from ..config import BiBoConfig
 
 class Runtime(ABC):
     name: str = "runtime"
+    precision: str = "fp32"
 
     def __init__(self, config: BiBoConfig, max_length: int, batch_size: int | None = None) -> None:
         self.config = config
@@ -73,3 +74,31 @@ class Runtime(ABC):
 
     @abstractmethod
     def _decode(self, input_ids: np.ndarray, position: int) -> np.ndarray: ...
+
+
+class RowByRow(Runtime):
+    """Any batch size on a runtime built for batch size 1 (an ExecuTorch program), one row at a
+    time; for whole-set metrics, not for speed."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(runtime.config, runtime.max_length)
+        self.runtime, self.name = runtime, runtime.name
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        ids = self.check_input_ids(input_ids)
+        return np.concatenate([self.runtime.logits(row[None]) for row in ids])
+
+    def generate(self, input_ids: np.ndarray, max_new_tokens: int) -> np.ndarray:
+        ids = self.check_input_ids(input_ids, max_new_tokens)
+        return np.concatenate([self.runtime.generate(row[None], max_new_tokens) for row in ids])
+
+    def _prefill(self, input_ids: np.ndarray) -> np.ndarray:
+        raise NotImplementedError("RowByRow serves whole calls only")
+
+    def _decode(self, input_ids: np.ndarray, position: int) -> np.ndarray:
+        raise NotImplementedError("RowByRow serves whole calls only")
+
+
+def any_batch(runtime: Runtime) -> Runtime:
+    """``runtime`` itself if it takes any batch size, else a row-by-row adapter."""
+    return runtime if runtime.batch_size is None else RowByRow(runtime)

@@ -25,9 +25,9 @@ class OnnxRuntime(Runtime):
     name = "onnx"
 
     def __init__(self, session: ort.InferenceSession, config: BiBoConfig,
-                 max_length: int) -> None:
+                 max_length: int, precision: str = "fp32") -> None:
         super().__init__(config, max_length)
-        self.session = session
+        self.session, self.precision = session, precision
         self.cache_inputs = session.get_inputs()[2:]
         self.output_names = [o.name for o in session.get_outputs()]
         self._cache: list[ort.OrtValue] = []
@@ -50,7 +50,8 @@ class OnnxRuntime(Runtime):
         if "bibo.config" not in meta:
             raise ValueError(f"{path / MODEL_FILE} is not a bibo-export model (no bibo.config)")
         config = BiBoConfig.from_dict(json.loads(meta["bibo.config"]))
-        return cls(session, config, int(meta["bibo.max_length"]))
+        return cls(session, config, int(meta["bibo.max_length"]),
+                   meta.get("bibo.precision", "fp32"))
 
     def _run(self, input_ids: np.ndarray, position: int) -> np.ndarray:
         feeds = {"input_ids": ort.OrtValue.ortvalue_from_numpy(input_ids),
