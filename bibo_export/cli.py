@@ -51,6 +51,31 @@ def cmd_generate(args: argparse.Namespace) -> None:
           f"{','.join(map(str, new))}")
 
 
+def cmd_parity(args: argparse.Namespace) -> int:
+    """Compare artifacts with eager on a checkpoint (DESIGN §7 bars); exit 1 if a bar fails."""
+    from pathlib import Path
+
+    from .parity import run_parity
+    from .report import markdown_table, sorting_examples, write_report
+
+    result = run_parity(args.checkpoint, args.artifacts, data=args.data,
+                        speed=not args.no_speed)
+    print(markdown_table(result["rows"]))
+    if result["task"] is not None:
+        print("\nHeld-out sorting examples (greedy):\n" + sorting_examples(result))
+    if args.report:
+        run = Path(args.checkpoint).parent
+        print(f"report: {write_report(result, Path(args.report), run / 'metrics.jsonl')}")
+    failures = [f"{row['runtime']} {row['precision']} ({row['path']}): "
+                + "; ".join(row["failed_bars"]) for row in result["rows"][1:]
+                if not row["passed"]]
+    for failure in failures:
+        print(f"bibo-export parity: FAILED {failure}", file=sys.stderr)
+    if not failures:
+        print(f"parity: all DESIGN §7 bars met by {len(result['rows']) - 1} artifact(s)")
+    return 1 if failures else 0
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     """Describe a checkpoint: size, layers, experts and the router's balancing state."""
     from .model import BiBoForCausalLM
@@ -158,6 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=16)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("parity", help=cmd_parity.__doc__)
+    p.add_argument("--checkpoint", required=True, help="the eager reference (a checkpoint folder)")
+    p.add_argument("artifacts", nargs="+", metavar="ARTIFACT",
+                   help="ONNX folders, .pte files or checkpoint folders to compare")
+    p.add_argument("--data", help="sort[:LENGTHS] for sorting accuracy (default: the training "
+                                  "run's data, read from train_config.json beside the checkpoint)")
+    p.add_argument("--report", metavar="DIR",
+                   help="also write DIR/report.md, report.json and training plots")
+    p.add_argument("--no-speed", dest="no_speed", action="store_true",
+                   help="skip the prefill/decode timings")
+    p.set_defaults(func=cmd_parity)
+
     p = sub.add_parser("info", help=cmd_info.__doc__)
     p.add_argument("checkpoint", help="a folder with config.json and model.safetensors")
     p.set_defaults(func=cmd_info)
@@ -166,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], None] = args.func
+    func: Callable[[argparse.Namespace], int | None] = args.func
     try:
-        func(args)
+        status = func(args) or 0
     except (ValueError, FileNotFoundError) as err:
         # Bad input is the user's to fix: one line, no traceback.
         print(f"bibo-export {args.command}: error: {err}", file=sys.stderr)
@@ -178,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "environment (training runs in .venv-xla, export and runtimes in .venv)",
               file=sys.stderr)
         return 2
-    return 0
+    return status
 
 
 if __name__ == "__main__":

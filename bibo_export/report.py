@@ -1,0 +1,148 @@
+"""The pipeline's report: parity rows as ``report.md`` + ``report.json``, training as PNG plots.
+
+Plots come from the run's ``metrics.jsonl`` (training loss, held-out accuracy, per-layer expert
+load balance, dropped assignments); the table from ``parity.run_parity``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .io import atomic_path, atomic_write_text
+from .train.sorting import SEP
+
+# (row key, column header, format); a row without the key shows "–".
+COLUMNS = [("runtime", "runtime", "{}"), ("precision", "precision", "{}"),
+           ("max_abs", "max abs Δ logits", "{:.2e}"), ("top1_agreement", "top-1 agreement", "{:.2%}"),
+           ("cosine", "cosine", "{:.5f}"), ("greedy_match", "greedy tokens", "{}"),
+           ("token_accuracy", "sort token acc", "{:.3f}"),
+           ("sequence_accuracy", "sort sequence acc", "{:.3f}"),
+           ("prefill_ms", "prefill ms", "{:.1f}"), ("decode_tok_s", "decode tok/s", "{:.1f}"),
+           ("bytes", "size MB", "{:.2f}"), ("passed", "DESIGN §7 bars", "{}")]
+
+
+def cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    if key not in row:
+        return "reference" if key == "passed" else "–"
+    value = row[key]
+    if key == "bytes":
+        value /= 1e6
+    if key == "greedy_match":
+        return "identical" if value else "differ"
+    if key == "passed":
+        return "pass" if value else "FAIL: " + "; ".join(row["failed_bars"])
+    return fmt.format(value)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(header for _, header, _ in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(row, key, fmt) for key, _, fmt in COLUMNS) + " |"
+              for row in rows]
+    return "\n".join(lines)
+
+
+def sorting_examples(result: dict[str, Any]) -> str:
+    """Each held-out prompt, the right answer and what every runtime generated."""
+    if result["task"] is None:
+        return ""
+    lines = ["| prompt (values, SEP) | sorted | " + " | ".join(
+        f"{r['runtime']} {r['precision']}" for r in result["rows"]) + " |",
+        "|" + "---|" * (2 + len(result["rows"]))]
+    for i, prompt in enumerate(result["prompts"]):
+        values = [v for v in prompt if v != SEP]
+        want = sorted(values)
+        outputs = [r["generated"][i] for r in result["rows"]]
+        lines.append(f"| {' '.join(map(str, values))} | {' '.join(map(str, want))} | " + " | ".join(
+            f"{' '.join(map(str, out))} {'✓' if out == want else '✗'}" for out in outputs) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ plots
+def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training records, evaluation records) of a run's metrics.jsonl."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if "loss" in r], [r for r in records if "eval" in r]
+
+
+def plot_training(metrics: Path, out: Path) -> list[Path]:
+    """Four PNGs in ``out``: loss, held-out accuracy (or perplexity), expert load CV per MoE
+    layer, dropped-assignment share."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on servers
+    import matplotlib.pyplot as plt
+
+    train, evals = read_metrics(metrics)
+    steps = [r["step"] for r in train]
+    eval_steps = [r["step"] for r in evals]
+    figures: dict[str, Any] = {}
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [r["loss"] for r in train], label="train")
+    ax.plot(eval_steps, [r["eval"]["loss"] for r in evals], "o-", label="held-out")
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title="Loss")
+    figures["loss.png"] = fig
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in ("token_accuracy", "sequence_accuracy", "perplexity"):
+        if evals and key in evals[0]["eval"]:
+            ax.plot(eval_steps, [r["eval"][key] for r in evals], "o-", label=key.replace("_", " "))
+    ax.set(xlabel="step", title="Held-out evaluation")
+    figures["heldout.png"] = fig
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    layers = len(train[0]["load_cv"]) if train else 0
+    for layer in range(layers):
+        ax.plot(steps, [r["load_cv"][layer] for r in train], label=f"MoE layer {layer}")
+    ax.set(xlabel="step", ylabel="CV of expert assignment counts",
+           title="Expert load balance (0 = perfectly even)")
+    figures["expert_load.png"] = fig
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [100 * r["drop_rate"] for r in train])
+    ax.set(xlabel="step", ylabel="% of assignments dropped", title="Capacity drops")
+    figures["drop_rate.png"] = fig
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, fig in figures.items():
+        if fig.axes[0].get_legend_handles_labels()[0]:
+            fig.axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        with atomic_path(out / name) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
+        paths.append(out / name)
+    return paths
+
+
+# ------------------------------------------------------------------------------ the report
+def write_report(result: dict[str, Any], out: Path, metrics: Path | None = None) -> Path:
+    """``out/report.md``, ``out/report.json`` and (with ``metrics``) ``out/plots/*.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot_training(metrics, out / "plots") if metrics and metrics.is_file() else []
+    atomic_write_text(out / "report.json", json.dumps({**result, "plots": [
+        str(p.relative_to(out)) for p in plots]}, indent=2))
+    speed = result["speed"]
+    parts = ["# bibo-export report", "",
+             f"Checkpoint `{result['checkpoint']}`; every row is compared with eager PyTorch on "
+             "the same inputs (DESIGN §7 bars: fp32 ONNX max |Δ| ≤ 1e-4, fp32 ExecuTorch ≤ 1e-3, "
+             "both with identical greedy tokens; int8 top-1 ≥ 98 %, cosine ≥ 0.99, sorting "
+             "accuracy within 1 point).", "", markdown_table(result["rows"]), ""]
+    if speed:
+        parts += [f"Speed: batch 1, prefill of {speed['prompt_tokens']} tokens, then "
+                  f"{speed['new_tokens'] - 1} cached decode steps; medians of "
+                  "3 runs on this machine.", ""]
+    verdict = "all bars met" if result["passed"] else "SOME BARS FAILED"
+    parts += [f"**Parity: {verdict}.**", ""]
+    examples = sorting_examples(result)
+    if examples:
+        parts += ["## Held-out sorting examples (greedy)", "", examples, ""]
+    if plots:
+        parts += ["## Training", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in plots] + [""]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(parts))
+    return path

@@ -1,0 +1,123 @@
+"""The whole pipeline through the command line, shortened: train a few steps → export ONNX and
+ExecuTorch in fp32 and int8 → ``parity`` → report. Then ``parity`` on a corrupted export.
+
+A two-layer model keeps the four exports (ExecuTorch lowering above all) to a few minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from helpers import tiny_config
+
+from bibo_export.export.manifest import MANIFEST_FILE, write_manifest
+from bibo_export.export.onnx import DATA_FILE, MODEL_FILE, save_model
+
+pytestmark = [pytest.mark.export, pytest.mark.e2e]
+
+MAX_LENGTH = 32
+EXPORTS = {("onnx", "fp32"): "onnx/fp32", ("onnx", "int8"): "onnx/int8",
+           ("executorch", "fp32"): "executorch/model_fp32.pte",
+           ("executorch", "int8"): "executorch/model_int8.pte"}
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bibo_export.cli", *args],
+                          capture_output=True, text=True)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    config = tiny_config(vocab_size=256, num_hidden_layers=2, num_routed_experts=4,
+                         num_experts_per_tok=2, max_position_embeddings=MAX_LENGTH)
+    (root / "model.json").write_text(config.to_json())
+    run, artifacts = root / "run", root / "artifacts"
+    ok(cli("train", "--config", str(root / "model.json"), "--data", "sort:4", "--steps", "8",
+           "--batch-size", "8", "--device", "cpu", "--out", str(run), "--log-every", "2",
+           "--eval-every", "4", "--checkpoint-every", "4"))
+    checkpoint = run / "final"
+    for (fmt, precision), name in EXPORTS.items():
+        ok(cli("export", fmt, "--checkpoint", str(checkpoint), "--out", str(artifacts / name),
+               "--max-length", str(MAX_LENGTH), *(["--int8"] if precision == "int8" else [])))
+    result = cli("parity", "--checkpoint", str(checkpoint), "--report", str(artifacts),
+                 *(str(artifacts / name) for name in EXPORTS.values()))
+    return checkpoint, artifacts, result
+
+
+def test_report_has_every_row_and_fp32_meets_its_bars(pipeline):
+    _, artifacts, result = pipeline
+    # Exit 0, or 1 when only int8 bars fail: 8 steps do not make a model int8 is judged on.
+    assert result.returncode in (0, 1), result.stderr[-3000:]
+    report = json.loads((artifacts / "report.json").read_text())
+    rows = {(row["runtime"], row["precision"]): row for row in report["rows"]}
+    assert set(rows) == {("eager", "fp32"), *EXPORTS}
+    for key in EXPORTS:
+        row = rows[key]
+        for column in ("max_abs", "top1_agreement", "cosine", "greedy_match", "token_accuracy",
+                       "sequence_accuracy", "prefill_ms", "decode_tok_s", "bytes"):
+            assert column in row, (key, column)
+        if key[1] == "fp32":
+            assert row["passed"], (key, row["failed_bars"])
+            assert row["max_abs"] <= 1e-3 and row["greedy_match"]
+    failed = [key for key in EXPORTS if not rows[key]["passed"]]
+    assert (result.returncode == 1) == bool(failed)
+    markdown = (artifacts / "report.md").read_text()
+    assert markdown.count("\n| onnx |") == 2 and markdown.count("\n| executorch |") == 2
+    assert {p.name for p in (artifacts / "plots").iterdir()} == {
+        "loss.png", "heldout.png", "expert_load.png", "drop_rate.png"}
+    for plot in (artifacts / "plots").iterdir():
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def perturbed_copy(source, destination, scale: float):
+    """An ONNX export whose weights were changed after the fact, with a manifest rewritten to
+    match: loads cleanly, computes something else (what a buggy exporter would produce)."""
+    shutil.copytree(source, destination)
+    model = onnx.load(destination / MODEL_FILE)
+    rng = np.random.default_rng(0)
+    for tensor in model.graph.initializer:
+        if tensor.data_type == onnx.TensorProto.FLOAT and np.prod(tensor.dims) >= 1024:
+            values = onnx.numpy_helper.to_array(tensor)
+            values = values + scale * rng.standard_normal(values.shape).astype(np.float32)
+            tensor.CopyFrom(onnx.numpy_helper.from_array(values, tensor.name))
+    (destination / DATA_FILE).unlink()
+    save_model(model, destination / MODEL_FILE)
+    manifest = json.loads((destination / MANIFEST_FILE).read_text())
+    manifest.pop("files"), manifest.pop("total_bytes")
+    write_manifest(destination, [MODEL_FILE, DATA_FILE], **manifest)
+    return destination
+
+
+def test_parity_fails_on_a_corrupted_export_and_names_the_bar(pipeline, tmp_path):
+    checkpoint, artifacts, _ = pipeline
+    corrupted = perturbed_copy(artifacts / "onnx/fp32", tmp_path / "corrupted", scale=0.05)
+    result = cli("parity", "--checkpoint", str(checkpoint), "--no-speed", str(corrupted))
+    assert result.returncode == 1
+    assert "FAILED onnx fp32" in result.stderr and "max |Δ logits|" in result.stderr
+    # The untouched export passes the same command.
+    ok(cli("parity", "--checkpoint", str(checkpoint), "--no-speed", str(artifacts / "onnx/fp32")))
+
+
+def test_parity_rejects_a_modified_export_as_one_line(pipeline, tmp_path):
+    """Changed bytes without a matching manifest: refused before any comparison."""
+    checkpoint, artifacts, _ = pipeline
+    damaged = tmp_path / "damaged"
+    shutil.copytree(artifacts / "onnx/fp32", damaged)
+    data = bytearray((damaged / DATA_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (damaged / DATA_FILE).write_bytes(bytes(data))
+    result = cli("parity", "--checkpoint", str(checkpoint), str(damaged))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "manifest" in result.stderr
