@@ -32,12 +32,18 @@ XLA_STAMP := $(VENV_XLA)/.stamp$(if $(TORCH_XLA_EXTRA),-$(TORCH_XLA_EXTRA))
 # those lines; every other line, and pip's exit status, still reach the user.
 QUIET_PIP := { grep -v "^WARNING: Location '.*' is ignored" || true; }
 
-.PHONY: help setup setup-export setup-xla test test-export test-xla train-tpu export-onnx \
-	export-executorch bench bench-train bench-dispatch bench-onnx bench-executorch \
+.PHONY: help demo setup setup-export setup-xla test test-export test-xla train-tpu export-onnx \
+	export-executorch parity bench bench-train bench-dispatch bench-onnx bench-executorch \
 	clean distclean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+demo: setup ## the whole pipeline: train (XLA) → ONNX + ExecuTorch fp32/int8 → parity → artifacts/report.md
+	$(MAKE) --no-print-directory train-tpu
+	@# Both exporters are mostly single-threaded: on 2+ cores they run side by side.
+	$(MAKE) --no-print-directory -j2 export-onnx export-executorch
+	$(MAKE) --no-print-directory parity
 
 setup: setup-export setup-xla ## create both virtual environments (idempotent)
 
@@ -83,14 +89,23 @@ $(RUN)/final/config.json:
 DEFAULT_CKPT := $(if $(filter $(RUN)/final,$(CKPT)),$(RUN)/final/config.json)
 
 export-onnx: $(STAMP) $(DEFAULT_CKPT) ## CKPT → artifacts/onnx/{fp32,int8}, verified against eager
-	$(VENV)/bin/bibo-export export onnx --checkpoint $(CKPT) --out $(ARTIFACTS)/onnx/fp32
-	$(VENV)/bin/bibo-export export onnx --checkpoint $(CKPT) --out $(ARTIFACTS)/onnx/int8 --int8
+	$(VENV)/bin/bibo-export export onnx --checkpoint $(CKPT) --out $(ARTIFACTS)/onnx/fp32 \
+		--int8-out $(ARTIFACTS)/onnx/int8
 
 export-executorch: $(STAMP) $(DEFAULT_CKPT) ## CKPT → artifacts/executorch/model_{fp32,int8}.pte, verified
 	$(VENV)/bin/bibo-export export executorch --checkpoint $(CKPT) --out $(ARTIFACTS)/executorch/model_fp32.pte
 	$(VENV)/bin/bibo-export export executorch --checkpoint $(CKPT) --out $(ARTIFACTS)/executorch/model_int8.pte --int8
 
-bench: bench-dispatch bench-train bench-onnx bench-executorch ## every benchmark → bench/results/*.json
+# make parity compares whichever of the four exports exist.
+EXPORTED = $(wildcard $(ARTIFACTS)/onnx/fp32 $(ARTIFACTS)/onnx/int8 \
+	$(ARTIFACTS)/executorch/model_fp32.pte $(ARTIFACTS)/executorch/model_int8.pte)
+
+parity: $(STAMP) ## every export vs eager on CKPT (DESIGN §7 bars) → artifacts/report.{md,json}, plots
+	$(if $(EXPORTED),,$(error no exports under $(ARTIFACTS)/: run make export-onnx and/or make export-executorch first))
+	$(VENV)/bin/bibo-export parity --checkpoint $(CKPT) $(EXPORTED) --report $(ARTIFACTS)
+
+bench: bench-dispatch bench-train bench-onnx bench-executorch ## every benchmark → bench/results/*.json + summary.md
+	$(VENV)/bin/python -m bench.summary
 
 bench-onnx: $(STAMP) ## ONNX Runtime fp32/int8 vs eager: prefill, decode, bytes → bench/results/onnx.json
 	$(VENV)/bin/python -m bench.onnx

@@ -17,10 +17,15 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 def cmd_export_onnx(args: argparse.Namespace) -> None:
     """Export a checkpoint to ONNX (one prefill/decode graph, explicit cache I/O), verified."""
-    from .export.onnx import export_onnx, summary
+    from .export.onnx import export_onnx_precisions, summary
 
-    print(summary(export_onnx(args.checkpoint, args.out, int8=args.int8,
-                              max_length=args.max_length)))
+    outs = {"int8" if args.int8 else "fp32": args.out}
+    if args.int8_out:
+        if args.int8:
+            raise ValueError("--int8-out adds an int8 export beside an fp32 --out; drop --int8")
+        outs["int8"] = args.int8_out
+    for manifest in export_onnx_precisions(args.checkpoint, outs, args.max_length).values():
+        print(summary(manifest))
 
 
 def cmd_export_executorch(args: argparse.Namespace) -> None:
@@ -175,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--int8", action="store_true", help="int8 weights; the router stays float")
         q.add_argument("--max-length", dest="max_length", type=int,
                        help="prompt + generated tokens the cache holds (default: the model's maximum)")
+        if name == "onnx":
+            q.add_argument("--int8-out", dest="int8_out", metavar="DIR",
+                           help="also write the int8 export to DIR, from the same trace")
         q.set_defaults(func=func)
 
     p = sub.add_parser("generate", help=cmd_generate.__doc__)

@@ -121,8 +121,9 @@ def artifact_bytes(path: Path) -> int:
 
 
 def measure(runtime: Runtime, reference: Runtime, inputs: ParityInputs,
-            speed: bool = True) -> dict[str, Any]:
-    """Every parity metric of ``runtime`` against ``reference`` on ``inputs``."""
+            speed_prompt: np.ndarray | None = None) -> dict[str, Any]:
+    """Every parity metric of ``runtime`` against ``reference`` on ``inputs``, and its speed
+    on ``speed_prompt`` when given."""
     whole = any_batch(runtime)
     delta = compare_logits(np.concatenate([whole.logits(ids).reshape(-1, runtime.config.vocab_size)
                                            for ids in inputs.logits_sets])[None],
@@ -135,13 +136,10 @@ def measure(runtime: Runtime, reference: Runtime, inputs: ParityInputs,
                            "generated": tokens[:, inputs.prompts.shape[1]:].tolist()}
     if inputs.task is not None:
         row.update(sorting_accuracy(whole, inputs.task))
-    if speed:
+    if speed_prompt is not None:
         from .timing import time_runtime
 
-        prompt = np.random.default_rng(SEED).integers(
-            0, runtime.config.vocab_size,
-            (1, min(SPEED_PROMPT_TOKENS, runtime.max_length - SPEED_NEW_TOKENS)))
-        row.update(time_runtime(runtime, prompt, SPEED_NEW_TOKENS, SPEED_REPEATS))
+        row.update(time_runtime(runtime, speed_prompt, SPEED_NEW_TOKENS, SPEED_REPEATS))
     return row
 
 
@@ -182,11 +180,14 @@ def run_parity(checkpoint: str | Path, artifacts: list[str | Path], data: str | 
     reference.max_length = min(max_length, reference.max_length)
     task = task_of(checkpoint, data)
     inputs = ParityInputs.build(reference.config.vocab_size, reference.max_length, task)
+    speed_prompt = np.random.default_rng(SEED).integers(0, reference.config.vocab_size, (
+        1, max(1, min(SPEED_PROMPT_TOKENS, reference.max_length - SPEED_NEW_TOKENS))))
     rows = []
     for path, runtime in [(checkpoint, reference), *runtimes]:
         log(f"[parity] {runtime.name} {runtime.precision}: {path}")
         row = {"runtime": runtime.name, "precision": runtime.precision, "path": str(path),
-               "bytes": artifact_bytes(path), **measure(runtime, reference, inputs, speed)}
+               "bytes": artifact_bytes(path),
+               **measure(runtime, reference, inputs, speed_prompt if speed else None)}
         rows.append(row)
     for row in rows[1:]:
         row["failed_bars"] = failed_bars(row, rows[0])
@@ -194,6 +195,6 @@ def run_parity(checkpoint: str | Path, artifacts: list[str | Path], data: str | 
     return {"checkpoint": str(checkpoint), "task": None if task is None else
             {"kind": "sort", "lengths": list(task.lengths), "seed": task.seed},
             "prompts": inputs.prompts.tolist(), "new_tokens": inputs.new_tokens,
-            "speed": {"prompt_tokens": SPEED_PROMPT_TOKENS, "new_tokens": SPEED_NEW_TOKENS,
-                      "batch_size": 1} if speed else None,
+            "speed": {"prompt_tokens": speed_prompt.shape[1], "new_tokens": SPEED_NEW_TOKENS,
+                      "repeats": SPEED_REPEATS, "batch_size": 1} if speed else None,
             "bars": BARS, "rows": rows, "passed": all(row["passed"] for row in rows[1:])}

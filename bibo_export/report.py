@@ -135,7 +135,7 @@ def write_report(result: dict[str, Any], out: Path, metrics: Path | None = None)
     if speed:
         parts += [f"Speed: batch 1, prefill of {speed['prompt_tokens']} tokens, then "
                   f"{speed['new_tokens'] - 1} cached decode steps; medians of "
-                  "3 runs on this machine.", ""]
+                  f"{speed['repeats']} runs on this machine.", ""]
     verdict = "all bars met" if result["passed"] else "SOME BARS FAILED"
     parts += [f"**Parity: {verdict}.**", ""]
     examples = sorting_examples(result)

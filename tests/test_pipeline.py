@@ -48,9 +48,13 @@ def pipeline(tmp_path_factory):
            "--batch-size", "8", "--device", "cpu", "--out", str(run), "--log-every", "2",
            "--eval-every", "4", "--checkpoint-every", "4"))
     checkpoint = run / "final"
-    for (fmt, precision), name in EXPORTS.items():
-        ok(cli("export", fmt, "--checkpoint", str(checkpoint), "--out", str(artifacts / name),
-               "--max-length", str(MAX_LENGTH), *(["--int8"] if precision == "int8" else [])))
+    length = ("--max-length", str(MAX_LENGTH))
+    ok(cli("export", "onnx", "--checkpoint", str(checkpoint), *length,  # one trace, two exports
+           "--out", str(artifacts / "onnx/fp32"), "--int8-out", str(artifacts / "onnx/int8")))
+    for precision in ("fp32", "int8"):
+        ok(cli("export", "executorch", "--checkpoint", str(checkpoint), *length,
+               "--out", str(artifacts / EXPORTS["executorch", precision]),
+               *(["--int8"] if precision == "int8" else [])))
     result = cli("parity", "--checkpoint", str(checkpoint), "--report", str(artifacts),
                  *(str(artifacts / name) for name in EXPORTS.values()))
     return checkpoint, artifacts, result
