@@ -24,7 +24,9 @@ method (``bibo_metadata``, UTF-8 JSON as uint8), so a ``.pte`` is self-describin
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from collections import Counter
 from importlib.metadata import version
 from pathlib import Path
@@ -221,18 +223,27 @@ def verify(path: Path, model: BiBoForCausalLM, int8: bool) -> dict[str, Any]:
 
 
 def update_manifest(directory: Path, name: str, record: dict[str, Any]) -> Path:
-    """Add (or replace) one program's record in the folder's shared ``manifest.json``."""
+    """Add (or replace) one program's record in the folder's shared ``manifest.json``.
+
+    Exports of several programs into one folder may run at once (make export-executorch
+    runs fp32 and int8 side by side): the read-modify-write holds a lock on the folder.
+    """
     path = directory / MANIFEST_FILE
-    programs: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            programs = json.loads(path.read_text()).get("programs", {})
-        except json.JSONDecodeError:
-            programs = {}
-    programs = {k: v for k, v in programs.items() if (directory / k).is_file()}
-    programs[name] = record
-    return write_manifest(directory, sorted(programs), format="executorch",
-                          backend="xnnpack", programs=programs)
+    folder = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        programs: dict[str, Any] = {}
+        if path.is_file():
+            try:
+                programs = json.loads(path.read_text()).get("programs", {})
+            except json.JSONDecodeError:
+                programs = {}
+        programs = {k: v for k, v in programs.items() if (directory / k).is_file()}
+        programs[name] = record
+        return write_manifest(directory, sorted(programs), format="executorch",
+                              backend="xnnpack", programs=programs)
+    finally:
+        os.close(folder)  # releases the lock
 
 
 # ------------------------------------------------------------------------------ the export
