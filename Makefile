@@ -11,6 +11,9 @@ TORCH_XLA_EXTRA ?=
 # torch_xla's backend for tests and the XLA CPU fallback; a TPU VM sets PJRT_DEVICE=TPU.
 PJRT_DEVICE ?= CPU
 PYTEST_ARGS ?=
+# Export tests run file by file on this many pytest-xdist workers: ExecuTorch lowering is
+# minutes of single-threaded Python, so two files lower at once on two cores.
+TEST_WORKERS ?= 2
 # make train-tpu: chosen so that on 2 CPU cores through XLA's CPU backend it ends in < 15 min
 # with a sort-tiny that sorts its trained length; on a TPU raise STEPS/BATCH, set MESH.
 PRESET ?= sort-tiny
@@ -76,7 +79,7 @@ $(XLA_STAMP): requirements/xla.txt pyproject.toml
 test: test-export test-xla ## run the whole suite in both environments
 
 test-export: $(STAMP) ## tests in the export env (model, export, runtimes)
-	$(VENV)/bin/python -m pytest -m "not xla" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m "not xla" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-xla: $(XLA_STAMP) ## tests in the XLA env (model under torch 2.9, XLA compilation)
 	PJRT_DEVICE=$(PJRT_DEVICE) $(VENV_XLA)/bin/python -m pytest -m "not export" $(PYTEST_ARGS)

@@ -29,6 +29,7 @@ SHAPES = {"sort-tiny": (32, 16), "bench": (8, 128)}  # batch, tokens per sequenc
 
 def measure(preset: str, dispatch: str, backend_name: str, steps: int) -> dict:
     backend = select_backend(backend_name)
+    before = backend.compile_stats()  # XLA's counters are per process: report this row's share
     torch.manual_seed(0)
     model = BiBoForCausalLM(BiBoConfig.preset(preset, capacity_factor=1.25))
     if dispatch == "loop":
@@ -53,10 +54,12 @@ def measure(preset: str, dispatch: str, backend_name: str, steps: int) -> dict:
         times.append(time.perf_counter() - start)
     median = statistics.median(times[2:])
     stats = backend.compile_stats()
+    fallbacks = set(stats.get("cpu_fallbacks", [])) - set(before.get("cpu_fallbacks", []))
     return dict(backend=backend.name, preset=preset, dispatch=dispatch,
                 tokens_per_s=batch * length / median, median_step_ms=median * 1e3,
-                first_two_steps_s=times[0] + times[1], compiles=stats.get("xla_compiles", 0),
-                cpu_fallbacks=len(stats.get("cpu_fallbacks", [])))
+                first_two_steps_s=times[0] + times[1],
+                compiles=stats.get("xla_compiles", 0) - before.get("xla_compiles", 0),
+                cpu_fallbacks=", ".join(sorted(fallbacks)))
 
 
 def main() -> None:
