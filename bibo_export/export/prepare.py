@@ -8,7 +8,7 @@ What changes from the training form, and why:
   ``torch.cond`` on "did any token choose it", so a decode step touches only the chosen
   experts' weights (ONNX exports ``cond`` as ``If``); ``"fused"`` (ExecuTorch, whose XNNPACK
   delegate cannot reach into ``cond``, DESIGN §6) computes every expert at once with three wide
-  Linears, which lowers and runs far faster than E separate ones.
+  Linears instead of 3·E small ones (sort-tiny fp32 lowering: 183 s instead of 240 s).
 * **No capacity.** Inference computes every selected expert; dropping would make a token's
   output depend on the rest of the batch. Parity is measured against eager with the same rule.
 * **Flat signatures.** ``FlatCacheDecoder`` takes and returns the cache as a flat tuple of
