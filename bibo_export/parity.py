@@ -98,10 +98,12 @@ def task_of(checkpoint: Path, data: str | None) -> SortingTask | None:
     """The held-out sorting task of ``data`` (a ``sort[:LENGTHS]`` spec), or of the training run
     that wrote ``checkpoint`` (``RUN/final`` beside ``RUN/train_config.json``); None otherwise."""
     from .train.data import make_data_source
+    from .train.trainer import TrainConfig
 
-    seed = 48
+    seed = TrainConfig.seed  # the dataclass default, as a run without --seed used
     if data is None:
-        for folder in (checkpoint.parent, checkpoint.parent.parent):  # RUN/final, RUN/checkpoints/step-N
+        # RUN/final, or RUN/checkpoints/step-N
+        for folder in (checkpoint.parent, checkpoint.parent.parent):
             saved = folder / "train_config.json"
             if saved.is_file():
                 values = json.loads(saved.read_text())
@@ -120,19 +122,24 @@ def artifact_bytes(path: Path) -> int:
                and p.is_file())
 
 
-def measure(runtime: Runtime, reference: Runtime, inputs: ParityInputs,
+def reference_outputs(reference: Runtime, inputs: ParityInputs) -> dict[str, np.ndarray]:
+    """Eager's logits [positions, V] and greedy tokens on ``inputs``, computed once per suite."""
+    vocab = reference.config.vocab_size
+    return {"logits": np.concatenate([reference.logits(ids).reshape(-1, vocab)
+                                      for ids in inputs.logits_sets]),
+            "tokens": reference.generate(inputs.prompts, inputs.new_tokens)}
+
+
+def measure(runtime: Runtime, reference: dict[str, np.ndarray], inputs: ParityInputs,
             speed_prompt: np.ndarray | None = None) -> dict[str, Any]:
-    """Every parity metric of ``runtime`` against ``reference`` on ``inputs``, and its speed
-    on ``speed_prompt`` when given."""
+    """Every parity metric of ``runtime`` against eager's ``reference_outputs`` on ``inputs``,
+    and its speed on ``speed_prompt`` when given."""
     whole = any_batch(runtime)
-    delta = compare_logits(np.concatenate([whole.logits(ids).reshape(-1, runtime.config.vocab_size)
-                                           for ids in inputs.logits_sets])[None],
-                           np.concatenate([reference.logits(ids).reshape(-1, runtime.config.vocab_size)
-                                           for ids in inputs.logits_sets])[None])
+    logits = np.concatenate([whole.logits(ids).reshape(-1, runtime.config.vocab_size)
+                             for ids in inputs.logits_sets])
     tokens = whole.generate(inputs.prompts, inputs.new_tokens)
-    row: dict[str, Any] = {**delta,
-                           "greedy_match": bool(np.array_equal(
-                               tokens, reference.generate(inputs.prompts, inputs.new_tokens))),
+    row: dict[str, Any] = {**compare_logits(logits[None], reference["logits"][None]),
+                           "greedy_match": bool(np.array_equal(tokens, reference["tokens"])),
                            "generated": tokens[:, inputs.prompts.shape[1]:].tolist()}
     if inputs.task is not None:
         row.update(sorting_accuracy(whole, inputs.task))
@@ -182,12 +189,13 @@ def run_parity(checkpoint: str | Path, artifacts: list[str | Path], data: str | 
     inputs = ParityInputs.build(reference.config.vocab_size, reference.max_length, task)
     speed_prompt = np.random.default_rng(SEED).integers(0, reference.config.vocab_size, (
         1, max(1, min(SPEED_PROMPT_TOKENS, reference.max_length - SPEED_NEW_TOKENS))))
+    expected = reference_outputs(reference, inputs)
     rows = []
     for path, runtime in [(checkpoint, reference), *runtimes]:
         log(f"[parity] {runtime.name} {runtime.precision}: {path}")
         row = {"runtime": runtime.name, "precision": runtime.precision, "path": str(path),
                "bytes": artifact_bytes(path),
-               **measure(runtime, reference, inputs, speed_prompt if speed else None)}
+               **measure(runtime, expected, inputs, speed_prompt if speed else None)}
         rows.append(row)
     for row in rows[1:]:
         row["failed_bars"] = failed_bars(row, rows[0])
