@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from .config import PRESETS, BiBoConfig
@@ -209,8 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def silence_known_noise() -> None:
+    """Drop two harmless messages that would otherwise fill every log: torchao failing to load
+    its CUDA-only kernel libraries on a CPU build of torch, and torch_xla's use of pytree's
+    deprecated LeafSpec. Every other warning still shows."""
+    logging.getLogger("torchao").addFilter(
+        lambda record: not (record.getMessage().startswith("Failed to load")
+                            and "torchao/_C" in record.getMessage()))
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", category=FutureWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    silence_known_noise()
     func: Callable[[argparse.Namespace], int | None] = args.func
     try:
         status = func(args) or 0

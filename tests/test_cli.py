@@ -1,12 +1,15 @@
 """The command line: resolved configs out, one-line errors for bad input."""
 
 import json
+import logging
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
+from bibo_export.cli import silence_known_noise
 from bibo_export.model import BiBoForCausalLM
 from helpers import tiny_config
 
@@ -74,3 +77,16 @@ def test_bad_runtime_and_export_input_is_one_line(tmp_path, args, message):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_known_noise_is_dropped_and_other_warnings_kept(caplog):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        silence_known_noise()
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+        warnings.warn("some other deprecation", FutureWarning)
+    assert [str(w.message) for w in caught] == ["some other deprecation"]
+    with caplog.at_level(logging.WARNING, logger="torchao"):
+        logging.getLogger("torchao").warning("Failed to load /env/torchao/_C_mxfp8.so: no CUDA")
+        logging.getLogger("torchao").warning("Failed to load the weights")
+    assert [r.getMessage() for r in caplog.records] == ["Failed to load the weights"]
