@@ -86,10 +86,12 @@ $(XLA_STAMP): requirements/xla.txt pyproject.toml
 test: test-export test-xla ## run the whole suite in both environments
 
 test-export: $(STAMP) ## tests in the export env (model, export, runtimes)
-	$(VENV)/bin/python -m pytest -m "not xla" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m "not xla" -n $(TEST_WORKERS) --dist loadfile --durations=10 \
+		$(PYTEST_ARGS)
 
 test-xla: $(XLA_STAMP) ## tests in the XLA env (model under torch 2.9, XLA compilation)
-	PJRT_DEVICE=$(PJRT_DEVICE) $(VENV_XLA)/bin/python -m pytest -m "not export" $(PYTEST_ARGS)
+	PJRT_DEVICE=$(PJRT_DEVICE) $(VENV_XLA)/bin/python -m pytest -m "not export" --durations=10 \
+		$(PYTEST_ARGS)
 
 train-tpu: $(XLA_STAMP) ## train through torch_xla (TPU if present, else XLA CPU) → runs/PRESET/final
 	$(VENV_XLA)/bin/bibo-export train --preset $(PRESET) --steps $(STEPS) --batch-size $(BATCH) \
