@@ -18,6 +18,7 @@ import torch
 
 from bench.baselines import LoopDispatchMoE
 from bench.common import machine, table, update_results
+from bibo_export.cli import silence_known_noise
 from bibo_export.config import BiBoConfig
 from bibo_export.model.moe import MoE
 from bibo_export.timing import median_seconds
@@ -105,6 +106,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
+    silence_known_noise()
 
     print(f"== dispatch benchmark ({args.backend}): one `bench` MoE layer, forward+backward")
     if args.backend == "eager":

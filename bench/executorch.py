@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from bench.common import machine, table, update_results
+from bibo_export.cli import silence_known_noise
 from bibo_export.config import BiBoConfig
 from bibo_export.export.executorch import export_executorch
 from bibo_export.model import BiBoForCausalLM
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    silence_known_noise()
     max_length = args.prompt + args.decode_steps
 
     with tempfile.TemporaryDirectory() as tmp:

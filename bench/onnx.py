@@ -20,6 +20,7 @@ import onnxruntime as ort
 import torch
 
 from bench.common import machine, table, update_results
+from bibo_export.cli import silence_known_noise
 from bibo_export.config import BiBoConfig
 from bibo_export.export.onnx import export_onnx_precisions
 from bibo_export.model import BiBoForCausalLM
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    silence_known_noise()
     torch.set_num_threads(args.threads)
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads

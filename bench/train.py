@@ -18,6 +18,7 @@ import torch
 
 from bench.baselines import LoopDispatchMoE
 from bench.common import machine, table, update_results
+from bibo_export.cli import silence_known_noise
 from bibo_export.config import BiBoConfig
 from bibo_export.model import BiBoForCausalLM
 from bibo_export.train.backend import select_backend
@@ -75,6 +76,7 @@ def main() -> None:
                         choices=["loop", "index"],
                         help="loop: the dynamic baseline (on XLA it recompiles every step)")
     args = parser.parse_args()
+    silence_known_noise()
     loop_steps = args.loop_steps or args.steps
     if min(args.steps, loop_steps) < 3:
         parser.error("--steps and --loop-steps must be at least 3: the first two steps "
