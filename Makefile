@@ -45,8 +45,8 @@ XLA_STAMP := $(VENV_XLA)/.stamp$(if $(TORCH_XLA_EXTRA),-$(TORCH_XLA_EXTRA))
 QUIET_PIP := { grep -v "^WARNING: Location '.*' is ignored" || true; }
 
 .PHONY: help demo setup setup-export setup-xla test test-export test-xla train-tpu export-onnx \
-	export-executorch export-executorch-fp32 export-executorch-int8 parity bench bench-train bench-dispatch bench-onnx bench-executorch \
-	clean distclean
+	export-executorch export-executorch-fp32 export-executorch-int8 parity bench bench-train \
+	bench-dispatch bench-onnx bench-executorch clean distclean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -139,7 +139,7 @@ bench-executorch: $(STAMP) ## ExecuTorch fp32/int8 vs eager → bench/results/ex
 
 bench-train: $(STAMP) $(XLA_STAMP) ## train-step tokens/s, static vs dynamic dispatch → bench/results/train.json
 	$(VENV)/bin/python -m bench.train --backend eager --steps $(BENCH_STEPS)
-	@# On XLA every loop step recompiles (~200 s each on 2 cores), so the loop baseline gets
+	@# On XLA every loop step recompiles (200–290 s each on 2 cores), so the loop baseline gets
 	@# the minimum 3 steps, and only for sort-tiny: at the bench preset its recompiles
 	@# exhaust LLVM's memory and abort the process.
 	PJRT_DEVICE=$(PJRT_DEVICE) $(VENV_XLA)/bin/python -m bench.train --backend xla \
