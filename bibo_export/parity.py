@@ -122,11 +122,15 @@ def artifact_bytes(path: Path) -> int:
                and p.is_file())
 
 
+def set_logits(runtime: Runtime, inputs: ParityInputs) -> np.ndarray:
+    """Logits [positions, V] of every logits set of ``inputs``, one after the other."""
+    return np.concatenate([runtime.logits(ids).reshape(-1, runtime.config.vocab_size)
+                           for ids in inputs.logits_sets])
+
+
 def reference_outputs(reference: Runtime, inputs: ParityInputs) -> dict[str, np.ndarray]:
-    """Eager's logits [positions, V] and greedy tokens on ``inputs``, computed once per suite."""
-    vocab = reference.config.vocab_size
-    return {"logits": np.concatenate([reference.logits(ids).reshape(-1, vocab)
-                                      for ids in inputs.logits_sets]),
+    """Eager's logits and greedy tokens on ``inputs``, computed once per suite."""
+    return {"logits": set_logits(reference, inputs),
             "tokens": reference.generate(inputs.prompts, inputs.new_tokens)}
 
 
@@ -135,10 +139,9 @@ def measure(runtime: Runtime, reference: dict[str, np.ndarray], inputs: ParityIn
     """Every parity metric of ``runtime`` against eager's ``reference_outputs`` on ``inputs``,
     and its speed on ``speed_prompt`` when given."""
     whole = any_batch(runtime)
-    logits = np.concatenate([whole.logits(ids).reshape(-1, runtime.config.vocab_size)
-                             for ids in inputs.logits_sets])
     tokens = whole.generate(inputs.prompts, inputs.new_tokens)
-    row: dict[str, Any] = {**compare_logits(logits[None], reference["logits"][None]),
+    row: dict[str, Any] = {**compare_logits(set_logits(whole, inputs)[None],
+                                            reference["logits"][None]),
                            "greedy_match": bool(np.array_equal(tokens, reference["tokens"])),
                            "generated": tokens[:, inputs.prompts.shape[1]:].tolist()}
     if inputs.task is not None:
