@@ -108,18 +108,18 @@ export-onnx: $(STAMP) $(DEFAULT_CKPT) ## CKPT → artifacts/onnx/{fp32,int8}, ve
 	$(VENV)/bin/bibo-export export onnx --checkpoint $(CKPT) --out $(ARTIFACTS)/onnx/fp32 \
 		--int8-out $(ARTIFACTS)/onnx/int8
 
-export-executorch: ## CKPT → artifacts/executorch/model_{fp32,int8}.pte, verified
+export-executorch: ## CKPT → artifacts/executorch/{fp32,int8}/model.pte, verified
 	@# Lowering is minutes of single-threaded Python per program: build both side by side.
 	$(MAKE) --no-print-directory -j$(EXPORT_JOBS) export-executorch-int8 export-executorch-fp32
 
 # One program each: make export-executorch-fp32, make export-executorch-int8.
 export-executorch-fp32 export-executorch-int8: export-executorch-%: $(STAMP) $(DEFAULT_CKPT)
 	$(VENV)/bin/bibo-export export executorch --checkpoint $(CKPT) \
-		--out $(ARTIFACTS)/executorch/model_$*.pte $(if $(filter int8,$*),--int8)
+		--out $(ARTIFACTS)/executorch/$* $(if $(filter int8,$*),--int8)
 
 # make parity compares whichever of the four exports exist.
 EXPORTED = $(wildcard $(ARTIFACTS)/onnx/fp32 $(ARTIFACTS)/onnx/int8 \
-	$(ARTIFACTS)/executorch/model_fp32.pte $(ARTIFACTS)/executorch/model_int8.pte)
+	$(ARTIFACTS)/executorch/fp32 $(ARTIFACTS)/executorch/int8)
 
 parity: $(STAMP) ## every export vs eager on CKPT (DESIGN §7 bars) → artifacts/report.{md,json}, plots
 	$(if $(EXPORTED),,$(error no exports under $(ARTIFACTS)/: run make export-onnx and/or make export-executorch first))

@@ -11,18 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bibo_export.model.moe import MoE
+from bibo_export.model.moe import MLPExperts, Selection
 
 
-class LoopDispatchMoE(MoE):
-    def _mlp_experts(self, flat: Tensor, indices: Tensor, weights: Tensor,
-                     gates: Tensor) -> tuple[Tensor, Tensor]:
-        experts = self.experts
+class LoopExperts(MLPExperts):
+    """The same stacked weights as ``MLPExperts``, computed expert by expert."""
+
+    def forward(self, flat: Tensor, selection: Selection) -> tuple[Tensor, Tensor]:
         out = torch.zeros_like(flat)
-        for e in range(self.config.num_mlp_experts):
-            token, choice = torch.nonzero(indices == e, as_tuple=True)
+        for e in range(self.gate_proj.shape[0]):
+            token, choice = torch.nonzero(selection.indices == e, as_tuple=True)
             x = flat[token]
-            y = F.silu(x @ experts.gate_proj[e].t()) * (x @ experts.up_proj[e].t())
-            y = (y @ experts.down_proj[e].t()) * weights[token, choice, None].to(flat.dtype)
+            y = F.silu(x @ self.gate_proj[e].t()) * (x @ self.up_proj[e].t())
+            y = (y @ self.down_proj[e].t()) * selection.weights[token, choice, None].to(flat.dtype)
             out = out.index_add(0, token, y)
         return out, flat.new_zeros((), dtype=torch.float32)

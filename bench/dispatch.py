@@ -10,16 +10,14 @@ the reference-style dynamic loop (bench.baselines), the baseline of every ratio.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import time
 
 import torch
 
-from bench.baselines import LoopDispatchMoE
+from bench.baselines import LoopExperts
 from bench.common import machine, table, update_results
-from bibo_export.cli import silence_known_noise
-from bibo_export.config import BiBoConfig
+from bibo_export.config import BiBoConfig, ExecutionOptions
 from bibo_export.model.moe import MoE
 from bibo_export.timing import median_seconds
 
@@ -28,14 +26,11 @@ CAPACITY_FACTOR = 1.25
 
 
 def make_layer(formulation: str, device: torch.device | str = "cpu") -> MoE:
-    config = BiBoConfig.preset("bench", capacity_factor=CAPACITY_FACTOR)
-    if formulation == "loop":
-        cls = LoopDispatchMoE
-    else:
-        cls = MoE
-        config = dataclasses.replace(config, moe_dispatch=formulation)
     torch.manual_seed(0)
-    layer = cls(config)
+    dispatch = "index" if formulation == "loop" else formulation
+    layer = MoE(BiBoConfig.preset("bench"), ExecutionOptions(CAPACITY_FACTOR, dispatch))
+    if formulation == "loop":
+        layer.experts.__class__ = LoopExperts  # same weights, reference-style dispatch
     for p in layer.parameters():  # trained-like spread so routing is not uniform noise
         torch.nn.init.normal_(p, std=0.02)
     return layer.to(device).train()
@@ -106,7 +101,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
-    silence_known_noise()
 
     print(f"== dispatch benchmark ({args.backend}): one `bench` MoE layer, forward+backward")
     if args.backend == "eager":

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from bench.common import machine, table, update_results
-from bibo_export.cli import silence_known_noise
 from bibo_export.config import BiBoConfig
 from bibo_export.export.executorch import export_executorch
 from bibo_export.model import BiBoForCausalLM
@@ -42,20 +41,18 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    silence_known_noise()
     max_length = args.prompt + args.decode_steps
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         checkpoint = args.checkpoint or random_checkpoint(tmp / "checkpoint", args.preset)
-        records = {precision: export_executorch(checkpoint, tmp / f"model_{precision}.pte",
-                                                int8=precision == "int8", max_length=max_length)
-                   for precision in ("fp32", "int8")}
-        config = BiBoConfig.from_file(checkpoint / "config.json")
-        prompt = np.random.default_rng(0).integers(0, config.vocab_size, (1, args.prompt))
+        records = export_executorch(checkpoint, {p: tmp / p for p in ("fp32", "int8")},
+                                    max_length=max_length)
+        vocab_size = BiBoForCausalLM.from_pretrained(checkpoint).config.vocab_size
+        prompt = np.random.default_rng(0).integers(0, vocab_size, (1, args.prompt))
         rows = []
-        for name, path in (("eager fp32", checkpoint), ("executorch fp32", tmp / "model_fp32.pte"),
-                           ("executorch int8", tmp / "model_int8.pte")):
+        for name, path in (("eager fp32", checkpoint), ("executorch fp32", tmp / "fp32"),
+                           ("executorch int8", tmp / "int8")):
             runtime = load(path)
             print(f"  timing {name} ...", flush=True)
             row = {"runtime": name, **time_runtime(runtime, prompt, args.decode_steps,
@@ -63,7 +60,7 @@ def main() -> None:
             record = records.get(name.split()[-1]) if name.startswith("executorch") else None
             if record is not None:
                 weight_bytes = record["decode_weight_bytes_per_token"]
-                row.update(bytes=record["bytes"], delegate_calls=record["ops"]["delegate_calls"],
+                row.update(bytes=record["total_bytes"], delegate_calls=record["ops"]["delegate_calls"],
                            portable_ops=record["ops"]["portable_ops"],
                            decode_weight_bytes=weight_bytes["touched"],
                            active_minimum_bytes=weight_bytes["active_minimum"],

@@ -20,13 +20,12 @@ import onnxruntime as ort
 import torch
 
 from bench.common import machine, table, update_results
-from bibo_export.cli import silence_known_noise
 from bibo_export.config import BiBoConfig
-from bibo_export.export.onnx import export_onnx_precisions
+from bibo_export.export.onnx import export_onnx, weights_read_per_call
 from bibo_export.model import BiBoForCausalLM
 from bibo_export.runtimes.base import Runtime
 from bibo_export.runtimes.eager import EagerRuntime
-from bibo_export.runtimes.onnx import OnnxRuntime, weights_read_per_call
+from bibo_export.runtimes.onnx import OnnxRuntime
 from bibo_export.timing import median_seconds, time_runtime
 
 
@@ -63,7 +62,6 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    silence_known_noise()
     torch.set_num_threads(args.threads)
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
@@ -78,14 +76,13 @@ def main() -> None:
         tmp = Path(tmp)
         model.save_pretrained(tmp / "checkpoint")
         start = time.perf_counter()
-        manifests = export_onnx_precisions(tmp / "checkpoint", {p: tmp / p for p in
-                                                                ("fp32", "int8")},
-                                           max_length=max_length, require_parity=False)
+        manifests = export_onnx(tmp / "checkpoint", {p: tmp / p for p in ("fp32", "int8")},
+                                max_length=max_length)
         export_seconds = time.perf_counter() - start
         runtimes: dict[str, Runtime] = {
             "eager fp32": EagerRuntime(model, max_length),
-            "ort fp32": OnnxRuntime.from_folder(tmp / "fp32", options=options),
-            "ort int8": OnnxRuntime.from_folder(tmp / "int8", options=options)}
+            "ort fp32": OnnxRuntime.from_path(tmp / "fp32", options=options),
+            "ort int8": OnnxRuntime.from_path(tmp / "int8", options=options)}
         sizes = {"eager fp32": folder_bytes(tmp / "checkpoint", "model"),
                  "ort fp32": folder_bytes(tmp / "fp32", "model"),
                  "ort int8": folder_bytes(tmp / "int8", "model")}

@@ -16,10 +16,9 @@ import time
 
 import torch
 
-from bench.baselines import LoopDispatchMoE
+from bench.baselines import LoopExperts
 from bench.common import machine, table, update_results
-from bibo_export.cli import silence_known_noise
-from bibo_export.config import BiBoConfig
+from bibo_export.config import BiBoConfig, ExecutionOptions
 from bibo_export.model import BiBoForCausalLM
 from bibo_export.train.backend import select_backend
 from bibo_export.train.optim import build_optimizer, warmup_cosine
@@ -32,10 +31,10 @@ def measure(preset: str, dispatch: str, backend_name: str, steps: int) -> dict:
     backend = select_backend(backend_name)
     before = backend.compile_stats()  # XLA's counters are per process: report this row's share
     torch.manual_seed(0)
-    model = BiBoForCausalLM(BiBoConfig.preset(preset, capacity_factor=1.25))
+    model = BiBoForCausalLM(BiBoConfig.preset(preset), ExecutionOptions(capacity_factor=1.25))
     if dispatch == "loop":
         for moe in model.moe_layers:
-            moe.__class__ = LoopDispatchMoE  # same weights, reference-style dispatch
+            moe.experts.__class__ = LoopExperts  # same weights, reference-style dispatch
     model = model.to(backend.device).train()
     lr = torch.zeros((), device=backend.device)
     counter = torch.zeros((), device=backend.device)
@@ -76,7 +75,6 @@ def main() -> None:
                         choices=["loop", "index"],
                         help="loop: the dynamic baseline (on XLA it recompiles every step)")
     args = parser.parse_args()
-    silence_known_noise()
     loop_steps = args.loop_steps or args.steps
     if min(args.steps, loop_steps) < 3:
         parser.error("--steps and --loop-steps must be at least 3: the first two steps "

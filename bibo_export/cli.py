@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import dataclasses
+import json
 import sys
-import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from .config import PRESETS, BiBoConfig
+import numpy as np
+
+from .artifacts import CONFIG_FILE, WEIGHTS_FILE, artifact_kind
+from .config import DISPATCH_MODES, PRESETS, BiBoConfig
+from .logs import filtered_native_stderr, silence_known_noise
+from .model import BiBoForCausalLM
+from .parity import run_parity
+from .report import markdown_table, sorting_examples, write_report
+from .runtimes import load
+from .tasks.sorting import SortingTask, parse_sort_spec
+from .train.run import RunFolder
+from .train.trainer import TrainConfig, requested_config, train
 
 
 def cmd_config(args: argparse.Namespace) -> None:
@@ -17,24 +29,37 @@ def cmd_config(args: argparse.Namespace) -> None:
     print(config.to_json())
 
 
-def cmd_export_onnx(args: argparse.Namespace) -> None:
-    """Export a checkpoint to ONNX (one prefill/decode graph, explicit cache I/O), verified."""
-    from .export.onnx import export_onnx_precisions, summary
-
+def export_outputs(args: argparse.Namespace) -> dict[str, str]:
+    """--out (fp32, or int8 with --int8) and --int8-out: one folder per precision."""
     outs = {"int8" if args.int8 else "fp32": args.out}
     if args.int8_out:
         if args.int8:
             raise ValueError("--int8-out adds an int8 export beside an fp32 --out; drop --int8")
         outs["int8"] = args.int8_out
-    for manifest in export_onnx_precisions(args.checkpoint, outs, args.max_length).values():
-        print(summary(manifest))
+    return outs
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    """Export a checkpoint to ONNX (one prefill/decode graph, explicit cache I/O), verified."""
+    from .export.onnx import export_onnx  # onnx is in the export environment only
+
+    export_onnx(checkpoint_folder(args.checkpoint), export_outputs(args), args.max_length)
 
 
 def cmd_export_executorch(args: argparse.Namespace) -> None:
-    """Export a checkpoint to an ExecuTorch .pte (XNNPACK, cache in mutable buffers), verified."""
-    from .export.executorch import export_executorch
+    """Export a checkpoint to ExecuTorch (XNNPACK, cache in mutable buffers), verified."""
+    from .export.executorch import export_executorch  # likewise executorch
 
-    export_executorch(args.checkpoint, args.out, int8=args.int8, max_length=args.max_length)
+    export_executorch(checkpoint_folder(args.checkpoint), export_outputs(args), args.max_length)
+
+
+def checkpoint_folder(path: str) -> Path:
+    """Refuse what is not a checkpoint before an exporter spends time on it."""
+    if not Path(path).exists():
+        raise ValueError(f"checkpoint not found: {path}")
+    if artifact_kind(path) != "checkpoint":
+        raise ValueError(f"{path} is not a checkpoint folder ({CONFIG_FILE} + {WEIGHTS_FILE})")
+    return Path(path)
 
 
 def parse_ids(text: str) -> list[int]:
@@ -45,11 +70,7 @@ def parse_ids(text: str) -> list[int]:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    """Greedy generation with any runtime: a checkpoint folder, an ONNX folder or a .pte."""
-    import numpy as np
-
-    from .runtimes import load
-
+    """Greedy generation with any runtime: a checkpoint, an ONNX or an ExecuTorch export."""
     prompt = np.array([parse_ids(args.prompt_ids)], dtype=np.int64)
     runtime = load(args.model)
     tokens = runtime.generate(prompt, args.max_new_tokens)[0]
@@ -60,19 +81,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_parity(args: argparse.Namespace) -> int:
     """Compare artifacts with eager on a checkpoint (DESIGN §7 bars); exit 1 if a bar fails."""
-    from pathlib import Path
-
-    from .parity import run_parity
-    from .report import markdown_table, sorting_examples, write_report
-
-    result = run_parity(args.checkpoint, args.artifacts, data=args.data,
-                        speed=not args.no_speed)
+    checkpoint = checkpoint_folder(args.checkpoint)
+    run = RunFolder.of_checkpoint(checkpoint)
+    if args.data is not None:
+        lengths = parse_sort_spec(args.data)
+        if lengths is None:
+            raise ValueError(f"--data must be a sort[:LENGTHS] spec, got {args.data!r}")
+        task = SortingTask(lengths=lengths)
+    else:
+        task = run.task() if run else None
+    result = run_parity(checkpoint, args.artifacts, task=task, speed=not args.no_speed)
     print(markdown_table(result["rows"]))
     if result["task"] is not None:
         print("\nHeld-out sorting examples (greedy):\n" + sorting_examples(result))
     if args.report:
-        run = Path(args.checkpoint).parent
-        print(f"report: {write_report(result, Path(args.report), run / 'metrics.jsonl')}")
+        metrics = run.metrics_path if run else None
+        print(f"report: {write_report(result, Path(args.report), metrics)}")
     failures = [f"{row['runtime']} {row['precision']} ({row['path']}): "
                 + "; ".join(row["failed_bars"]) for row in result["rows"][1:]
                 if not row["passed"]]
@@ -85,14 +109,12 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> None:
     """Describe a checkpoint: size, layers, experts and the router's balancing state."""
-    from .model import BiBoForCausalLM
-
     model = BiBoForCausalLM.from_pretrained(args.checkpoint)
     config = model.config
     print(f"{args.checkpoint}: {model.num_parameters() / 1e6:.2f}M parameters, "
           f"{config.num_hidden_layers} layers ({len(model.moe_layers)} MoE), "
           f"{config.num_routed_experts} experts, top-{config.num_experts_per_tok}, "
-          f"router {config.router_type}, dispatch {config.moe_dispatch}")
+          f"router {config.router_type}")
     for i, moe in enumerate(model.moe_layers):
         bias = ", ".join(f"{b:+.3f}" for b in moe.expert_bias.tolist())
         print(f"  moe layer {i}: router bias [{bias}]")
@@ -100,23 +122,18 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Train BiBo (torch_xla on TPU or its CPU backend; eager CPU; CUDA) with checkpoints."""
-    import dataclasses
-
-    from .train.trainer import TrainConfig, train
-
     given = {k: v for k, v in vars(args).items()
              if k in {f.name for f in dataclasses.fields(TrainConfig)} and v is not None}
     if args.config:
         given["model_config"] = args.config
     if args.set:
         given["model_overrides"] = dict(parse_assignment(item) for item in args.set)
-    train(TrainConfig(**given), args.out, resume=args.resume, stop_after=args.stop_after)
+    config = requested_config(args.out, given, args.resume)
+    train(config, args.out, resume=args.resume, stop_after=args.stop_after)
 
 
 def parse_assignment(item: str) -> tuple[str, object]:
     """``KEY=VALUE`` with VALUE read as JSON when it parses (numbers, null, lists), else text."""
-    import json
-
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
@@ -160,7 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", dest="grad_accum", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--sequence-length", dest="sequence_length", type=int)
-    p.add_argument("--capacity-factor", dest="capacity_factor", type=float)
+    p.add_argument("--capacity-factor", dest="capacity_factor", type=float,
+                   help="expert capacity during training (default 1.25; null never drops)")
+    p.add_argument("--moe-dispatch", dest="moe_dispatch", choices=DISPATCH_MODES,
+                   help="MoE formulation during training (default index)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a model config field, e.g. --set vocab_size=257 (repeatable)")
     p.add_argument("--log-every", dest="log_every", type=int)
@@ -173,22 +193,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX or ExecuTorch")
     formats = p.add_subparsers(dest="format", required=True, parser_class=OneLineErrors)
-    for name, func, out_help in [
-            ("onnx", cmd_export_onnx, "output folder (model.onnx, model.onnx.data, manifest.json)"),
-            ("executorch", cmd_export_executorch, "output .pte file (manifest.json beside it)")]:
+    for name, func, files in [
+            ("onnx", cmd_export_onnx, "model.onnx, model.onnx.data, manifest.json"),
+            ("executorch", cmd_export_executorch, "model.pte, manifest.json")]:
         q = formats.add_parser(name, help=func.__doc__)
         q.add_argument("--checkpoint", required=True, help="a checkpoint folder (e.g. runs/sort-tiny/final)")
-        q.add_argument("--out", required=True, help=out_help)
+        q.add_argument("--out", required=True, metavar="DIR", help=f"output folder ({files})")
         q.add_argument("--int8", action="store_true", help="int8 weights; the router stays float")
+        q.add_argument("--int8-out", dest="int8_out", metavar="DIR",
+                       help="also write an int8 export to DIR (sharing the fp32 one's stages)")
         q.add_argument("--max-length", dest="max_length", type=int,
                        help="prompt + generated tokens the cache holds (default: the model's maximum)")
-        if name == "onnx":
-            q.add_argument("--int8-out", dest="int8_out", metavar="DIR",
-                           help="also write the int8 export to DIR, from the same trace")
         q.set_defaults(func=func)
 
     p = sub.add_parser("generate", help=cmd_generate.__doc__)
-    p.add_argument("--model", required=True, help="checkpoint folder, ONNX folder or .pte file")
+    p.add_argument("--model", required=True,
+                   help="a checkpoint folder, an ONNX or ExecuTorch export folder, or a .pte")
     p.add_argument("--prompt-ids", dest="prompt_ids", required=True, help="e.g. 3,1,2,255")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=16)
     p.set_defaults(func=cmd_generate)
@@ -196,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("parity", help=cmd_parity.__doc__)
     p.add_argument("--checkpoint", required=True, help="the eager reference (a checkpoint folder)")
     p.add_argument("artifacts", nargs="+", metavar="ARTIFACT",
-                   help="ONNX folders, .pte files or checkpoint folders to compare")
+                   help="export folders (ONNX, ExecuTorch), .pte files or checkpoint folders")
     p.add_argument("--data", help="sort[:LENGTHS] for sorting accuracy (default: the training "
                                   "run's data, read from train_config.json beside the checkpoint)")
     p.add_argument("--report", metavar="DIR",
@@ -211,19 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def silence_known_noise() -> None:
-    """Drop two harmless messages that would otherwise fill every log: torchao failing to load
-    its CUDA-only kernel libraries on a CPU build of torch, and torch_xla's use of pytree's
-    deprecated LeafSpec. Every other warning still shows."""
-    logging.getLogger("torchao").addFilter(
-        lambda record: not (record.getMessage().startswith("Failed to load")
-                            and "torchao/_C" in record.getMessage()))
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", category=FutureWarning)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     silence_known_noise()
+    with filtered_native_stderr():
+        return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
     func: Callable[[argparse.Namespace], int | None] = args.func
     try:
         status = func(args) or 0

@@ -1,7 +1,11 @@
-"""BiBoConfig: every hyper-parameter of the model, as data (DESIGN §3).
+"""The model as data: ``BiBoConfig`` (the architecture, DESIGN §3) and ``ExecutionOptions``
+(how the MoE layers compute it: capacity and dispatch, DESIGN §5).
 
-Fields keep the reference's names. Fields left as ``None`` are derived in ``__post_init__`` and
-written out resolved, so a saved ``config.json`` fully determines the model.
+``BiBoConfig`` is what ``config.json`` holds. Its fields keep the reference's names; fields left
+as ``None`` are derived in ``__post_init__`` and written out resolved, so a saved config fully
+determines the model. Capacity and dispatch change how a step computes, not which function the
+model is, so they live apart: training records them in ``train_config.json``, and exports and
+runtimes compute every selected expert whatever training used.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import numpy as np
 
 ROUTER_TYPES = ("mlp", "conv")
 DISPATCH_MODES = ("index", "einsum", "dense")
+# Checkpoints written before ExecutionOptions existed carry these in config.json.
+LEGACY_EXECUTION_KEYS = {"capacity_factor": "capacity_factor", "moe_dispatch": "dispatch"}
 
 
 @dataclass
@@ -51,9 +57,6 @@ class BiBoConfig:
     moe_shared_scaling: float | None = None
     bias_update_threshold: int = 8000
     bias_update_factor: float | None = None
-    # Static-shape dispatch (DESIGN §5); not part of the reference.
-    capacity_factor: float | None = None
-    moe_dispatch: str = "index"
 
     def __post_init__(self) -> None:
         self._validate()
@@ -87,14 +90,6 @@ class BiBoConfig:
     def is_moe_layer(self, layer_idx: int) -> bool:
         return layer_idx not in self.mlp_only_layers
 
-    def expert_capacity(self, num_tokens: int) -> int:
-        """Slots per parameterised expert for a call of ``num_tokens`` tokens (a static int)."""
-        if self.capacity_factor is None:
-            return num_tokens
-        slots = math.ceil(self.capacity_factor * num_tokens * self.num_experts_per_tok
-                          / self.num_routed_experts)
-        return max(1, min(slots, num_tokens))
-
     # ----------------------------------------------------------------------------- checks
     def _validate(self) -> None:
         def require(ok: bool, name: str, rule: str) -> None:
@@ -115,8 +110,6 @@ class BiBoConfig:
                 "hidden_size / num_attention_heads (the head dim) must be even for RoPE")
         require(self.hidden_act == "silu", "hidden_act", "only 'silu' is supported")
         require(self.router_type in ROUTER_TYPES, "router_type", f"must be one of {ROUTER_TYPES}")
-        require(self.moe_dispatch in DISPATCH_MODES, "moe_dispatch",
-                f"must be one of {DISPATCH_MODES}")
         require(isinstance(self.num_routed_experts, int) and self.num_routed_experts >= 4,
                 "num_routed_experts", "must be an integer >= 4 (three experts are parameter-free)")
         require(isinstance(self.num_experts_per_tok, int)
@@ -128,8 +121,6 @@ class BiBoConfig:
                 f"must exceed num_shared_experts={self.num_shared_experts} "
                 "(the shared scaling uses the top k-s routed probabilities)")
         require(self.router_noise >= 0, "router_noise", "is a variance and must be >= 0")
-        require(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor",
-                "must be None (never drop) or > 0")
         if self.moe_intermediate_size is not None:
             require(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be positive")
         if self.mlp_only_layers is not None:
@@ -147,20 +138,28 @@ class BiBoConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> BiBoConfig:
         known = {f.name for f in dataclasses.fields(cls)}
+        execution = sorted(set(values) & set(LEGACY_EXECUTION_KEYS))
+        if execution:
+            raise ValueError(f"{', '.join(execution)} is an execution option, not part of the "
+                             "model's config: set it with --capacity-factor / --moe-dispatch "
+                             "(ExecutionOptions)")
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown BiBoConfig key(s): {', '.join(unknown)}")
         return cls(**values)
 
     @classmethod
+    def from_saved(cls, values: dict[str, Any]) -> tuple[BiBoConfig, ExecutionOptions]:
+        """A saved config that may predate ``ExecutionOptions``: its capacity and dispatch keys
+        become the execution options instead of an error."""
+        values = dict(values)
+        legacy = {option: values.pop(key) for key, option in LEGACY_EXECUTION_KEYS.items()
+                  if key in values}
+        return cls.from_dict(values), ExecutionOptions(**legacy)
+
+    @classmethod
     def from_json(cls, text: str) -> BiBoConfig:
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"config is not valid JSON: {err}") from None
-        if not isinstance(values, dict):
-            raise ValueError("config JSON must be an object of field: value")
-        return cls.from_dict(values)
+        return cls.from_dict(parse_json_object(text))
 
     @classmethod
     def from_file(cls, path: str | Path) -> BiBoConfig:
@@ -174,6 +173,46 @@ class BiBoConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
+
+
+@dataclass(frozen=True)
+class ExecutionOptions:
+    """How MoE layers compute during training (DESIGN §5); not part of the model.
+
+    ``capacity_factor``: slots per parameterised expert are ceil(factor · S · k / n); ``None``
+    never drops (inference always uses ``None``). ``dispatch``: ``index`` (gather/scatter),
+    ``einsum`` (one-hot masks) or ``dense`` (every expert on every token, the oracle).
+    """
+
+    capacity_factor: float | None = None
+    dispatch: str = "index"
+
+    def __post_init__(self) -> None:
+        factor = self.capacity_factor
+        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
+                                   or not math.isfinite(factor) or factor <= 0):
+            raise ValueError(f"capacity_factor={factor!r}: must be None (never drop) or a "
+                             "finite number > 0")
+        if self.dispatch not in DISPATCH_MODES:
+            raise ValueError(f"moe_dispatch={self.dispatch!r}: must be one of "
+                             f"{', '.join(DISPATCH_MODES)}")
+
+    def expert_capacity(self, num_tokens: int, top_k: int, num_experts: int) -> int:
+        """Slots per parameterised expert for a call of ``num_tokens`` tokens (a static int)."""
+        if self.capacity_factor is None:
+            return num_tokens
+        slots = math.ceil(self.capacity_factor * num_tokens * top_k / num_experts)
+        return max(1, min(slots, num_tokens))
+
+
+def parse_json_object(text: str) -> dict[str, Any]:
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"config is not valid JSON: {err}") from None
+    if not isinstance(values, dict):
+        raise ValueError("config JSON must be an object of field: value")
+    return values
 
 
 def hill_bias_update_factor(num_experts: int) -> float:

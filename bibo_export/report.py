@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from .io import atomic_path, atomic_write_text
-from .train.sorting import SEP
+from .tasks.sorting import SEP
+from .verdict import describe_bars
 
 # (row key, column header, format); a row without the key shows "–".
 COLUMNS = [("runtime", "runtime", "{}"), ("precision", "precision", "{}"),
@@ -129,9 +130,8 @@ def write_report(result: dict[str, Any], out: Path, metrics: Path | None = None)
     speed = result["speed"]
     parts = ["# bibo-export report", "",
              f"Checkpoint `{result['checkpoint']}`; every row is compared with eager PyTorch on "
-             "the same inputs (DESIGN §7 bars: fp32 ONNX max |Δ| ≤ 1e-4, fp32 ExecuTorch ≤ 1e-3, "
-             "both with identical greedy tokens; int8 top-1 ≥ 98 %, cosine ≥ 0.99, sorting "
-             "accuracy within 1 point).", "", markdown_table(result["rows"]), ""]
+             f"the same inputs (DESIGN §7 bars: {describe_bars()}).", "",
+             markdown_table(result["rows"]), ""]
     if speed:
         parts += [f"Speed: batch 1, prefill of {speed['prompt_tokens']} tokens, then "
                   f"{speed['new_tokens'] - 1} cached decode steps; medians of "

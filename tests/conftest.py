@@ -15,6 +15,7 @@ os.environ.setdefault("PJRT_DEVICE", "CPU")
 # anyway, so they are not collected there; they run in .venv (make test-export).
 collect_ignore = [name for name, package in [("test_onnx.py", "onnx"),
                                              ("test_pipeline.py", "onnx"),
+                                             ("test_bad_inputs.py", "onnx"),
                                              ("test_executorch.py", "executorch"),
                                              ("test_executorch_int8.py", "executorch")]
                   if importlib.util.find_spec(package) is None]

@@ -33,11 +33,38 @@ def train_sort_tiny(out_dir, steps: int = 250, length: int = 6, lr: float = 3e-3
     Returns (final checkpoint folder, SortingTask). Int8 parity is only meaningful on a model
     that has learned something (DESIGN §7), so the export tests share one such model.
     """
-    from bibo_export.train.sorting import SortingTask
-    from bibo_export.train.trainer import TrainConfig, train
+    from bibo_export.tasks.sorting import SortingTask
+    from bibo_export.train.trainer import TrainConfig, train  # torch_xla-free, but heavier
 
     config = TrainConfig(preset="sort-tiny", data=f"sort:{length}", steps=steps, batch_size=32,
                          lr=lr, device="cpu", log_every=50, eval_every=steps,
                          checkpoint_every=steps)
     final = train(config, out_dir)
     return final, SortingTask(lengths=(length,), batch_size=32, seed=config.seed)
+
+
+def task_accuracy(runtime, task) -> dict[str, float]:
+    """Held-out sorting accuracy of a runtime's argmax predictions (any batch size)."""
+    from bibo_export.runtimes.base import any_batch
+
+    whole = any_batch(runtime)
+    return task.accuracy([whole.logits(ids).argmax(-1) for ids, _ in task.held_out()])
+
+
+def renamed_router_model(config: BiBoConfig, seed: int = 0):
+    """A model whose routers sit under another attribute name (``gating``), reached through a
+    property: what an innocent refactor of the MoE could do. Exporters must still find them."""
+    from bibo_export.model import BiBoForCausalLM
+    from bibo_export.model.moe import MoE
+
+    class RenamedRouterMoE(MoE):
+        @property
+        def router(self):  # noqa: ANN202 - the module registered as "gating"
+            return self.gating
+
+    torch.manual_seed(seed)
+    model = BiBoForCausalLM(config).eval()
+    for moe in model.moe_layers:
+        moe._modules["gating"] = moe._modules.pop("router")
+        moe.__class__ = RenamedRouterMoE
+    return model

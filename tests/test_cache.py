@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from bibo_export.config import ExecutionOptions
 from bibo_export.model import BiBoForCausalLM
 from bibo_export.model.generate import greedy_generate
 from helpers import tiny_config
@@ -10,9 +11,9 @@ from helpers import tiny_config
 TOL = 1e-4
 
 
-def make_model(**overrides):
+def make_model(dispatch="index", **overrides):
     torch.manual_seed(0)
-    model = BiBoForCausalLM(tiny_config(**overrides)).eval()
+    model = BiBoForCausalLM(tiny_config(**overrides), ExecutionOptions(dispatch=dispatch)).eval()
     with torch.no_grad():  # a non-trivial bias so routing differs from plain top-k of softmax
         for moe in model.moe_layers:
             moe.expert_bias.normal_(std=0.3)
@@ -22,7 +23,7 @@ def make_model(**overrides):
 @pytest.mark.parametrize("overrides", [
     dict(),  # conv router, K=3
     dict(router_type="mlp", num_routed_experts=6, num_experts_per_tok=2, kernel_size=4),
-    dict(kernel_size=1, moe_dispatch="einsum"),
+    dict(kernel_size=1, dispatch="einsum"),
 ])
 def test_prefill_then_decode_equals_full_forward(overrides):
     model = make_model(**overrides)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from bibo_export.config import ExecutionOptions
 from bibo_export.model import BiBoForCausalLM
 from helpers import tiny_config
 
@@ -19,11 +20,25 @@ class LogitsOnly(torch.nn.Module):
 @pytest.mark.parametrize("dispatch", ["index", "einsum", "dense"])
 def test_torch_export_of_eval_forward(dispatch):
     torch.manual_seed(0)
-    model = BiBoForCausalLM(tiny_config(moe_dispatch=dispatch, capacity_factor=1.5)).eval()
+    model = BiBoForCausalLM(tiny_config(), ExecutionOptions(1.5, dispatch)).eval()
     ids = torch.randint(0, 64, (2, 12))
     exported = torch.export.export(LogitsOnly(model), (ids,))
     with torch.no_grad():
         assert (exported.module()(ids) - model(ids).logits).abs().max() <= 1e-5
+
+
+def test_torch_export_of_the_model_as_users_hold_it():
+    """Its output (CausalLMOutput, with RoutingStats inside) is a pytree node: no wrapper."""
+    torch.manual_seed(0)
+    model = BiBoForCausalLM(tiny_config()).eval()
+    ids = torch.randint(0, 64, (2, 12))
+    exported = torch.export.export(model, (ids,))
+    with torch.no_grad():
+        got, want = exported.module()(ids), model(ids)
+    assert (got.logits - want.logits).abs().max() <= 1e-5
+    assert len(got.routing) == len(model.moe_layers)
+    assert got.routing[0].num_tokens == 24
+    assert torch.equal(got.routing[0].expert_counts, want.routing[0].expert_counts)
 
 
 def test_torch_export_of_cached_decode_step():
@@ -48,8 +63,8 @@ def test_torch_export_of_cached_decode_step():
 def test_torch_compile_fullgraph_forward_backward():
     torch.manual_seed(0)
     # Two layers (one dense, one MoE) keep inductor's compile time reasonable on 2 cores.
-    config = tiny_config(num_hidden_layers=2, capacity_factor=1.25)
-    model = BiBoForCausalLM(config).train()
+    config = tiny_config(num_hidden_layers=2)
+    model = BiBoForCausalLM(config, ExecutionOptions(capacity_factor=1.25)).train()
     ids = torch.randint(0, 64, (2, 16))
 
     def loss_and_grads(forward):

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from bibo_export.config import BiBoConfig, monte_carlo_shared_scaling
+from bibo_export.config import BiBoConfig, ExecutionOptions, monte_carlo_shared_scaling
 
 
 def test_reference_derivations():
@@ -38,17 +38,38 @@ def test_bench_preset_is_about_80m_parameters():
 
 
 def test_json_round_trip_keeps_resolved_values():
-    cfg = BiBoConfig.preset("sort-tiny", capacity_factor=1.25, moe_dispatch="einsum")
+    cfg = BiBoConfig.preset("sort-tiny", router_lambda=2.0)
     again = BiBoConfig.from_json(cfg.to_json())
     assert again == cfg
     assert json.loads(cfg.to_json())["rope_theta"] == cfg.rope_theta
 
 
 def test_expert_capacity():
-    cfg = BiBoConfig.preset("sort-tiny", capacity_factor=1.25)
-    assert cfg.expert_capacity(100) == math.ceil(1.25 * 100 * 3 / 8)
-    assert BiBoConfig.preset("sort-tiny", capacity_factor=100.0).expert_capacity(10) == 10
-    assert BiBoConfig.preset("sort-tiny").expert_capacity(37) == 37  # None: never drop
+    assert ExecutionOptions(1.25).expert_capacity(100, top_k=3, num_experts=8) == \
+        math.ceil(1.25 * 100 * 3 / 8)
+    assert ExecutionOptions(100.0).expert_capacity(10, top_k=3, num_experts=8) == 10
+    assert ExecutionOptions().expert_capacity(37, top_k=3, num_experts=8) == 37  # never drop
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(dispatch="loop"), "moe_dispatch"), (dict(capacity_factor=0.0), "capacity_factor"),
+    (dict(capacity_factor=float("nan")), "capacity_factor")])
+def test_invalid_execution_options_name_the_field(options, message):
+    with pytest.raises(ValueError, match=message):
+        ExecutionOptions(**options)
+
+
+def test_execution_options_are_not_model_config():
+    """Capacity and dispatch are refused as config fields, but configs saved before they moved
+    out still load, their values becoming the execution options."""
+    with pytest.raises(ValueError, match="capacity_factor is an execution option"):
+        BiBoConfig.preset("sort-tiny", capacity_factor=2.0)
+    saved = {**BiBoConfig.preset("sort-tiny").to_dict(), "capacity_factor": 1.25,
+             "moe_dispatch": "einsum"}
+    config, execution = BiBoConfig.from_saved(saved)
+    assert config == BiBoConfig.preset("sort-tiny")
+    assert execution == ExecutionOptions(1.25, "einsum")
+    assert "capacity_factor" not in config.to_dict() and "moe_dispatch" not in config.to_dict()
 
 
 @pytest.mark.parametrize("overrides, field", [
@@ -59,8 +80,6 @@ def test_expert_capacity():
     (dict(num_experts_per_tok=1), "num_experts_per_tok"),  # k <= s
     (dict(mlp_only_layers=[6]), "mlp_only_layers"),
     (dict(router_type="gru"), "router_type"),
-    (dict(moe_dispatch="loop"), "moe_dispatch"),
-    (dict(capacity_factor=0.0), "capacity_factor"),
     (dict(router_noise=-1.0), "router_noise"),
     (dict(vocab_size=0), "vocab_size"),
 ])

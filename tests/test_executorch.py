@@ -7,18 +7,22 @@ different pytest-xdist workers.
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from helpers import tiny_config
 
+from bibo_export.artifacts import check_manifest
 from bibo_export.config import BiBoConfig
 from bibo_export.export import executorch as et_export
-from bibo_export.export.prepare import inference_copy
+from bibo_export.export.pipeline import ExportSettings, ExportVerificationError
 from bibo_export.model import BiBoForCausalLM
-from bibo_export.parity import BARS, compare_logits
 from bibo_export.runtimes import load
 from bibo_export.runtimes.eager import EagerRuntime
+from bibo_export.verdict import FP32_MAX_ABS, compare_logits
+from helpers import renamed_router_model
 
 pytestmark = pytest.mark.export
 
@@ -30,8 +34,9 @@ def export_random(tmp_path_factory, name: str, config: BiBoConfig):
     torch.manual_seed(0)
     checkpoint = tmp_path_factory.mktemp(name) / "checkpoint"
     BiBoForCausalLM(config).save_pretrained(checkpoint)
-    out = checkpoint.parent / "model.pte"
-    return checkpoint, out, et_export.export_executorch(checkpoint, out, max_length=MAX_LENGTH)
+    out = checkpoint.parent / "fp32"
+    manifest = et_export.export_executorch(checkpoint, {"fp32": out}, max_length=MAX_LENGTH)
+    return checkpoint, out, manifest["fp32"]
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +60,10 @@ def prompt(vocab_size: int, length: int = 12, seed: int = 1) -> np.ndarray:
 @pytest.mark.parametrize("exported", ["sort_tiny_fp32", "mlp_router_fp32"])
 def test_fp32_logits_and_greedy_tokens_match_eager(exported, request):
     checkpoint, out, _ = request.getfixturevalue(exported)
-    runtime, eager = load(out), EagerRuntime.from_checkpoint(checkpoint)
+    runtime, eager = load(out), EagerRuntime.from_path(checkpoint)
     ids = prompt(runtime.config.vocab_size)
     delta = compare_logits(runtime.logits(ids), eager.logits(ids))
-    assert delta["max_abs"] <= BARS["executorch-fp32"]["max_abs"]
+    assert delta["max_abs"] <= FP32_MAX_ABS["executorch"]
     np.testing.assert_array_equal(runtime.generate(ids, NEW_TOKENS),
                                   eager.generate(ids, NEW_TOKENS))
 
@@ -67,7 +72,7 @@ def test_decode_steps_match_full_forward(sort_tiny_fp32):
     """Every cached decode step's logits equal eager's full forward over the whole sequence."""
     checkpoint, out, _ = sort_tiny_fp32
     runtime = load(out)
-    model = inference_copy(BiBoForCausalLM.from_pretrained(checkpoint))
+    model = BiBoForCausalLM.from_pretrained(checkpoint).inference_copy()
     ids = prompt(runtime.config.vocab_size, length=8)
     tokens = runtime.generate(ids, 8)
     with torch.no_grad():
@@ -75,16 +80,16 @@ def test_decode_steps_match_full_forward(sort_tiny_fp32):
     runtime.logits(tokens[:, :8])
     for position in range(8, tokens.shape[1]):
         step = runtime._decode(tokens[:, position:position + 1], position)
-        assert np.abs(step[:, 0] - full[:, position]).max() <= BARS["executorch-fp32"]["max_abs"]
+        assert np.abs(step[:, 0] - full[:, position]).max() <= FP32_MAX_ABS["executorch"]
 
 
 def test_a_prompt_that_fills_the_cache(sort_tiny_fp32):
     """A max_length - 2 token prefill and a decode step at the last cached position."""
     checkpoint, out, _ = sort_tiny_fp32
-    runtime, eager = load(out), EagerRuntime.from_checkpoint(checkpoint)
+    runtime, eager = load(out), EagerRuntime.from_path(checkpoint)
     ids = prompt(runtime.config.vocab_size, length=MAX_LENGTH - 2, seed=4)
     delta = compare_logits(runtime.logits(ids), eager.logits(ids))
-    assert delta["max_abs"] <= BARS["executorch-fp32"]["max_abs"]
+    assert delta["max_abs"] <= FP32_MAX_ABS["executorch"]
     np.testing.assert_array_equal(runtime.generate(ids, 2), eager.generate(ids, 2))
 
 
@@ -118,8 +123,9 @@ def test_bad_inputs_are_one_line_errors(mlp_router_fp32, tmp_path):
 
 def test_missing_truncated_or_foreign_pte_is_a_one_line_error(mlp_router_fp32, tmp_path):
     _, out, _ = mlp_router_fp32
+    program = (out / "model.pte").read_bytes()
     truncated = tmp_path / "truncated.pte"
-    truncated.write_bytes(out.read_bytes()[: out.stat().st_size // 2])
+    truncated.write_bytes(program[: len(program) // 2])
     garbage = tmp_path / "garbage.pte"
     garbage.write_bytes(b"not a program" * 100)
     for path in (tmp_path / "missing.pte", truncated, garbage):
@@ -131,18 +137,48 @@ def test_missing_truncated_or_foreign_pte_is_a_one_line_error(mlp_router_fp32, t
 def test_export_rejects_bad_arguments(mlp_router_fp32, tmp_path):
     checkpoint, _, _ = mlp_router_fp32
     with pytest.raises(ValueError, match="not a checkpoint"):
-        et_export.export_executorch(tmp_path, tmp_path / "m.pte")
-    with pytest.raises(ValueError, match=".pte"):
-        et_export.export_executorch(checkpoint, tmp_path / "m.onnx")
+        et_export.export_executorch(tmp_path, {"fp32": tmp_path / "m"})
+    with pytest.raises(ValueError, match="must be a folder"):
+        et_export.export_executorch(checkpoint, {"fp32": tmp_path / "m.pte"})
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        et_export.export_executorch(checkpoint, tmp_path / "m.pte", max_length=10**6)
-    assert not list(tmp_path.glob("*.pte"))
+        et_export.export_executorch(checkpoint, {"fp32": tmp_path / "m"}, max_length=10**6)
+    assert not list(tmp_path.iterdir())
 
 
 def test_manifest_lists_the_program_with_its_verification(mlp_router_fp32):
-    from bibo_export.export.manifest import check_manifest
-
     _, out, _ = mlp_router_fp32
-    manifest = check_manifest(out.parent)  # sizes and hashes match the files on disk
-    assert [entry["name"] for entry in manifest["files"]] == [out.name]
-    assert manifest["programs"][out.name]["verification"]["greedy_match"]
+    manifest = check_manifest(out)  # sizes and hashes match the files on disk
+    assert [entry["name"] for entry in manifest["files"]] == ["model.pte"]
+    assert manifest["verification"]["greedy_match"] and manifest["verification"]["passed"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.pte"]
+
+
+def test_failed_verification_publishes_nothing(mlp_router_fp32, tmp_path):
+    """A program whose check against eager fails (a perturbed reference) is not published:
+    the export raises, and the previous folder stays byte for byte as it was."""
+    checkpoint, out, _ = mlp_router_fp32
+    previous = shutil.copytree(out, tmp_path / "previous")
+    before = {p.name: p.read_bytes() for p in previous.iterdir()}
+    perturbed = BiBoForCausalLM.from_pretrained(checkpoint)
+    with torch.no_grad():
+        perturbed.lm_head.weight.add_(0.05)
+    with pytest.raises(ExportVerificationError, match="max |Δ logits|"):
+        et_export.export_executorch(checkpoint, {"fp32": previous}, max_length=MAX_LENGTH,
+                                    reference=perturbed)
+    assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["previous"]  # no temporary left
+
+
+def test_int8_keeps_the_router_float_by_identity():
+    """Renamed and reached through a property, the routers are still found (by type) and
+    left out of 8da8w; every other Linear is quantized."""
+    model = renamed_router_model(tiny_config(router_type="mlp", num_hidden_layers=2))
+    recipe = et_export.ExecuTorchRecipe(ExportSettings(max_length=16, batch_size=1))
+    build = et_export.quantize_8da8w(recipe.transform(model))
+    linears = {name: module for name, module in build.decoder.named_modules()
+               if isinstance(module, torch.nn.Linear)}
+    routers = {name for name in linears if name.endswith(".gating")}
+    assert routers and build.quantized == set(linears) - routers
+    for name, module in linears.items():
+        is_plain = type(module.weight.data) is torch.Tensor
+        assert is_plain == (name in routers), name

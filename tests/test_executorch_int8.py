@@ -6,12 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers import task_accuracy
+
 from bibo_export.config import BiBoConfig
 from bibo_export.export import executorch as et_export
-from bibo_export.parity import BARS, compare_logits, sorting_accuracy
 from bibo_export.runtimes import load
 from bibo_export.runtimes.base import RowByRow
 from bibo_export.runtimes.eager import EagerRuntime
+from bibo_export.verdict import INT8_BARS, compare_logits
 
 pytestmark = pytest.mark.export
 
@@ -21,28 +23,25 @@ MAX_LENGTH = 48
 @pytest.fixture(scope="module")
 def trained_int8(trained_sort_tiny, tmp_path_factory):
     checkpoint, task = trained_sort_tiny
-    out = tmp_path_factory.mktemp("int8") / "model_int8.pte"
-    record = et_export.export_executorch(checkpoint, out, int8=True,
-                                         max_length=MAX_LENGTH)
-    return checkpoint, task, out, record
+    out = tmp_path_factory.mktemp("int8") / "int8"
+    record = et_export.export_executorch(checkpoint, {"int8": out}, max_length=MAX_LENGTH)
+    return checkpoint, task, out, record["int8"]
 
 
 def test_int8_parity_on_trained_model(trained_int8):
     checkpoint, task, out, _ = trained_int8
-    int8, eager = load(out), EagerRuntime.from_checkpoint(checkpoint)
+    int8, eager = load(out), EagerRuntime.from_path(checkpoint)
     got, want = [], []
-    for samples in task.eval_sets.values():  # one length per set
-        ids = samples[:, :-1]
+    for ids, _ in task.held_out():  # one length per set
         got.append(RowByRow(int8).logits(ids).reshape(-1, int8.config.vocab_size))
         want.append(eager.logits(ids).reshape(-1, int8.config.vocab_size))
     delta = compare_logits(np.concatenate(got)[None], np.concatenate(want)[None])
-    bars = BARS["int8"]
-    assert delta["top1_agreement"] >= bars["top1_agreement"]
-    assert delta["cosine"] >= bars["cosine"]
-    accuracy = sorting_accuracy(RowByRow(int8), task)["token_accuracy"]
-    reference = sorting_accuracy(eager, task)["token_accuracy"]
+    assert delta["top1_agreement"] >= INT8_BARS["top1_agreement"]
+    assert delta["cosine"] >= INT8_BARS["cosine"]
+    accuracy = task_accuracy(int8, task)["token_accuracy"]
+    reference = task_accuracy(eager, task)["token_accuracy"]
     assert reference > 0.5  # the model learned something, so the comparison means something
-    assert abs(accuracy - reference) <= bars["token_accuracy_drop"]
+    assert abs(accuracy - reference) <= INT8_BARS["token_accuracy_drop"]
 
 
 def test_int8_is_smaller(trained_int8):
@@ -50,7 +49,7 @@ def test_int8_is_smaller(trained_int8):
     those weights plus a few hundred kB (33.45 vs 33.18 MB on sort-tiny)."""
     checkpoint, _, int8_path, _ = trained_int8
     fp32_weights = (checkpoint / "model.safetensors").stat().st_size
-    assert int8_path.stat().st_size <= 0.35 * fp32_weights
+    assert (int8_path / "model.pte").stat().st_size <= 0.35 * fp32_weights
 
 
 def test_int8_delegates_quantized_linears_and_keeps_router_float(trained_int8):
@@ -71,8 +70,8 @@ def test_int8_delegates_quantized_linears_and_keeps_router_float(trained_int8):
     # (de)quantization, so every quantized linear runs inside the delegate.
     from executorch.exir._serialize._program import deserialize_pte_binary
 
-    plan = next(p for p in deserialize_pte_binary(out.read_bytes()).program.execution_plan
-                if p.name == "forward")
+    program = deserialize_pte_binary((out / "model.pte").read_bytes()).program
+    plan = next(p for p in program.execution_plan if p.name == "forward")
     assert plan.delegates and {d.id for d in plan.delegates} == {"XnnpackBackend"}
     portable = {op.name for op in plan.operators}
     matmuls = {"aten::linear", "aten::mm", "aten::addmm", "aten::bmm", "aten::convolution"}

@@ -1,10 +1,9 @@
 """Capacity dispatch (index, einsum) against the dense formulation and a per-token loop."""
 
-import dataclasses
-
 import pytest
 import torch
 
+from bibo_export.config import ExecutionOptions
 from bibo_export.model.moe import (MoE, capacity_slots, dispatch_einsum, dispatch_index,
                                    normalize_logits, select_experts)
 from helpers import swiglu_reference, tiny_config
@@ -17,7 +16,7 @@ def make_moes(config, modes=("dense", "index", "einsum")):
     torch.manual_seed(0)
     moes = {}
     for mode in modes:
-        moe = MoE(dataclasses.replace(config, moe_dispatch=mode))
+        moe = MoE(config, ExecutionOptions(dispatch=mode))
         if moes:
             moe.load_state_dict(next(iter(moes.values())).state_dict())
         else:
@@ -102,7 +101,8 @@ def test_small_capacity_drops_exactly_the_low_priority_assignments(dispatch, cap
 
 
 def test_layer_reports_drops_with_a_small_capacity_factor():
-    config = tiny_config(capacity_factor=0.25)
+    config = tiny_config()
     moe = make_moes(config, modes=("index",))["index"]
+    moe.experts.execution = ExecutionOptions(capacity_factor=0.25)
     _, stats, _ = moe(torch.randn(2, 16, config.hidden_size), None)
     assert stats.dropped.item() > 0

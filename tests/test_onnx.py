@@ -9,21 +9,22 @@ import onnx
 import pytest
 import torch
 
+from bibo_export.artifacts import ArtifactMetadata
 from bibo_export.config import BiBoConfig
-from bibo_export.export.onnx import export_onnx, integer_kernels, subgraphs
-from bibo_export.export.prepare import inference_copy
+from bibo_export.export.onnx import (export_onnx, integer_kernels, subgraphs,
+                                     weights_read_per_call)
+from bibo_export.export.pipeline import ExportVerificationError
 from bibo_export.model import BiBoForCausalLM
-from bibo_export.parity import BARS, compare_generation, compare_logits, sorting_accuracy
 from bibo_export.runtimes import load
 from bibo_export.runtimes.eager import EagerRuntime
-from bibo_export.runtimes.onnx import weights_read_per_call
-from bibo_export.train.sorting import to_inputs_and_labels
-from helpers import tiny_config
+from bibo_export.runtimes.onnx import METADATA_KEY
+from bibo_export.verdict import FP32_MAX_ABS, INT8_BARS, compare_logits, compare_tokens
+from helpers import renamed_router_model, task_accuracy, tiny_config
 
 pytestmark = pytest.mark.export
 
 MAX_LENGTH = 64
-EXPERT_WEIGHT = re.compile(r"layers\.(\d+)\.mlp\.expert_ffns\.(\d+)\.")
+EXPERT_WEIGHT = re.compile(r"layers\.(\d+)\.mlp\.experts\.ffns\.(\d+)\.")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,7 +55,7 @@ def fp32_exports(tmp_path_factory):
     exports = {}
     for seed, (name, config) in enumerate(configs.items()):
         checkpoint = save_random(root / f"{name}-ckpt", config, seed)
-        export_onnx(checkpoint, root / name, max_length=MAX_LENGTH)
+        export_onnx(checkpoint, {"fp32": root / name}, max_length=MAX_LENGTH)
         exports[name] = (checkpoint, root / name)
     return exports
 
@@ -63,7 +64,7 @@ def fp32_exports(tmp_path_factory):
 def int8_export(trained_sort_tiny, tmp_path_factory):
     checkpoint, task = trained_sort_tiny
     out = tmp_path_factory.mktemp("onnx-int8") / "int8"
-    manifest = export_onnx(checkpoint, out, int8=True, max_length=MAX_LENGTH)
+    manifest = export_onnx(checkpoint, {"int8": out}, max_length=MAX_LENGTH)["int8"]
     return checkpoint, task, out, manifest
 
 
@@ -75,8 +76,9 @@ def test_fp32_logits_and_greedy_generation_match_eager(fp32_exports, name):
     vocab = eager.config.vocab_size
     prompts = np.random.default_rng(1).integers(0, vocab, (3, 24), dtype=np.int64)
     logits = compare_logits(onnx_rt.logits(prompts), eager.logits(prompts))
-    assert logits["max_abs"] <= BARS["onnx-fp32"]["max_abs"], logits
-    generation = compare_generation(onnx_rt, eager, prompts[:, :8], max_new_tokens=32)
+    assert logits["max_abs"] <= FP32_MAX_ABS["onnx"], logits
+    generation = compare_tokens(onnx_rt.generate(prompts[:, :8], 32),
+                                eager.generate(prompts[:, :8], 32))
     assert generation["greedy_match"], generation
 
 
@@ -89,14 +91,15 @@ def test_export_folder_is_complete_and_described(fp32_exports):
     model = onnx.load(folder / "model.onnx", load_external_data=False)
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 18
     props = {p.key: p.value for p in model.metadata_props}
-    saved = BiBoForCausalLM.from_pretrained(checkpoint).config
-    assert BiBoConfig.from_json(props["bibo.config"]) == saved
-    assert props["version.onnxruntime"] and props["version.torch"]
+    metadata = ArtifactMetadata.from_json(props[METADATA_KEY], folder)
+    assert metadata.config == BiBoForCausalLM.from_pretrained(checkpoint).config
+    assert (metadata.max_length, metadata.precision) == (MAX_LENGTH, "fp32")
     names = [i.name for i in model.graph.input]
     assert names[:2] == ["input_ids", "start_pos"] and "layers.1.router_conv" in names
     manifest = json.loads((folder / "manifest.json").read_text())
     assert {f["name"] for f in manifest["files"]} == {"model.onnx", "model.onnx.data"}
     assert manifest["verification"]["passed"] and manifest["verification"]["greedy_match"]
+    assert manifest["versions"]["onnxruntime"] and manifest["versions"]["torch"]
 
 
 # ------------------------------------------------------------------------------ decode cost
@@ -104,7 +107,7 @@ def test_decode_runs_only_the_selected_experts(fp32_exports):
     """ORT's profiler: the expert weights read in each decode step are exactly those of the
     MLP experts eager routing selected for that token."""
     checkpoint, folder = fp32_exports["mlp-router"]
-    model = inference_copy(BiBoForCausalLM.from_pretrained(checkpoint))
+    model = BiBoForCausalLM.from_pretrained(checkpoint).inference_copy()
     prompt = np.array([[5, 9, 1, 33]], dtype=np.int64)
     tokens = torch.from_numpy(EagerRuntime(model).generate(prompt, 6))
     moe_layers = [i for i, layer in enumerate(model.layers) if layer.is_moe]
@@ -130,21 +133,21 @@ def test_decode_runs_only_the_selected_experts(fp32_exports):
 def test_int8_matches_trained_eager(int8_export):
     checkpoint, task, folder, _ = int8_export
     int8, eager = load(folder), load(checkpoint)
-    ids = np.concatenate([to_inputs_and_labels(s)[0].numpy() for s in task.eval_sets.values()])
+    ids = np.concatenate([ids for ids, _ in task.held_out()])
     metrics = compare_logits(int8.logits(ids), eager.logits(ids))
-    bars = BARS["int8"]
-    assert metrics["top1_agreement"] >= bars["top1_agreement"], metrics
-    assert metrics["cosine"] >= bars["cosine"], metrics
-    got, want = sorting_accuracy(int8, task), sorting_accuracy(eager, task)
+    assert metrics["top1_agreement"] >= INT8_BARS["top1_agreement"], metrics
+    assert metrics["cosine"] >= INT8_BARS["cosine"], metrics
+    got, want = task_accuracy(int8, task), task_accuracy(eager, task)
     assert want["token_accuracy"] > 0.5, want  # the model learned the task: a meaningful test
-    assert got["token_accuracy"] >= want["token_accuracy"] - bars["token_accuracy_drop"]
+    assert got["token_accuracy"] >= want["token_accuracy"] - INT8_BARS["token_accuracy_drop"]
 
 
 def test_int8_graph_runs_integer_expert_kernels_and_a_float_router(int8_export):
     _, _, folder, manifest = int8_export
     model = onnx.load(folder / "model.onnx", load_external_data=False)
     graphs = list(subgraphs(model.graph))
-    config = BiBoConfig.from_json({p.key: p.value for p in model.metadata_props}["bibo.config"])
+    config = ArtifactMetadata.from_json(
+        {p.key: p.value for p in model.metadata_props}[METADATA_KEY], folder).config
     int8_inputs = {name for g in graphs for n in g.node if n.op_type in ("MatMulInteger",
                                                                            "ConvInteger")
                    for name in n.input}
@@ -204,7 +207,7 @@ def test_damaged_export_is_reported(fp32_exports, tmp_path, damage, message):
         (folder / "manifest.json").unlink()
     if damage == "truncate-unchecked":
         from bibo_export.runtimes.onnx import OnnxRuntime
-        call = lambda: OnnxRuntime.from_folder(folder, check=False)
+        call = lambda: OnnxRuntime.from_path(folder, check=False)
     else:
         call = lambda: load(folder)
     with pytest.raises(ValueError, match=message) as err:
@@ -214,10 +217,39 @@ def test_damaged_export_is_reported(fp32_exports, tmp_path, damage, message):
 
 def test_export_rejects_bad_arguments(tmp_path, fp32_exports):
     with pytest.raises(ValueError, match="not found"):
-        export_onnx(tmp_path / "nowhere", tmp_path / "out")
+        export_onnx(tmp_path / "nowhere", {"fp32": tmp_path / "out"})
     with pytest.raises(ValueError, match="max_length"):
-        export_onnx(fp32_exports["mlp-router"][0], tmp_path / "out", max_length=10_000)
-    assert not (tmp_path / "out").exists()
+        export_onnx(fp32_exports["mlp-router"][0], {"fp32": tmp_path / "out"}, max_length=10_000)
+    with pytest.raises(ValueError, match="must be a folder"):
+        export_onnx(fp32_exports["mlp-router"][0], {"fp32": tmp_path / "model.onnx"})
+    assert not list(tmp_path.iterdir())
+
+
+def test_failed_verification_publishes_nothing(fp32_exports, tmp_path):
+    """An export whose check against eager fails (here: against a perturbed reference) raises
+    and leaves the previous export byte for byte as it was."""
+    checkpoint, folder = fp32_exports["mlp-router"]
+    previous = shutil.copytree(folder, tmp_path / "previous")
+    before = {p.name: p.read_bytes() for p in previous.iterdir()}
+    perturbed = BiBoForCausalLM.from_pretrained(checkpoint)
+    with torch.no_grad():
+        perturbed.lm_head.weight.add_(0.05)
+    with pytest.raises(ExportVerificationError, match="max |Δ logits|"):
+        export_onnx(checkpoint, {"fp32": previous}, max_length=MAX_LENGTH, reference=perturbed)
+    assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["previous"]  # no temporary left
+
+
+def test_int8_keeps_the_router_float_by_identity(tmp_path):
+    """Renamed and reached through a property, the router is still found (by its type) and
+    kept float: the int8 graph reads its weight in a float MatMul."""
+    model = renamed_router_model(tiny_config(router_type="mlp", num_hidden_layers=2))
+    manifest = export_onnx(model, {"int8": tmp_path / "int8"}, max_length=MAX_LENGTH)["int8"]
+    assert manifest["quantization"]["float_router_nodes"]
+    graph = onnx.load(tmp_path / "int8" / "model.onnx", load_external_data=False).graph
+    gating = [n for n in graph.node if any(".gating." in name for name in n.input)]
+    assert gating and all(n.op_type == "MatMul" for n in gating), [n.op_type for n in gating]
+    assert not [i.name for i in graph.initializer if ".gating." in i.name and "quantized" in i.name]
 
 
 def test_cli_generate_on_an_onnx_folder(fp32_exports, tmp_path):

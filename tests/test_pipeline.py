@@ -16,15 +16,14 @@ import onnx
 import pytest
 from helpers import tiny_config
 
-from bibo_export.export.manifest import MANIFEST_FILE, write_manifest
-from bibo_export.export.onnx import DATA_FILE, MODEL_FILE, save_model
+from bibo_export.artifacts import MANIFEST_FILE, ONNX_DATA_FILE, ONNX_FILE, write_manifest
+from bibo_export.export.onnx import save_model
 
 pytestmark = [pytest.mark.export, pytest.mark.e2e]
 
 MAX_LENGTH = 32
 EXPORTS = {("onnx", "fp32"): "onnx/fp32", ("onnx", "int8"): "onnx/int8",
-           ("executorch", "fp32"): "executorch/model_fp32.pte",
-           ("executorch", "int8"): "executorch/model_int8.pte"}
+           ("executorch", "fp32"): "executorch/fp32", ("executorch", "int8"): "executorch/int8"}
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -55,13 +54,23 @@ def pipeline(tmp_path_factory):
         ok(cli("export", "executorch", "--checkpoint", str(checkpoint), *length,
                "--out", str(artifacts / EXPORTS["executorch", precision]),
                *(["--int8"] if precision == "int8" else [])))
+    generated = ok(cli("generate", "--model", str(artifacts / EXPORTS["executorch", "int8"]),
+                       "--prompt-ids", "3,1,2,255", "--max-new-tokens", "2"))
     result = cli("parity", "--checkpoint", str(checkpoint), "--report", str(artifacts),
                  *(str(artifacts / name) for name in EXPORTS.values()))
-    return checkpoint, artifacts, result
+    return checkpoint, artifacts, result, generated
+
+
+def test_known_noise_is_filtered_from_the_command_line(pipeline):
+    """torchao's import-time warnings and ExecuTorch's C++ cpuinfo lines (written to fd 2 when a
+    program loads) never reach the user: generate on an int8 program prints its answer only."""
+    generated = pipeline[3]
+    assert generated.stdout.startswith("executorch: prompt 3,1,2,255 -> ")
+    assert generated.stderr == ""
 
 
 def test_report_has_every_row_and_fp32_meets_its_bars(pipeline):
-    _, artifacts, result = pipeline
+    _, artifacts, result, _ = pipeline
     # Exit 0, or 1 when only int8 bars fail: 8 steps do not make a model int8 is judged on.
     assert result.returncode in (0, 1), result.stderr[-3000:]
     report = json.loads((artifacts / "report.json").read_text())
@@ -89,23 +98,23 @@ def perturbed_copy(source, destination, scale: float):
     """An ONNX export whose weights were changed after the fact, with a manifest rewritten to
     match: loads cleanly, computes something else (what a buggy exporter would produce)."""
     shutil.copytree(source, destination)
-    model = onnx.load(destination / MODEL_FILE)
+    model = onnx.load(destination / ONNX_FILE)
     rng = np.random.default_rng(0)
     for tensor in model.graph.initializer:
         if tensor.data_type == onnx.TensorProto.FLOAT and np.prod(tensor.dims) >= 1024:
             values = onnx.numpy_helper.to_array(tensor)
             values = values + scale * rng.standard_normal(values.shape).astype(np.float32)
             tensor.CopyFrom(onnx.numpy_helper.from_array(values, tensor.name))
-    (destination / DATA_FILE).unlink()
-    save_model(model, destination / MODEL_FILE)
+    (destination / ONNX_DATA_FILE).unlink()
+    save_model(model, destination / ONNX_FILE)
     manifest = json.loads((destination / MANIFEST_FILE).read_text())
     manifest.pop("files"), manifest.pop("total_bytes")
-    write_manifest(destination, [MODEL_FILE, DATA_FILE], **manifest)
+    write_manifest(destination, [ONNX_FILE, ONNX_DATA_FILE], **manifest)
     return destination
 
 
 def test_parity_fails_on_a_corrupted_export_and_names_the_bar(pipeline, tmp_path):
-    checkpoint, artifacts, _ = pipeline
+    checkpoint, artifacts, _, _ = pipeline
     corrupted = perturbed_copy(artifacts / "onnx/fp32", tmp_path / "corrupted", scale=0.05)
     result = cli("parity", "--checkpoint", str(checkpoint), "--no-speed", str(corrupted))
     assert result.returncode == 1
@@ -116,12 +125,12 @@ def test_parity_fails_on_a_corrupted_export_and_names_the_bar(pipeline, tmp_path
 
 def test_parity_rejects_a_modified_export_as_one_line(pipeline, tmp_path):
     """Changed bytes without a matching manifest: refused before any comparison."""
-    checkpoint, artifacts, _ = pipeline
+    checkpoint, artifacts, _, _ = pipeline
     damaged = tmp_path / "damaged"
     shutil.copytree(artifacts / "onnx/fp32", damaged)
-    data = bytearray((damaged / DATA_FILE).read_bytes())
+    data = bytearray((damaged / ONNX_DATA_FILE).read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (damaged / DATA_FILE).write_bytes(bytes(data))
+    (damaged / ONNX_DATA_FILE).write_bytes(bytes(data))
     result = cli("parity", "--checkpoint", str(checkpoint), str(damaged))
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "manifest" in result.stderr

@@ -11,7 +11,7 @@ from bibo_export.model import BiBoForCausalLM
 from bibo_export.train.backend import select_backend
 from bibo_export.train.checkpointing import checkpoint_dirs, load_training_checkpoint
 from bibo_export.train.data import make_data_source
-from bibo_export.train.trainer import TrainConfig, evaluate, train
+from bibo_export.train.trainer import TrainConfig, evaluate, requested_config, train
 from helpers import tiny_config
 
 
@@ -139,3 +139,40 @@ def test_set_overrides_model_fields(tmp_path, model_file):
     assert config.model_config_resolved(256).num_experts_per_tok == 2
     with pytest.raises(ValueError, match="unknown BiBoConfig key"):
         run_config(model_file, model_overrides={"experts": 2}).model_config_resolved(256)
+
+
+def test_resume_keeps_the_saved_config_and_applies_only_what_was_asked(tmp_path, model_file):
+    """Resuming without --steps must not fall back to TrainConfig's default schedule."""
+    out = tmp_path / "run"
+    train(run_config(model_file, steps=4, lr=1e-3), out, stop_after=2)
+    config = requested_config(out, {"log_every": 2}, resume=True)
+    assert (config.steps, config.lr, config.log_every) == (4, 1e-3, 2)
+    train(config, out, resume=True)
+    assert checkpoint_dirs(out / "checkpoints")[-1].name == "step-000004"
+    assert json.loads((out / "train_config.json").read_text())["steps"] == 4
+    with pytest.raises(ValueError, match="whose lr is 0.001"):
+        train(requested_config(out, {"lr": 0.1}, resume=True), out, resume=True)
+
+
+@pytest.mark.parametrize("capacity_factor, drops", [(0.25, True), (None, False)])
+def test_capacity_is_an_execution_option_of_the_run(tmp_path, model_file, capacity_factor, drops):
+    out = tmp_path / "run"
+    final = train(run_config(model_file, steps=2, capacity_factor=capacity_factor), out)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("drop_rate", 0) > 0 for r in records) == drops
+    assert json.loads((out / "train_config.json").read_text())["capacity_factor"] == capacity_factor
+    assert "capacity_factor" not in json.loads((final / "config.json").read_text())
+
+
+def test_legacy_checkpoint_config_still_loads(tmp_path):
+    """config.json written before capacity and dispatch moved out of the model config."""
+    torch.manual_seed(0)
+    model = BiBoForCausalLM(tiny_config())
+    model.save_pretrained(tmp_path)
+    values = json.loads((tmp_path / "config.json").read_text())
+    values.update(capacity_factor=1.25, moe_dispatch="einsum")
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    loaded = BiBoForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    assert (loaded.moe_layers[0].experts.execution.capacity_factor,
+            loaded.moe_layers[0].experts.execution.dispatch) == (1.25, "einsum")

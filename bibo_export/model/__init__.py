@@ -2,7 +2,7 @@
 
 from .bibo import BiBoForCausalLM, CausalLMOutput, DecoderLayer
 from .checkpoint import CheckpointError
-from .moe import MoE, RoutingStats, update_router_bias
+from .moe import MoE, Router, RoutingStats, Selection, update_router_bias
 
 __all__ = ["BiBoForCausalLM", "CausalLMOutput", "CheckpointError", "DecoderLayer", "MoE",
-           "RoutingStats", "update_router_bias"]
+           "Router", "RoutingStats", "Selection", "update_router_bias"]

@@ -10,15 +10,18 @@ inputs of the causal convolutions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import BiBoConfig
+from ..config import BiBoConfig, ExecutionOptions
 from .attention import Attention
+from .checkpoint import load_checkpoint, save_checkpoint
 from .layers import RMSNorm, SwiGLU
 from .moe import MLPExperts, MoE, RoutingStats
 
@@ -34,17 +37,26 @@ class CausalLMOutput:
     cache: list[LayerCache] | None
 
 
+# A pytree node (as Hugging Face registers its model outputs), so that torch.export and
+# torch.compile take the model as users hold it: ``torch.export.export(model, (ids,))``.
+pytree.register_pytree_node(
+    CausalLMOutput, lambda out: ([getattr(out, f.name) for f in fields(out)], None),
+    lambda children, _: CausalLMOutput(*children),
+    serialized_type_name="bibo_export.CausalLMOutput")
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm: x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x)), FFN a MoE or a dense SwiGLU."""
 
-    def __init__(self, config: BiBoConfig, layer_idx: int) -> None:
+    def __init__(self, config: BiBoConfig, layer_idx: int,
+                 execution: ExecutionOptions | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = config.is_moe_layer(layer_idx)
-        self.mlp = MoE(config) if self.is_moe else SwiGLU(config.hidden_size,
-                                                            config.intermediate_size)
+        self.mlp = MoE(config, execution) if self.is_moe else SwiGLU(config.hidden_size,
+                                                                       config.intermediate_size)
 
     def forward(self, x: Tensor, positions: Tensor, cache: LayerCache | None
                 ) -> tuple[Tensor, RoutingStats | None, LayerCache]:
@@ -58,11 +70,15 @@ class DecoderLayer(nn.Module):
 
 
 class BiBoForCausalLM(nn.Module):
-    def __init__(self, config: BiBoConfig) -> None:
+    """``execution`` (capacity, dispatch) decides how MoE layers compute during training; the
+    default never drops an assignment. ``set_execution`` changes it later."""
+
+    def __init__(self, config: BiBoConfig, execution: ExecutionOptions | None = None) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, execution)
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -85,6 +101,17 @@ class BiBoForCausalLM(nn.Module):
     @property
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers if layer.is_moe]
+
+    def set_execution(self, execution: ExecutionOptions) -> BiBoForCausalLM:
+        for module in self.modules():
+            if isinstance(module, MLPExperts):
+                module.execution = execution
+        return self
+
+    def inference_copy(self) -> BiBoForCausalLM:
+        """Same weights, eval mode, no capacity drops: what every export computes, and so the
+        reference parity compares with (a token's output never depends on its batch)."""
+        return copy.deepcopy(self).eval().set_execution(ExecutionOptions())
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None,
                 cache: list[LayerCache] | None = None,
@@ -150,10 +177,8 @@ class BiBoForCausalLM(nn.Module):
 
     # Checkpoint I/O lives in checkpoint.py; these are the familiar entry points.
     def save_pretrained(self, directory: str) -> None:
-        from .checkpoint import save_checkpoint
         save_checkpoint(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str, map_location: str = "cpu") -> BiBoForCausalLM:
-        from .checkpoint import load_checkpoint
         return load_checkpoint(cls, directory, map_location)

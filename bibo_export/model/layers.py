@@ -37,18 +37,24 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-def causal_conv1d(x: Tensor, weight: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Causal, bias-free Conv1d over time: x [B, T, C_in], weight [C_out, C_in, K].
-
-    Returns ([B, T, C_out], new state [B, K-1, C_in]). ``state`` holds the sequence's previous
-    K-1 inputs (zeros at its start), so running a sequence in pieces equals running it whole.
-    """
-    history = weight.shape[-1] - 1
+def causal_window(x: Tensor, state: Tensor | None, history: int) -> tuple[Tensor, Tensor]:
+    """The input of a causal convolution over time: x [B, T, C] behind its ``history`` previous
+    inputs (zeros at a sequence's start). Returns ([B, history + T, C], the new state, the last
+    ``history`` inputs), so running a sequence in pieces equals running it whole."""
     if state is None:
         state = x.new_zeros(x.shape[0], history, x.shape[2])
     padded = torch.cat([state.to(x.dtype), x], dim=1)
-    y = F.conv1d(padded.transpose(1, 2), weight.to(x.dtype)).transpose(1, 2)
-    return y, padded[:, padded.shape[1] - history:]
+    return padded, padded[:, padded.shape[1] - history:]
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Causal, bias-free Conv1d over time: x [B, T, C_in], weight [C_out, C_in, K].
+
+    Returns ([B, T, C_out], new state [B, K-1, C_in]); ``state`` holds the sequence's previous
+    K-1 inputs (see ``causal_window``).
+    """
+    padded, state = causal_window(x, state, weight.shape[-1] - 1)
+    return F.conv1d(padded.transpose(1, 2), weight.to(x.dtype)).transpose(1, 2), state
 
 
 class SwiGLU(nn.Module):

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from ..config import BiBoConfig
+from ..config import BiBoConfig, ExecutionOptions
 from .layers import causal_conv1d
 
 LOGIT_STD_EPS = 1e-6
@@ -34,7 +35,48 @@ class RoutingStats:
     num_tokens: int
 
 
+# A pytree node, so that torch.export and torch.compile accept it among a model's outputs.
+pytree.register_pytree_node(
+    RoutingStats, lambda s: ([s.expert_counts, s.dropped], s.num_tokens),
+    lambda children, num_tokens: RoutingStats(*children, num_tokens),
+    serialized_type_name="bibo_export.RoutingStats")
+
+
+@dataclass
+class Selection:
+    """One MoE call's routing decision, the input of every expert formulation."""
+
+    indices: Tensor  # [S, k] chosen experts, best first
+    weights: Tensor  # [S, k] fp32 mixing weights
+    gates: Tensor  # [S, n] fp32, the weights scattered to their experts (0 elsewhere)
+
+
 # --------------------------------------------------------------------------------- routing
+class Router(nn.Module):
+    """Marks the modules whose outputs choose experts. Exporters find routers by this type and
+    keep them float: a routing flip is a discrete, unbounded error (DESIGN §6)."""
+
+
+class LinearRouter(nn.Linear, Router):
+    """z = W_r u in fp32, whatever the model's dtype."""
+
+    def __init__(self, hidden_size: int, num_experts: int) -> None:
+        super().__init__(hidden_size, num_experts, bias=False)
+
+    def forward(self, u: Tensor, state: Tensor | None = None) -> tuple[Tensor, None]:
+        return F.linear(u.float(), self.weight.float()), None
+
+
+class ConvRouter(nn.Conv1d, Router):
+    """z = causal Conv1d_K(u) over time in fp32; returns the conv's new state too."""
+
+    def __init__(self, hidden_size: int, num_experts: int, kernel_size: int) -> None:
+        super().__init__(hidden_size, num_experts, kernel_size, bias=False)
+
+    def forward(self, u: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return causal_conv1d(u.float(), self.weight.float(), state)
+
+
 def normalize_logits(logits: Tensor, router_lambda: float) -> Tensor:
     """z̃ = λ (z − mean z) / (std z + ε), per token over the experts (unbiased std).
 
@@ -93,18 +135,39 @@ def update_router_bias(bias: Tensor, tokens_seen: Tensor, counts: Tensor, stats:
 
 # --------------------------------------------------------------------------------- experts
 class MLPExperts(nn.Module):
-    """E SwiGLU experts with stacked weights, applied to a batch of slots x [E, C, h]."""
+    """E SwiGLU experts with stacked weights [E, out, in], computed by capacity dispatch.
 
-    def __init__(self, num_experts: int, hidden_size: int, width: int) -> None:
+    ``execution`` picks the formulation and capacity (``BiBoForCausalLM.set_execution``).
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, width: int,
+                 execution: ExecutionOptions | None = None) -> None:
         super().__init__()
         self.gate_proj = nn.Parameter(torch.empty(num_experts, width, hidden_size))
         self.up_proj = nn.Parameter(torch.empty(num_experts, width, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, width))
+        self.execution = execution or ExecutionOptions()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def apply_to_slots(self, x: Tensor) -> Tensor:
+        """Each expert on its own slots: x [E, C, h] → [E, C, h]."""
         gate = torch.bmm(x, self.gate_proj.transpose(1, 2))
         up = torch.bmm(x, self.up_proj.transpose(1, 2))
         return torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))
+
+    def forward(self, flat: Tensor, selection: Selection) -> tuple[Tensor, Tensor]:
+        """The experts' weighted sum [S, h] and the number of dropped assignments."""
+        num_experts = self.gate_proj.shape[0]
+        if self.execution.dispatch == "dense":
+            dropped = flat.new_zeros((), dtype=torch.float32)
+            return dispatch_dense(flat, self, selection.gates[:, :num_experts]), dropped
+        num_tokens, top_k = selection.indices.shape
+        capacity = self.execution.expert_capacity(num_tokens, top_k, selection.gates.shape[1])
+        expert, position, keep = capacity_slots(selection.indices, num_experts, capacity)
+        dropped = ((expert < num_experts) & ~keep).sum().float()
+        dispatch = dispatch_index if self.execution.dispatch == "index" else dispatch_einsum
+        out = dispatch(flat, self, expert, position, keep, selection.weights.t().reshape(-1),
+                       capacity)
+        return out, dropped
 
 
 class SharedConvExpert(nn.Module):
@@ -130,7 +193,8 @@ def dispatch_index(u: Tensor, experts: MLPExperts, expert: Tensor, position: Ten
     overflow = num_experts * capacity  # one spare row absorbs everything not kept
     slot = torch.where(keep, expert * capacity + position, overflow)
     slots = u.new_zeros(overflow + 1, hidden).index_add(0, slot, u.index_select(0, token))
-    out = experts(slots[:overflow].view(num_experts, capacity, hidden)).reshape(overflow, hidden)
+    out = experts.apply_to_slots(slots[:overflow].view(num_experts, capacity, hidden))
+    out = out.reshape(overflow, hidden)
     out = torch.cat([out, out.new_zeros(1, hidden)])
     contribution = out.index_select(0, slot) * (weight * keep).to(u.dtype)[:, None]
     return u.new_zeros(num_tokens, hidden).index_add(0, token, contribution)
@@ -149,28 +213,27 @@ def dispatch_einsum(u: Tensor, experts: MLPExperts, expert: Tensor, position: Te
     dispatch = torch.einsum("kse,ksc->sec", expert_mask, slot_mask)
     combine = torch.einsum("kse,ksc->sec",
                            expert_mask * weight.to(u.dtype).view(top_k, num_tokens, 1), slot_mask)
-    out = experts(torch.einsum("sec,sh->ech", dispatch, u))
+    out = experts.apply_to_slots(torch.einsum("sec,sh->ech", dispatch, u))
     return torch.einsum("sec,ech->sh", combine, out)
 
 
 def dispatch_dense(u: Tensor, experts: MLPExperts, gates: Tensor) -> Tensor:
     """Every MLP expert on every token, mixed by the dense gate matrix [S, E]: the oracle."""
     num_experts = experts.gate_proj.shape[0]
-    out = experts(u.expand(num_experts, *u.shape))
+    out = experts.apply_to_slots(u.expand(num_experts, *u.shape))
     return torch.einsum("se,esh->sh", gates.to(u.dtype), out)
 
 
 # --------------------------------------------------------------------------------- the layer
 class MoE(nn.Module):
-    def __init__(self, config: BiBoConfig) -> None:
+    def __init__(self, config: BiBoConfig, execution: ExecutionOptions | None = None) -> None:
         super().__init__()
         h, n = config.hidden_size, config.num_routed_experts
         self.config = config
-        if config.router_type == "mlp":
-            self.router = nn.Linear(h, n, bias=False)
-        else:
-            self.router = nn.Conv1d(h, n, config.kernel_size, bias=False)
-        self.experts = MLPExperts(config.num_mlp_experts, h, config.moe_intermediate_size)
+        self.router = (LinearRouter(h, n) if config.router_type == "mlp"
+                       else ConvRouter(h, n, config.kernel_size))
+        self.experts = MLPExperts(config.num_mlp_experts, h, config.moe_intermediate_size,
+                                  execution)
         self.shared_expert = SharedConvExpert(h, config.moe_intermediate_size, config.kernel_size)
         # Load-balancing state: not trained, saved with the checkpoint, always fp32.
         self.register_buffer("expert_bias", torch.zeros(n))
@@ -184,58 +247,40 @@ class MoE(nn.Module):
             self._buffers[name] = self._buffers[name].float()
         return self
 
-    def router_logits(self, u: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """fp32 logits [B, T, n]; the conv router also returns its new causal state."""
-        weight = self.router.weight.float()
-        if self.config.router_type == "mlp":
-            return F.linear(u.float(), weight), None
-        return causal_conv1d(u.float(), weight, state)
-
-    def forward(self, u: Tensor, cache: dict[str, Tensor] | None
-                ) -> tuple[Tensor, RoutingStats, dict[str, Tensor]]:
-        """u [B, T, h] (post-attention norm) → (output [B, T, h], routing stats, new conv states)."""
+    def select(self, logits: Tensor) -> Selection:
+        """Noise (training only), logit normalisation, biased top-k and weights (DESIGN §3)."""
         config = self.config
-        B, T, h = u.shape
-        states = {} if cache is None else cache
-        logits, router_state = self.router_logits(u, states.get("router_conv"))
-        logits = logits.reshape(B * T, -1)
         if self.training and config.router_noise > 0:
             logits = logits + torch.randn_like(logits) * math.sqrt(config.router_noise)
         indices, weights = select_experts(normalize_logits(logits, config.router_lambda),
                                           self.expert_bias, config.num_experts_per_tok,
                                           config.norm_topk_prob)
+        gates = torch.zeros_like(logits).scatter_add(-1, indices, weights)
+        return Selection(indices, weights, gates)
+
+    def forward(self, u: Tensor, cache: dict[str, Tensor] | None
+                ) -> tuple[Tensor, RoutingStats, dict[str, Tensor]]:
+        """u [B, T, h] (post-attention norm) → (output [B, T, h], routing stats, new conv states)."""
+        B, T, h = u.shape
+        states = {} if cache is None else cache
+        logits, router_state = self.router(u, states.get("router_conv"))
+        selection = self.select(logits.reshape(B * T, -1))
         flat = u.reshape(B * T, h)
-        gates = torch.zeros_like(logits).scatter_add(-1, indices, weights)  # [S, n]
-        routed, dropped = self._mlp_experts(flat, indices, weights, gates)
-        n = config.num_routed_experts
+        routed, dropped = self.experts(flat, selection)
+        gates, n = selection.gates, self.config.num_routed_experts
         free = gates[:, n - 3, None].to(u.dtype) * flat + \
             gates[:, n - 1, None].to(u.dtype) * F.relu(flat).square()  # Identity, ReLU²; Zero adds 0
         shared, shared_state = self.shared_expert(u, states.get("shared_conv"))
-        out = (routed + free).view(B, T, h) + config.moe_shared_scaling * shared
+        out = (routed + free).view(B, T, h) + self.config.moe_shared_scaling * shared
 
         stats = RoutingStats(
             expert_counts=torch.zeros_like(self.expert_counts).scatter_add(
-                0, indices.reshape(-1), torch.ones_like(weights).reshape(-1)),
+                0, selection.indices.reshape(-1), torch.ones_like(selection.weights).reshape(-1)),
             dropped=dropped, num_tokens=B * T)
         new_cache = {"shared_conv": shared_state}
         if router_state is not None:
             new_cache["router_conv"] = router_state
         return out, stats, new_cache
-
-    def _mlp_experts(self, flat: Tensor, indices: Tensor, weights: Tensor,
-                     gates: Tensor) -> tuple[Tensor, Tensor]:
-        """The MLP experts' weighted sum [S, h] and the number of dropped assignments."""
-        config, num_mlp = self.config, self.config.num_mlp_experts
-        if config.moe_dispatch == "dense":
-            dropped = flat.new_zeros((), dtype=torch.float32)
-            return dispatch_dense(flat, self.experts, gates[:, :num_mlp]), dropped
-        capacity = config.expert_capacity(flat.shape[0])
-        expert, position, keep = capacity_slots(indices, num_mlp, capacity)
-        dropped = ((expert < num_mlp) & ~keep).sum().float()
-        dispatch = dispatch_index if config.moe_dispatch == "index" else dispatch_einsum
-        out = dispatch(flat, self.experts, expert, position, keep, weights.t().reshape(-1),
-                       capacity)
-        return out, dropped
 
     @torch.no_grad()
     def apply_routing_stats(self, stats: RoutingStats) -> None:

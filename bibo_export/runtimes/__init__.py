@@ -1,31 +1,31 @@
 """Runtimes with one interface: ``load(path).logits(ids)`` and ``.generate(ids, n)``.
 
-``load`` picks the runtime from what ``path`` is: a checkpoint folder (eager PyTorch), an
-exported ONNX folder (ONNX Runtime) or a ``.pte`` file (ExecuTorch).
+``load`` picks the runtime from the artifact's kind (``artifacts.artifact_kind``): a checkpoint
+folder (eager PyTorch), an ONNX export folder (ONNX Runtime) or an ExecuTorch export (a folder
+with ``model.pte``, or the ``.pte`` itself). The ONNX and ExecuTorch runtimes are imported only
+when such an artifact is loaded: each environment has only its own packages (DESIGN §2).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..artifacts import artifact_kind
 from .base import Runtime
+from .eager import EagerRuntime
 
 
-def load(path: str | Path) -> Runtime:
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"model not found: {path}")
-    if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").exists():
-        from .eager import EagerRuntime
-        return EagerRuntime.from_checkpoint(path)
-    if path.is_dir() and (path / "model.onnx").exists():
+def load(path: str | Path, check: bool = True) -> Runtime:
+    """The runtime for ``path``; ``check`` first confirms an export's files against its
+    manifest, so a truncated or modified file is reported as such."""
+    kind = artifact_kind(path)
+    if kind == "checkpoint":
+        return EagerRuntime.from_path(path)
+    if kind == "onnx":  # onnxruntime exists in the export environment only
         from .onnx import OnnxRuntime
-        return OnnxRuntime.from_folder(path)
-    if path.suffix == ".pte":
-        from .executorch import ExecuTorchRuntime
-        return ExecuTorchRuntime.from_file(path)
-    raise ValueError(f"{path} is neither a checkpoint folder (config.json + model.safetensors), "
-                     "an ONNX export folder (model.onnx) nor an ExecuTorch .pte file")
+        return OnnxRuntime.from_path(path, check=check)
+    from .executorch import ExecuTorchRuntime  # likewise executorch
+    return ExecuTorchRuntime.from_path(path, check=check)
 
 
 __all__ = ["Runtime", "load"]

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..export.prepare import inference_copy
 from ..model import BiBoForCausalLM
 from .base import Runtime
 
@@ -16,12 +15,12 @@ class EagerRuntime(Runtime):
     name = "eager"
 
     def __init__(self, model: BiBoForCausalLM, max_length: int | None = None) -> None:
-        self.model = inference_copy(model)  # eval mode, no capacity drops: what exports compute
+        self.model = model.inference_copy()  # eval mode, no capacity drops: what exports compute
         super().__init__(model.config, max_length or model.config.max_position_embeddings)
         self._cache = None
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path) -> EagerRuntime:
+    def from_path(cls, path: str | Path) -> EagerRuntime:
         return cls(BiBoForCausalLM.from_pretrained(path))
 
     @torch.no_grad()

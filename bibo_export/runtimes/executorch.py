@@ -6,23 +6,22 @@ of its ``forward(input_ids, start_pos)``; a call at start_pos 0 starts a new seq
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from executorch.exir._serialize._program import _get_extended_header
+from executorch.runtime import Runtime as ETRuntime
 
-from ..config import BiBoConfig
+from ..artifacts import ArtifactMetadata, check_manifest, program_file
 from .base import Runtime
 
-METADATA_METHOD = "bibo_metadata"  # written by bibo_export.export.executorch
+METADATA_METHOD = "bibo_metadata"  # ArtifactMetadata as UTF-8 JSON bytes (a constant method)
 
 
 def check_file(path: Path) -> None:
     """Catch missing, foreign and truncated files before the ExecuTorch loader sees them: it
     only logs some of these problems, and a later call on such a program can crash."""
-    from executorch.exir._serialize._program import _get_extended_header
-
     if not path.is_file():
         raise ValueError(f"ExecuTorch program not found: {path}")
     with path.open("rb") as f:
@@ -39,19 +38,21 @@ def check_file(path: Path) -> None:
 class ExecuTorchRuntime(Runtime):
     name = "executorch"
 
-    def __init__(self, method, metadata: dict, path: Path) -> None:  # noqa: ANN001 - ET Method
-        super().__init__(BiBoConfig.from_dict(metadata["config"]), metadata["max_length"],
-                         batch_size=metadata["batch_size"])
+    def __init__(self, method, metadata: ArtifactMetadata,  # noqa: ANN001 - an ET Method
+                 path: Path) -> None:
+        super().__init__(metadata.config, metadata.max_length, batch_size=metadata.batch_size)
         self.method = method
-        self.precision = metadata["precision"]
+        self.precision = metadata.precision
         self.path = path
 
     @classmethod
-    def from_file(cls, path: str | Path) -> ExecuTorchRuntime:
-        """Load a ``.pte``; a missing, truncated or foreign file raises a one-line ValueError."""
-        from executorch.runtime import Runtime as ETRuntime
-
+    def from_path(cls, path: str | Path, check: bool = True) -> ExecuTorchRuntime:
+        """Load an export folder (checked against its manifest when ``check``) or a ``.pte``
+        file; a missing, truncated or foreign program raises a one-line ValueError."""
         path = Path(path)
+        if check and path.is_dir():
+            check_manifest(path)
+        path = program_file(path)
         check_file(path)
         try:
             program = ETRuntime.get().load_program(path)
@@ -60,13 +61,13 @@ class ExecuTorchRuntime(Runtime):
                 raise ValueError(f"{path} is not a bibo-export ExecuTorch program "
                                  f"(methods: {sorted(names)})")
             encoded = program.load_method(METADATA_METHOD).execute([])[0]
-            metadata = json.loads(bytes(encoded.numpy().tolist()).decode())
+            text = bytes(encoded.numpy().tolist()).decode()
             method = program.load_method("forward")
-        except (RuntimeError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (RuntimeError, UnicodeDecodeError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"{path} is not a loadable ExecuTorch program (truncated or "
                              f"corrupt?): {reason}") from None
-        return cls(method, metadata, path)
+        return cls(method, ArtifactMetadata.from_json(text, path), path)
 
     def _run(self, input_ids: np.ndarray, start_pos: int) -> np.ndarray:
         outputs = self.method.execute([torch.from_numpy(input_ids),

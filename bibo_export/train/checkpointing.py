@@ -9,6 +9,7 @@ a crash leaves the previous checkpoints intact; only the newest ``keep`` are kep
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -56,8 +57,14 @@ def load_training_checkpoint(path: Path) -> tuple[BiBoForCausalLM, dict[str, Any
     """(model on CPU, optimizer.pt contents, step) of one checkpoint folder."""
     model = BiBoForCausalLM.from_pretrained(path)
     try:
-        state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        # weights_only: tensors and plain containers only. A run folder may come from someone
+        # else, and a full unpickle would run whatever code its optimizer.pt names.
+        state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         step = json.loads((path / "state.json").read_text())["step"]
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"{path / 'optimizer.pt'} holds more than tensors and plain "
+                              f"values; refusing to unpickle it ({reason})") from None
     except (OSError, RuntimeError, KeyError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: training state is unreadable ({err})") from None
     return model, state, step

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .sorting import VOCAB_SIZE as SORT_VOCAB
-from .sorting import SortingTask
+from ..tasks.sorting import VOCAB_SIZE as SORT_VOCAB
+from ..tasks.sorting import SortingTask, parse_sort_spec
 
 BYTE_EOS = 256
 BYTE_VOCAB = 257
@@ -119,8 +119,8 @@ def read_token_file(path: Path, dtype: str) -> tuple[np.ndarray, int]:
 def make_data_source(spec: str, batch_size: int, seed: int,
                      sequence_length: int = 256) -> DataSource:
     kind, _, rest = spec.partition(":")
-    if kind == "sort":
-        lengths = tuple(int(s) for s in rest.split(",")) if rest else (6, 8)
+    lengths = parse_sort_spec(spec)
+    if lengths is not None:
         return SortingSource(SortingTask(lengths=lengths, batch_size=batch_size, seed=seed))
     if kind in ("text", "bin"):
         path_text, _, dtype = rest.rpartition(":") if kind == "bin" and rest.count(":") else (rest, "", "")

@@ -17,23 +17,33 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..config import BiBoConfig
-from ..io import atomic_write_text
+from ..config import BiBoConfig, ExecutionOptions
 from ..model import BiBoForCausalLM
 from ..model.bibo import IGNORE_INDEX
 from .backend import Backend, select_backend
-from .checkpointing import checkpoint_dirs, load_training_checkpoint, save_training_checkpoint
+from .checkpointing import load_training_checkpoint, save_training_checkpoint
 from .data import DataSource, make_data_source
 from .optim import build_optimizer, use_lr_tensor, warmup_cosine
 from .parallel import Parallelism
+from .run import RunFolder
 from .step import TrainStep
+
+# What a resumed run may change: the schedule's length, logging and checkpoint cadence, and
+# where it runs. Anything else would make the resumed run a different run.
+RESUMABLE = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+             "device", "mesh")
+
+
+class TrainingDiverged(ValueError):
+    """A non-finite loss or gradient norm: the run stops, its last good checkpoint is kept."""
 
 
 @dataclass
 class TrainConfig:
     preset: str = "sort-tiny"
     model_config: str | None = None  # a BiBoConfig JSON file; overrides preset
-    capacity_factor: float | None = 1.25  # overrides the model's; None keeps the model's value
+    capacity_factor: float | None = 1.25  # ExecutionOptions: None never drops
+    moe_dispatch: str = "index"  # ExecutionOptions: index | einsum | dense
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # BiBoConfig fields
     data: str = "sort:8"  # sort[:LENGTHS] | text:PATH | bin:PATH[:uint16|uint32]
     sequence_length: int = 256  # text and bin windows
@@ -56,30 +66,68 @@ class TrainConfig:
     keep_checkpoints: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every",
-                     "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        """Refuse values that would train nonsense (or NaN) before anything runs."""
+        for name in ("steps", "batch_size", "grad_accum", "sequence_length", "log_every",
+                     "eval_every", "checkpoint_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name, low, high in (("lr", 0.0, math.inf), ("grad_clip", 0.0, math.inf),
+                                ("weight_decay", 0.0, math.inf), ("warmup_fraction", 0.0, 1.0),
+                                ("min_lr_ratio", 0.0, 1.0)):
+            value = getattr(self, name)
+            inclusive = name in ("weight_decay", "warmup_fraction", "min_lr_ratio")
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                    not (low <= value if inclusive else low < value) or value > high:
+                bounds = f"{'[' if inclusive else '('}{low}, {high}]"
+                raise ValueError(f"{name} must be a finite number in {bounds}, got {value!r}")
+        self.execution()  # capacity_factor and moe_dispatch are checked there
+
+    def execution(self) -> ExecutionOptions:
+        return ExecutionOptions(self.capacity_factor, self.moe_dispatch)
 
     def model_config_resolved(self, vocab_size: int) -> BiBoConfig:
         base = (BiBoConfig.from_file(self.model_config) if self.model_config
                 else BiBoConfig.preset(self.preset))
-        base = BiBoConfig.from_dict({**base.to_dict(), **self.model_overrides})
-        if vocab_size > base.vocab_size:
+        config = BiBoConfig.from_dict({**base.to_dict(), **self.model_overrides})
+        if vocab_size > config.vocab_size:
             raise ValueError(f"the data has {vocab_size} token ids but the model's vocab_size "
-                             f"is {base.vocab_size}")
-        overrides: dict[str, Any] = {}
-        if self.capacity_factor is not None:
-            overrides["capacity_factor"] = self.capacity_factor
-        return dataclasses.replace(base, **overrides)
+                             f"is {config.vocab_size}")
+        return config
 
     @classmethod
-    def from_json(cls, text: str) -> TrainConfig:
-        values = json.loads(text)
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """A saved run's config; runs saved before ``moe_dispatch`` existed load too."""
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown TrainConfig key(s): {', '.join(sorted(unknown))}")
         return cls(**values)
+
+
+def requested_config(out: str | Path, given: dict[str, Any], resume: bool) -> TrainConfig:
+    """The config a command line asks for: ``given`` options over the defaults, or, to resume,
+    over the run's saved config (so options left out keep their saved values)."""
+    run = RunFolder(Path(out))
+    if resume and run.train_config_path.is_file():
+        return dataclasses.replace(TrainConfig.from_dict(run.read_train_config()), **given)
+    return TrainConfig(**given)
+
+
+def resumed_config(saved: TrainConfig, requested: TrainConfig) -> TrainConfig:
+    """The saved run's config with the changes a resume may make (``RESUMABLE``), reported;
+    any other difference is refused with one line."""
+    changes = {f.name: (getattr(saved, f.name), getattr(requested, f.name))
+               for f in dataclasses.fields(TrainConfig)
+               if getattr(saved, f.name) != getattr(requested, f.name)}
+    refused = sorted(set(changes) - set(RESUMABLE))
+    if refused:
+        raise ValueError("--resume continues the saved run, whose " + ", ".join(
+            f"{name} is {changes[name][0]!r} (not {changes[name][1]!r})" for name in refused)
+            + ": drop those options, or start a new run in another --out")
+    if changes:
+        print("resuming with " + ", ".join(f"{name} {old!r} → {new!r}"
+                                           for name, (old, new) in changes.items()), flush=True)
+    return requested
 
 
 class MetricsLog:
@@ -87,8 +135,13 @@ class MetricsLog:
 
     def __init__(self, path: Path, bar: tqdm) -> None:
         self.path, self.bar = path, bar
+        self.diverged: str | None = None  # what went non-finite, and at which step
 
     def write(self, record: dict[str, Any]) -> None:
+        bad = [key for key in ("loss", "grad_norm") if key in record
+               and not math.isfinite(record[key])]
+        if bad and self.diverged is None:
+            self.diverged = f"step {record['step']}: {' and '.join(bad)} not finite"
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if "loss" in record:
@@ -138,32 +191,36 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
     """Run (or resume) training into ``out``; returns the final checkpoint folder.
 
     ``stop_after`` ends this invocation after that many steps (the schedule still spans
-    ``config.steps``), as an interruption would: ``resume=True`` then continues exactly.
+    ``config.steps``), as an interruption would: ``resume=True`` then continues exactly. A
+    resumed run keeps its saved config, except for the ``RESUMABLE`` fields of ``config``.
     """
-    out = Path(out)
-    checkpoints = out / "checkpoints"
-    latest = checkpoint_dirs(checkpoints)[-1] if resume and checkpoint_dirs(checkpoints) else None
+    run = RunFolder(Path(out))
+    latest = run.latest_checkpoint()
     if resume and latest is None:
-        raise ValueError(f"nothing to resume: {checkpoints} holds no checkpoint")
-    if not resume and checkpoint_dirs(checkpoints):
-        raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose "
-                         "another --out")
-    if resume:  # the run's own config wins, except the length of the schedule
-        saved = TrainConfig.from_json((out / "train_config.json").read_text())
-        config = dataclasses.replace(saved, steps=config.steps)
+        raise ValueError(f"nothing to resume: {run.checkpoints} holds no checkpoint")
+    if not resume and latest is not None:
+        raise ValueError(f"{run.root} already holds a run: pass --resume to continue it, or "
+                         "choose another --out")
+    if resume:
+        config = resumed_config(TrainConfig.from_dict(run.read_train_config()), config)
 
     parallel = Parallelism.from_spec(config.mesh, config.device)  # before any device exists
     backend = select_backend(config.device, config.precision)
     data = make_data_source(config.data, config.batch_size, config.seed, config.sequence_length)
-    print(f"training on {backend.name}{parallel.describe()} "
-          f"({'bf16 autocast' if backend.bf16 else 'fp32'}), data {config.data}", flush=True)
-
-    torch.manual_seed(config.seed)
     if latest is None:
-        model, saved_state, start = BiBoForCausalLM(config.model_config_resolved(data.vocab_size)), None, 0
+        model_config = config.model_config_resolved(data.vocab_size)
+        check_fits(data, model_config, config)  # before building a model that may be large
+        torch.manual_seed(config.seed)
+        model, saved_state, start = BiBoForCausalLM(model_config), None, 0
     else:
         model, saved_state, start = load_training_checkpoint(latest)
+        check_fits(data, model.config, config)
+    print(f"training on {backend.name}{parallel.describe()} "
+          f"({'bf16 autocast' if backend.bf16 else 'fp32'}), data {config.data}", flush=True)
+    if latest is not None:
         print(f"resuming from {latest} (step {start})", flush=True)
+
+    model.set_execution(config.execution())
     model.gradient_checkpointing = config.gradient_checkpointing
     model = backend.prepare_model(model.to(backend.device).train())
     parallel.shard_model(model)
@@ -182,15 +239,15 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
     step_fn = backend.compile_step(TrainStep(model, optimizer, lr, step_counter, schedule,
                                              config.grad_clip, backend.autocast))
 
-    out.mkdir(parents=True, exist_ok=True)
+    run.root.mkdir(parents=True, exist_ok=True)
     if latest is None:
-        atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(config), indent=2))
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        run.write_train_config(dataclasses.asdict(config))
+        run.metrics_path.unlink(missing_ok=True)
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
     tokens_per_step = config.batch_size * config.grad_accum * data.sequence_length
     bar = tqdm(range(start, end), initial=start, total=config.steps, desc="train", unit="step",
                dynamic_ncols=True, mininterval=1.0)
-    log = MetricsLog(out / "metrics.jsonl", bar)
+    log = MetricsLog(run.metrics_path, bar)
     window_start, window_steps = time.perf_counter(), 0
 
     for step in bar:
@@ -207,15 +264,42 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
             backend.on_host(lambda m, s=done, r=rate: log.write(
                 {"step": s, **{k: v.tolist() for k, v in m.items()}, "tokens_per_s": r,
                  **backend.compile_stats()}), metrics)
-        backend.sync()
+        backend.sync()  # runs the logging closure on XLA: metrics reach the host here
+        checkpoint_due = done % config.checkpoint_every == 0 or done == end
+        if checkpoint_due and log.diverged is None:
+            check_finite(metrics, done, log)  # saving reads the weights back anyway
+        if log.diverged is not None:
+            bar.close()
+            kept = run.latest_checkpoint()
+            raise TrainingDiverged(f"training diverged at {log.diverged}; stopped with no "
+                                   f"final/ written; last good checkpoint: {kept or 'none'}")
         if done % config.eval_every == 0 or done == config.steps:
             log.write({"step": done, "eval": evaluate(model, data, backend, parallel)})
-        if done % config.checkpoint_every == 0 or done == end:
-            save_training_checkpoint(checkpoints, done, model, optimizer, config.keep_checkpoints)
+        if checkpoint_due:
+            save_training_checkpoint(run.checkpoints, done, model, optimizer,
+                                     config.keep_checkpoints)
     bar.close()
 
-    final = out / "final"
     if end == config.steps:
-        model.save_pretrained(final)
-        print(f"final checkpoint: {final}", flush=True)
-    return final if end == config.steps else checkpoint_dirs(checkpoints)[-1]
+        model.save_pretrained(run.final)
+        print(f"final checkpoint: {run.final}", flush=True)
+        return run.final
+    return run.latest_checkpoint()
+
+
+def check_fits(data: DataSource, model_config: BiBoConfig, config: TrainConfig) -> None:
+    """Sequences longer than the model's positions would train on positions it never has."""
+    limit = model_config.max_position_embeddings
+    if data.sequence_length > limit:
+        source = "--sequence-length" if data.kind == "lm" else f"--data {config.data}"
+        raise ValueError(f"{source} gives sequences of {data.sequence_length} tokens, beyond the "
+                         f"model's max_position_embeddings {limit}")
+
+
+def check_finite(metrics: dict[str, torch.Tensor], step: int, log: MetricsLog) -> None:
+    """Before a checkpoint: this step's loss and gradient norm must be finite (a NaN in the
+    weights persists, so a finite step means the weights being saved are sound)."""
+    values = {key: float(metrics[key].detach().cpu()) for key in ("loss", "grad_norm")}
+    bad = [key for key, value in values.items() if not math.isfinite(value)]
+    if bad:
+        log.diverged = f"step {step}: {' and '.join(bad)} not finite"

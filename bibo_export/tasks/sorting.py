@@ -19,6 +19,19 @@ from ..model.bibo import IGNORE_INDEX
 VOCAB_SIZE = 256
 SEP = 255
 MAX_VALUE = 254
+DEFAULT_LENGTHS = (6, 8)
+
+
+def parse_sort_spec(spec: str) -> tuple[int, ...] | None:
+    """The lengths of a ``sort[:LENGTHS]`` data spec (``sort:6,8``), or None for other data."""
+    kind, _, rest = spec.partition(":")
+    if kind != "sort":
+        return None
+    try:
+        return tuple(int(s) for s in rest.split(",")) if rest else DEFAULT_LENGTHS
+    except ValueError:
+        raise ValueError(f"bad sorting spec {spec!r}: expected sort:LENGTH[,LENGTH...], "
+                         "e.g. sort:6,8") from None
 
 
 def sorting_sample(rng: np.random.Generator, length: int) -> np.ndarray:
@@ -79,6 +92,23 @@ class SortingTask:
             if sample.tobytes() not in self._held_out:
                 rows.append(sample)
         return to_inputs_and_labels(np.stack(rows))
+
+    def held_out(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(input_ids [N, 2s], labels [N, 2s]) per held-out length, as int64 numpy arrays."""
+        return [(ids.numpy(), labels.numpy()) for ids, labels in
+                (to_inputs_and_labels(samples) for samples in self.eval_sets.values())]
+
+    def accuracy(self, predictions: list[np.ndarray]) -> dict[str, float]:
+        """Token and full-sequence accuracy of predicted ids [N, 2s], one array per held-out
+        length in ``held_out`` order, on the supervised (sorted) half."""
+        correct = total = rows_correct = rows = 0
+        for predicted, (_, labels) in zip(predictions, self.held_out(), strict=True):
+            mask = labels != IGNORE_INDEX
+            hits = (predicted == labels) & mask
+            correct, total = correct + int(hits.sum()), total + int(mask.sum())
+            rows_correct += int((hits | ~mask).all(axis=1).sum())
+            rows += len(labels)
+        return {"token_accuracy": correct / total, "sequence_accuracy": rows_correct / rows}
 
     def eval_batches(self) -> Iterator[tuple[int, Tensor, Tensor]]:
         """(length, input_ids, labels) per held-out bucket, in batches of ``batch_size``."""

@@ -1,0 +1,142 @@
+"""The artifact contract: what files a checkpoint or an export folder holds, the manifest that
+lists them, how to tell the kinds apart, and the metadata an exported model carries.
+
+Every kind is a folder:
+
+* a **checkpoint**: ``config.json`` + ``model.safetensors`` (the contract between training and
+  export);
+* an **ONNX export**: ``model.onnx`` + ``model.onnx.data`` + ``manifest.json``;
+* an **ExecuTorch export**: ``model.pte`` + ``manifest.json``.
+
+An export's manifest lists its files with sizes and sha256 hashes beside what the exporter
+recorded (precision, versions, the verification against eager); a loader checks it first, so a
+truncated or modified file is reported as such. A ``.pte`` file given by itself still loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .config import BiBoConfig
+from .io import atomic_write_text
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+ONNX_FILE = "model.onnx"
+ONNX_DATA_FILE = "model.onnx.data"
+PTE_FILE = "model.pte"
+MANIFEST_FILE = "manifest.json"
+PRECISIONS = ("fp32", "int8")
+
+Kind = Literal["checkpoint", "onnx", "executorch"]
+MODEL_FILES: dict[str, tuple[str, ...]] = {"checkpoint": (WEIGHTS_FILE,),
+                                           "onnx": (ONNX_FILE, ONNX_DATA_FILE),
+                                           "executorch": (PTE_FILE,)}
+
+
+def artifact_kind(path: str | Path) -> Kind:
+    """What ``path`` is, or a one-line ``ValueError`` naming what was expected."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"model not found: {path}")
+    if path.is_file() and path.suffix == ".pte":
+        return "executorch"
+    if path.is_dir():
+        if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).exists():
+            return "checkpoint"
+        if (path / ONNX_FILE).exists():
+            return "onnx"
+        if (path / PTE_FILE).exists():
+            return "executorch"
+    raise ValueError(f"{path} is neither a checkpoint folder ({CONFIG_FILE} + {WEIGHTS_FILE}), "
+                     f"an ONNX export folder ({ONNX_FILE}) nor an ExecuTorch export "
+                     f"({PTE_FILE} or a .pte file)")
+
+
+def program_file(path: str | Path) -> Path:
+    """The ``.pte`` of an ExecuTorch export folder, or ``path`` itself when it is the file."""
+    path = Path(path)
+    return path / PTE_FILE if path.is_dir() else path
+
+
+def artifact_bytes(path: str | Path) -> int:
+    """Bytes of a model's own files (weights, graph, program), manifests and notes excluded."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum((path / name).stat().st_size for name in MODEL_FILES[artifact_kind(path)]
+               if (path / name).is_file())
+
+
+# ------------------------------------------------------------------------------ manifest
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str | Path, files: list[str], **fields: Any) -> Path:
+    """List ``files`` (relative to ``directory``) with sizes and hashes, plus ``fields``
+    (format, precision, versions, the verification result, ...)."""
+    directory = Path(directory)
+    entries = [{"name": name, "bytes": (directory / name).stat().st_size,
+                "sha256": sha256(directory / name)} for name in files]
+    manifest = {**fields, "files": entries,
+                "total_bytes": sum(entry["bytes"] for entry in entries)}
+    path = directory / MANIFEST_FILE
+    atomic_write_text(path, json.dumps(manifest, indent=2))
+    return path
+
+
+def check_manifest(directory: str | Path) -> dict[str, Any]:
+    """Read a manifest and confirm every listed file exists with its recorded size and hash."""
+    directory = Path(directory)
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        raise ValueError(f"{directory} has no {MANIFEST_FILE}: not a complete export")
+    try:
+        manifest = json.loads(path.read_text())
+        entries = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is corrupt: {err}") from None
+    for entry in entries:
+        file = directory / entry["name"]
+        if not file.is_file():
+            raise ValueError(f"{file} is missing (listed in {MANIFEST_FILE})")
+        if file.stat().st_size != entry["bytes"] or sha256(file) != entry["sha256"]:
+            raise ValueError(f"{file} does not match its {MANIFEST_FILE} entry (truncated or "
+                             "modified)")
+    return manifest
+
+
+# ------------------------------------------------------------------------------ metadata
+@dataclass(frozen=True)
+class ArtifactMetadata:
+    """What an exported model says about itself: stored in the artifact (ONNX metadata
+    properties, an ExecuTorch constant method), so the file alone is enough to run it."""
+
+    config: BiBoConfig
+    max_length: int  # prompt + generated tokens the cache holds
+    precision: str
+    batch_size: int | None = None  # None: any batch size
+
+    def to_json(self) -> str:
+        return json.dumps({"config": self.config.to_dict(), "max_length": self.max_length,
+                           "precision": self.precision, "batch_size": self.batch_size})
+
+    @classmethod
+    def from_json(cls, text: str, source: str | Path) -> ArtifactMetadata:
+        try:
+            values = json.loads(text)
+            config, _ = BiBoConfig.from_saved(values["config"])
+            return cls(config, int(values["max_length"]), values["precision"],
+                       values.get("batch_size"))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{source} carries no readable bibo-export metadata ({err})") \
+                from None

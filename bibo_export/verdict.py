@@ -1,0 +1,87 @@
+"""Does an artifact compute what eager PyTorch computes? The DESIGN §7 bars, the comparisons
+behind them and the judgement of one measured row, in one place: both exporters' verify stage,
+``bibo-export parity`` and the report all read them from here.
+
+Two scopes, one rule set:
+
+* ``export``: an exporter's check on seeded random prompts. fp32 bars are enforced. int8 bars
+  (top-1, cosine) are only meaningful on a trained model, so here they are recorded, and what
+  is enforced is that the program really runs integer kernels.
+* ``task``: ``bibo-export parity`` on the checkpoint's own held-out data. Every bar is enforced,
+  int8 accuracy ones included (task accuracy within 1 point of eager when the task has one).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+
+Scope = Literal["export", "task"]
+
+# DESIGN §7: fp32 max |Δ logits| by runtime (greedy tokens must also be identical) and int8.
+# A checkpoint compared as an artifact runs the same eager code: it must match exactly.
+FP32_MAX_ABS = {"onnx": 1e-4, "executorch": 1e-3, "eager": 0.0}
+INT8_BARS = {"top1_agreement": 0.98, "cosine": 0.99, "token_accuracy_drop": 0.01}
+
+
+def compare_logits(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """max |Δ|, next-token top-1 agreement and mean per-position cosine of two [..., V] arrays."""
+    if candidate.shape != reference.shape:
+        raise ValueError(f"logits shapes differ: {candidate.shape} vs {reference.shape}")
+    a = candidate.reshape(-1, candidate.shape[-1]).astype(np.float64)
+    b = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
+    cosine = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+    return {"max_abs": float(np.abs(a - b).max()),
+            "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()),
+            "cosine": float(cosine.mean())}
+
+
+def compare_tokens(candidate: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
+    """Whether two greedy generations are identical, and the share of equal tokens."""
+    return {"greedy_match": bool(np.array_equal(candidate, reference)),
+            "greedy_token_agreement": float((candidate == reference).mean())}
+
+
+def int8_accuracy_failures(row: dict[str, Any]) -> list[str]:
+    failures = []
+    if row["top1_agreement"] < INT8_BARS["top1_agreement"]:
+        failures.append(f"top-1 agreement {row['top1_agreement']:.4f} < "
+                        f"{INT8_BARS['top1_agreement']}")
+    if row["cosine"] < INT8_BARS["cosine"]:
+        failures.append(f"cosine {row['cosine']:.4f} < {INT8_BARS['cosine']}")
+    if "token_accuracy_drop" in row and row["token_accuracy_drop"] > INT8_BARS["token_accuracy_drop"]:
+        failures.append(f"task token accuracy {row['token_accuracy_drop']:.4f} below eager > "
+                        f"{INT8_BARS['token_accuracy_drop']}")
+    return failures
+
+
+def judge(row: dict[str, Any], runtime: str, precision: str, scope: Scope) -> list[str]:
+    """The bars ``row`` misses, each as one readable clause; empty when it passes.
+
+    ``row`` holds ``compare_logits`` and ``compare_tokens`` results, and optionally
+    ``token_accuracy_drop`` (eager's task accuracy minus this runtime's) and, in the export
+    scope, ``integer_kernels`` (how many int8 kernels the artifact runs).
+    """
+    if precision == "int8":
+        if scope == "task":
+            return int8_accuracy_failures(row)
+        return [] if row.get("integer_kernels", 0) > 0 else ["no integer kernels in the program"]
+    if runtime not in FP32_MAX_ABS:
+        raise ValueError(f"no DESIGN §7 bar for runtime {runtime!r}")
+    failures = []
+    if not row["max_abs"] <= FP32_MAX_ABS[runtime]:  # NaN fails too
+        failures.append(f"max |Δ logits| {row['max_abs']:.2e} > {FP32_MAX_ABS[runtime]:.0e}")
+    if not row["greedy_match"]:
+        failures.append("greedy tokens differ from eager")
+    return failures
+
+
+def describe_bars() -> str:
+    """The bars as one sentence, for reports and help texts."""
+    fp32 = ", ".join(f"{runtime} max |Δ logits| ≤ {bar:.0e}" for runtime, bar in
+                     FP32_MAX_ABS.items() if bar)
+    return (f"fp32: {fp32}, greedy tokens identical; int8 (on the trained task): top-1 "
+            f"agreement ≥ {INT8_BARS['top1_agreement']:.0%}, cosine ≥ {INT8_BARS['cosine']}, "
+            f"task token accuracy within {INT8_BARS['token_accuracy_drop'] * 100:.0f} point of "
+            "eager")
