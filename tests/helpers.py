@@ -68,3 +68,26 @@ def renamed_router_model(config: BiBoConfig, seed: int = 0):
         moe._modules["gating"] = moe._modules.pop("router")
         moe.__class__ = RenamedRouterMoE
     return model
+
+
+def check_failed_export_keeps_previous(export, checkpoint, folder, tmp_path) -> None:
+    """Export ``checkpoint`` over a copy of the export ``folder``, verified against a perturbed
+    reference: ``export(outs, reference)`` must raise and leave the copy byte for byte as it
+    was, with no temporary folder left beside it."""
+    import re
+    import shutil
+
+    import pytest
+
+    from bibo_export.export.pipeline import ExportVerificationError
+    from bibo_export.model import BiBoForCausalLM
+
+    previous = shutil.copytree(folder, tmp_path / "previous")
+    before = {p.name: p.read_bytes() for p in previous.iterdir()}
+    perturbed = BiBoForCausalLM.from_pretrained(checkpoint)
+    with torch.no_grad():
+        perturbed.lm_head.weight.add_(0.05)
+    with pytest.raises(ExportVerificationError, match=re.escape("max |Δ logits|")):
+        export({"fp32": previous}, perturbed)
+    assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["previous"]

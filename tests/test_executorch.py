@@ -7,8 +7,6 @@ different pytest-xdist workers.
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -17,12 +15,12 @@ from helpers import tiny_config
 from bibo_export.artifacts import check_manifest
 from bibo_export.config import BiBoConfig
 from bibo_export.export import executorch as et_export
-from bibo_export.export.pipeline import ExportSettings, ExportVerificationError
+from bibo_export.export.pipeline import ExportSettings
 from bibo_export.model import BiBoForCausalLM
 from bibo_export.runtimes import load
 from bibo_export.runtimes.eager import EagerRuntime
 from bibo_export.verdict import FP32_MAX_ABS, compare_logits
-from helpers import renamed_router_model
+from helpers import check_failed_export_keeps_previous, renamed_router_model
 
 pytestmark = pytest.mark.export
 
@@ -157,16 +155,10 @@ def test_failed_verification_publishes_nothing(mlp_router_fp32, tmp_path):
     """A program whose check against eager fails (a perturbed reference) is not published:
     the export raises, and the previous folder stays byte for byte as it was."""
     checkpoint, out, _ = mlp_router_fp32
-    previous = shutil.copytree(out, tmp_path / "previous")
-    before = {p.name: p.read_bytes() for p in previous.iterdir()}
-    perturbed = BiBoForCausalLM.from_pretrained(checkpoint)
-    with torch.no_grad():
-        perturbed.lm_head.weight.add_(0.05)
-    with pytest.raises(ExportVerificationError, match="max |Δ logits|"):
-        et_export.export_executorch(checkpoint, {"fp32": previous}, max_length=MAX_LENGTH,
-                                    reference=perturbed)
-    assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["previous"]  # no temporary left
+    check_failed_export_keeps_previous(
+        lambda outs, reference: et_export.export_executorch(
+            checkpoint, outs, max_length=MAX_LENGTH, reference=reference),
+        checkpoint, out, tmp_path)
 
 
 def test_int8_keeps_the_router_float_by_identity():

@@ -13,13 +13,13 @@ from bibo_export.artifacts import ArtifactMetadata
 from bibo_export.config import BiBoConfig
 from bibo_export.export.onnx import (export_onnx, integer_kernels, subgraphs,
                                      weights_read_per_call)
-from bibo_export.export.pipeline import ExportVerificationError
 from bibo_export.model import BiBoForCausalLM
 from bibo_export.runtimes import load
 from bibo_export.runtimes.eager import EagerRuntime
 from bibo_export.runtimes.onnx import METADATA_KEY
 from bibo_export.verdict import FP32_MAX_ABS, INT8_BARS, compare_logits, compare_tokens
-from helpers import renamed_router_model, task_accuracy, tiny_config
+from helpers import (check_failed_export_keeps_previous, renamed_router_model, task_accuracy,
+                     tiny_config)
 
 pytestmark = pytest.mark.export
 
@@ -229,15 +229,10 @@ def test_failed_verification_publishes_nothing(fp32_exports, tmp_path):
     """An export whose check against eager fails (here: against a perturbed reference) raises
     and leaves the previous export byte for byte as it was."""
     checkpoint, folder = fp32_exports["mlp-router"]
-    previous = shutil.copytree(folder, tmp_path / "previous")
-    before = {p.name: p.read_bytes() for p in previous.iterdir()}
-    perturbed = BiBoForCausalLM.from_pretrained(checkpoint)
-    with torch.no_grad():
-        perturbed.lm_head.weight.add_(0.05)
-    with pytest.raises(ExportVerificationError, match="max |Δ logits|"):
-        export_onnx(checkpoint, {"fp32": previous}, max_length=MAX_LENGTH, reference=perturbed)
-    assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["previous"]  # no temporary left
+    check_failed_export_keeps_previous(
+        lambda outs, reference: export_onnx(checkpoint, outs, max_length=MAX_LENGTH,
+                                            reference=reference),
+        checkpoint, folder, tmp_path)
 
 
 def test_int8_keeps_the_router_float_by_identity(tmp_path):

@@ -11,6 +11,7 @@ from bibo_export.model import BiBoForCausalLM
 from bibo_export.train.backend import select_backend
 from bibo_export.train.checkpointing import checkpoint_dirs, load_training_checkpoint
 from bibo_export.train.data import make_data_source
+from bibo_export.train.run import RunFolder
 from bibo_export.train.trainer import TrainConfig, evaluate, requested_config, train
 from helpers import tiny_config
 
@@ -176,3 +177,13 @@ def test_legacy_checkpoint_config_still_loads(tmp_path):
     assert loaded.config == model.config
     assert (loaded.moe_layers[0].experts.execution.capacity_factor,
             loaded.moe_layers[0].experts.execution.dispatch) == (1.25, "einsum")
+
+
+def test_run_folder_is_found_from_final_or_any_checkpoint(tmp_path, model_file):
+    out = tmp_path / "run"
+    final = train(run_config(model_file, steps=6), out)
+    for checkpoint in (final, out / "checkpoints" / "step-000003"):
+        run = RunFolder.of_checkpoint(checkpoint)
+        assert run == RunFolder(out.resolve()), checkpoint
+        assert run.task().lengths == (4,) and run.metrics_path.is_file()
+    assert RunFolder.of_checkpoint(tmp_path) is None

@@ -1,1 +1,1 @@
-"""Exporters: prepare → export → quantize → lower → save → verify, for ONNX and ExecuTorch."""
+"""Exporters: one pipeline of named stages (pipeline.py) and a recipe per backend (onnx.py, executorch.py)."""
