@@ -25,9 +25,8 @@ RUN ?= runs/$(PRESET)
 TRAIN_ARGS ?=
 # make bench-train: steps per row (the first two, compiling, are not timed).
 BENCH_STEPS ?= 5
-# make demo: a shorter schedule than make train-tpu's (held-out token accuracy 0.951 vs 0.953
-# measured), into its own run folder: the whole pipeline took 19 min 06 s and 19 min 16 s after
-# set-up on 2 idle cores.
+# make demo: a shorter schedule than make train-tpu's, into its own run folder: the whole
+# pipeline took 5 min 32 s after set-up on 2 idle cores (2026-11-26; README, Quick start).
 DEMO_STEPS ?= 600
 DEMO_RUN ?= runs/demo
 # Exports that run at once in make demo and make export-executorch (one per core).
