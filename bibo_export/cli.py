@@ -15,6 +15,7 @@ from .artifacts import CONFIG_FILE, WEIGHTS_FILE, artifact_kind
 from .config import DISPATCH_MODES, PRESETS, BiBoConfig
 from .logs import filtered_native_stderr, silence_known_noise
 from .model import BiBoForCausalLM
+from .model.reference import import_reference
 from .parity import run_parity
 from .report import markdown_table, sorting_examples, write_report
 from .runtimes import load
@@ -105,6 +106,15 @@ def cmd_parity(args: argparse.Namespace) -> int:
     if not failures:
         print(f"parity: all DESIGN §7 bars met by {len(result['rows']) - 1} artifact(s)")
     return 1 if failures else 0
+
+
+def cmd_import_reference(args: argparse.Namespace) -> None:
+    """Convert a checkpoint saved by the original BiBo code into a bibo-export checkpoint."""
+    model = import_reference(args.source, args.out)
+    config = model.config
+    print(f"imported {args.source} -> {args.out}: {model.num_parameters() / 1e6:.2f}M "
+          f"parameters, {config.num_hidden_layers} layers ({len(model.moe_layers)} MoE), "
+          f"router {config.router_type}, SSMax {'on' if config.use_ssmax else 'off'}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -205,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--max-length", dest="max_length", type=int,
                        help="prompt + generated tokens the cache holds (default: the model's maximum)")
         q.set_defaults(func=func)
+
+    p = sub.add_parser("import", help="import a checkpoint written by other code")
+    sources = p.add_subparsers(dest="source_format", required=True, parser_class=OneLineErrors)
+    q = sources.add_parser("reference", help=cmd_import_reference.__doc__)
+    q.add_argument("source", help="the original's save_pretrained folder (config.json + "
+                                  "model.safetensors, or shards with model.safetensors.index.json)")
+    q.add_argument("--out", required=True, metavar="DIR", help="the checkpoint folder to write")
+    q.set_defaults(func=cmd_import_reference)
 
     p = sub.add_parser("generate", help=cmd_generate.__doc__)
     p.add_argument("--model", required=True,
