@@ -57,6 +57,8 @@ class BiBoConfig:
     moe_shared_scaling: float | None = None
     bias_update_threshold: int = 8000
     bias_update_factor: float | None = None
+    # Optional auxiliary load-balancing loss over the global batch (0: off); see balance_loss.
+    aux_loss_coef: float = 0.0
 
     def __post_init__(self) -> None:
         self._validate()
@@ -121,6 +123,8 @@ class BiBoConfig:
                 f"must exceed num_shared_experts={self.num_shared_experts} "
                 "(the shared scaling uses the top k-s routed probabilities)")
         require(self.router_noise >= 0, "router_noise", "is a variance and must be >= 0")
+        require(isinstance(self.aux_loss_coef, (int, float)) and math.isfinite(self.aux_loss_coef)
+                and self.aux_loss_coef >= 0, "aux_loss_coef", "must be a finite number >= 0")
         if self.moe_intermediate_size is not None:
             require(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be positive")
         if self.mlp_only_layers is not None:

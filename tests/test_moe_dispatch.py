@@ -87,7 +87,8 @@ def test_small_capacity_drops_exactly_the_low_priority_assignments(dispatch, cap
     u = torch.randn(20, config.hidden_size)
     # Skewed logits so some experts are oversubscribed.
     logits = torch.randn(20, 8) + torch.tensor([3.0, 2.0, 0, 0, 0, 0, 0, 0])
-    indices, weights = select_experts(normalize_logits(logits, 1.0), moe.expert_bias, 3, True)
+    indices, weights, _ = select_experts(normalize_logits(logits, 1.0), moe.expert_bias, 3,
+                                         True)
     expert, position, keep = capacity_slots(indices, config.num_mlp_experts, capacity)
 
     expected_keep = priority_keep(indices, config.num_mlp_experts, capacity)

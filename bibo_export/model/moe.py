@@ -33,12 +33,14 @@ class RoutingStats:
     expert_counts: Tensor  # [n] fp32, assignments per expert (before capacity drops)
     dropped: Tensor  # [] fp32, MLP-expert assignments past capacity
     num_tokens: int
+    probs_sum: Tensor | None = None  # [n] fp32, Σ over tokens of p = softmax(z̃); has gradients
 
 
 # A pytree node, so that torch.export and torch.compile accept it among a model's outputs.
 pytree.register_pytree_node(
-    RoutingStats, lambda s: ([s.expert_counts, s.dropped], s.num_tokens),
-    lambda children, num_tokens: RoutingStats(*children, num_tokens),
+    RoutingStats, lambda s: ([s.expert_counts, s.dropped, s.probs_sum], s.num_tokens),
+    lambda children, num_tokens: RoutingStats(children[0], children[1], num_tokens,
+                                              children[2]),
     serialized_type_name="bibo_export.RoutingStats")
 
 
@@ -49,6 +51,7 @@ class Selection:
     indices: Tensor  # [S, k] chosen experts, best first
     weights: Tensor  # [S, k] fp32 mixing weights
     gates: Tensor  # [S, n] fp32, the weights scattered to their experts (0 elsewhere)
+    probs: Tensor  # [S, n] fp32, p = softmax(z̃) over every expert
 
 
 # --------------------------------------------------------------------------------- routing
@@ -88,17 +91,16 @@ def normalize_logits(logits: Tensor, router_lambda: float) -> Tensor:
 
 
 def select_experts(normalized: Tensor, bias: Tensor, top_k: int,
-                   renormalize: bool) -> tuple[Tensor, Tensor]:
-    """Top-k of z̃ + b (b steers selection only), weighted by softmax(z̃) at the chosen experts.
-
-    Returns indices [S, k] in priority order (best first) and fp32 weights [S, k].
-    """
+                   renormalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k of z̃ + b (b steers selection only), weighted by p = softmax(z̃) at the chosen
+    experts. Returns indices [S, k] in priority order (best first), fp32 weights [S, k] and p
+    [S, n]."""
     probs = torch.softmax(normalized, dim=-1)
     _, indices = torch.topk(normalized + bias, top_k, dim=-1)
     weights = probs.gather(-1, indices)
     if renormalize:
         weights = weights / (weights.sum(-1, keepdim=True) + TOPK_NORM_EPS)
-    return indices, weights
+    return indices, weights, probs
 
 
 def capacity_slots(indices: Tensor, num_mlp_experts: int,
@@ -115,6 +117,18 @@ def capacity_slots(indices: Tensor, num_mlp_experts: int,
     one_hot = one_hot * is_mlp[:, None]
     position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1
     return expert, position, is_mlp & (position < capacity)
+
+
+def balance_loss(counts: Tensor, mean_probs: Tensor, coef: float) -> Tensor:
+    """The auxiliary load-balancing loss coef · n · Σ_e f_e · P_e, averaged over MoE layers.
+
+    ``counts`` [L, n]: assignments per expert, from which f_e is each expert's share; they are
+    discrete, so gradients flow through ``mean_probs`` [L, n] (P_e, the mean router probability
+    of e) only. Both cover the whole global batch. Perfect balance gives coef; one expert
+    taking everything gives coef · n.
+    """
+    fractions = counts / counts.sum(-1, keepdim=True)
+    return coef * counts.shape[-1] * (fractions * mean_probs).sum(-1).mean()
 
 
 def update_router_bias(bias: Tensor, tokens_seen: Tensor, counts: Tensor, stats: RoutingStats,
@@ -252,11 +266,11 @@ class MoE(nn.Module):
         config = self.config
         if self.training and config.router_noise > 0:
             logits = logits + torch.randn_like(logits) * math.sqrt(config.router_noise)
-        indices, weights = select_experts(normalize_logits(logits, config.router_lambda),
-                                          self.expert_bias, config.num_experts_per_tok,
-                                          config.norm_topk_prob)
+        indices, weights, probs = select_experts(normalize_logits(logits, config.router_lambda),
+                                                 self.expert_bias, config.num_experts_per_tok,
+                                                 config.norm_topk_prob)
         gates = torch.zeros_like(logits).scatter_add(-1, indices, weights)
-        return Selection(indices, weights, gates)
+        return Selection(indices, weights, gates, probs)
 
     def forward(self, u: Tensor, cache: dict[str, Tensor] | None
                 ) -> tuple[Tensor, RoutingStats, dict[str, Tensor]]:
@@ -276,7 +290,7 @@ class MoE(nn.Module):
         stats = RoutingStats(
             expert_counts=torch.zeros_like(self.expert_counts).scatter_add(
                 0, selection.indices.reshape(-1), torch.ones_like(selection.weights).reshape(-1)),
-            dropped=dropped, num_tokens=B * T)
+            dropped=dropped, num_tokens=B * T, probs_sum=selection.probs.sum(0))
         new_cache = {"shared_conv": shared_state}
         if router_state is not None:
             new_cache["router_conv"] = router_state
