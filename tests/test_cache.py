@@ -65,3 +65,34 @@ def test_cache_longer_than_max_positions_is_rejected():
     model = make_model()
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model.new_cache(1, 129)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(router_type="mlp", kernel_size=4)])
+def test_left_padded_rows_compute_what_each_prompt_computes_alone(overrides):
+    """Prompts of lengths 1, 7 and 16 in one left-padded batch: every real position's logits,
+    through prefill and 6 cached decode steps, equal each prompt run by itself."""
+    model = make_model(**overrides)
+    lengths = [1, 7, 16]
+    prompts = [torch.randint(0, 64, (n,)) for n in lengths]
+    width = max(lengths)
+    pad = torch.tensor([width - n for n in lengths])
+    ids = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p])
+                       for p in prompts])
+    steps = 6
+    with torch.no_grad():
+        out = model(ids, cache=model.new_cache(3, width + steps), start_pos=0, pad=pad)
+        batch_logits = [out.logits]
+        tokens = out.logits[:, -1].argmax(-1, keepdim=True)
+        generated = [tokens]
+        for step in range(steps - 1):
+            out = model(tokens, cache=out.cache, start_pos=width + step, pad=pad)
+            batch_logits.append(out.logits)
+            tokens = out.logits[:, -1].argmax(-1, keepdim=True)
+            generated.append(tokens)
+        batch_logits = torch.cat(batch_logits, dim=1)
+        generated = torch.cat(generated, dim=1)
+        for row, prompt in enumerate(prompts):
+            alone = model(torch.cat([prompt, generated[row, :-1]])[None]).logits[0]
+            got = batch_logits[row, pad[row]:]
+            assert (got - alone).abs().max() <= TOL, row
+            assert torch.equal(alone[len(prompt) - 1:].argmax(-1), generated[row])

@@ -18,6 +18,7 @@ from bibo_export.export import executorch as et_export
 from bibo_export.export.pipeline import ExportSettings
 from bibo_export.model import BiBoForCausalLM
 from bibo_export.runtimes import load
+from bibo_export.runtimes.base import RowByRow
 from bibo_export.runtimes.eager import EagerRuntime
 from bibo_export.verdict import FP32_MAX_ABS, compare_logits
 from helpers import check_failed_export_keeps_previous, renamed_router_model
@@ -100,6 +101,16 @@ def test_generation_restarts_cleanly(sort_tiny_fp32):
     first.generate(long, NEW_TOKENS)
     np.testing.assert_array_equal(first.generate(short, NEW_TOKENS), want)
     np.testing.assert_array_equal(second.generate(short, NEW_TOKENS), want)
+
+
+def test_prompts_of_different_lengths_run_row_by_row(sort_tiny_fp32):
+    """A program of batch 1 takes a list of prompts of different lengths through RowByRow:
+    each row generates what eager generates for that prompt alone."""
+    checkpoint, out, _ = sort_tiny_fp32
+    runtime, eager = RowByRow(load(out)), EagerRuntime.from_path(checkpoint)
+    prompts = [prompt(256, n, seed=n)[0] for n in (1, 7, 16)]
+    for got, want in zip(runtime.generate(prompts, 8), eager.generate(prompts, 8)):
+        np.testing.assert_array_equal(got, want)
 
 
 # ------------------------------------------------------------------------------ errors

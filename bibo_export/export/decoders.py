@@ -28,17 +28,21 @@ def unflatten_cache(model: BiBoForCausalLM, tensors: tuple[Tensor, ...]) -> list
 
 
 class FlatCacheDecoder(nn.Module):
-    """(input_ids [B, T], start_pos [] int64, *cache) → (logits [B, T, V], *new cache).
+    """(input_ids [B, T], start_pos [] int64, pad [B] int64, *cache) → (logits [B, T, V],
+    *new cache).
 
-    One graph serves prefill (T = prompt length, start_pos 0) and decode (T = 1).
+    One graph serves prefill (T = prompt length, start_pos 0) and decode (T = 1); ``pad`` counts
+    each row's left padding in a batch of prompts of different lengths (zeros otherwise).
     """
 
     def __init__(self, model: BiBoForCausalLM) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: Tensor, start_pos: Tensor, *cache: Tensor) -> tuple[Tensor, ...]:
-        out = self.model(input_ids, cache=unflatten_cache(self.model, cache), start_pos=start_pos)
+    def forward(self, input_ids: Tensor, start_pos: Tensor, pad: Tensor,
+                *cache: Tensor) -> tuple[Tensor, ...]:
+        out = self.model(input_ids, cache=unflatten_cache(self.model, cache), start_pos=start_pos,
+                         pad=pad)
         return (out.logits, *flatten_cache(out.cache))
 
 

@@ -79,12 +79,13 @@ class OnnxRecipe(Recipe):
         """torch.export → ONNX of the flat-cache decoder; batch and sequence length dynamic."""
         model, names = decoder.model, cache_names(decoder.model)
         ids = torch.zeros(2, 4, dtype=torch.long)  # an example 2×4 prompt at position 0
-        args = (ids, torch.tensor(0), *flatten_cache(model.new_cache(2, self.settings.max_length)))
+        pad = torch.tensor([0, 1])  # rows of different lengths: the padded graph
+        cache = flatten_cache(model.new_cache(2, self.settings.max_length))
         dynamic = torch.export.Dim.DYNAMIC
-        shapes = ({0: dynamic, 1: dynamic}, None, tuple({0: dynamic} for _ in names))
+        shapes = ({0: dynamic, 1: dynamic}, None, {0: dynamic}, tuple({0: dynamic} for _ in names))
         program = torch.onnx.export(
-            decoder, args, dynamo=True, opset_version=OPSET,
-            input_names=["input_ids", "start_pos", *names],
+            decoder, (ids, torch.tensor(0), pad, *cache), dynamo=True, opset_version=OPSET,
+            input_names=["input_ids", "start_pos", "pad", *names],
             output_names=["logits", *(f"present.{name}" for name in names)],
             dynamic_shapes=shapes, verbose=False)
         return OnnxGraph(program.model_proto, router_names(decoder), module_groups(decoder))

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import BiBoConfig, ExecutionOptions
-from .attention import Attention
+from .attention import Attention, TokenPositions
 from .checkpoint import load_checkpoint, save_checkpoint
 from .layers import RMSNorm, SwiGLU
 from .moe import MLPExperts, MoE, RoutingStats
@@ -58,14 +58,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(config, execution) if self.is_moe else SwiGLU(config.hidden_size,
                                                                        config.intermediate_size)
 
-    def forward(self, x: Tensor, positions: Tensor, cache: LayerCache | None
+    def forward(self, x: Tensor, positions: TokenPositions, cache: LayerCache | None
                 ) -> tuple[Tensor, RoutingStats | None, LayerCache]:
         attn, new_cache = self.self_attn(self.input_layernorm(x), positions, cache)
         x = x + attn
         u = self.post_attention_layernorm(x)
         if not self.is_moe:
             return x + self.mlp(u), None, new_cache
-        ffn, stats, conv_cache = self.mlp(u, cache)
+        ffn, stats, conv_cache = self.mlp(u, cache, positions.is_token())
         return x + ffn, stats, {**new_cache, **conv_cache}
 
 
@@ -114,14 +114,17 @@ class BiBoForCausalLM(nn.Module):
         return copy.deepcopy(self).eval().set_execution(ExecutionOptions())
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None,
-                cache: list[LayerCache] | None = None,
-                start_pos: Tensor | int = 0) -> CausalLMOutput:
+                cache: list[LayerCache] | None = None, start_pos: Tensor | int = 0,
+                pad: Tensor | None = None) -> CausalLMOutput:
         """Logits for ``input_ids`` [B, T]; with ``labels`` [B, T] also the mean cross-entropy.
 
         ``labels[b, t]`` is the target for position t (already shifted, as the data pipeline
-        builds them: labels = sample[1:] for input = sample[:-1]); -100 is ignored.
+        builds them: labels = sample[1:] for input = sample[:-1]); -100 is ignored. ``pad`` [B]
+        counts each row's left-padding tokens in a batch of prompts of different lengths: each
+        row then computes what its prompt computes alone (``TokenPositions``).
         """
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device) + start_pos
+        slots = torch.arange(input_ids.shape[1], device=input_ids.device) + start_pos
+        positions = TokenPositions(slots, pad)
         x = self.embed_tokens(input_ids)
         routing, new_cache = [], []
         for i, layer in enumerate(self.layers):

@@ -22,10 +22,10 @@ class RMSNorm(nn.Module):
 
 
 def rotary_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos/sin tables [T, head_dim] for rotate-half RoPE at the given absolute positions."""
+    """cos/sin tables [..., T, head_dim] for rotate-half RoPE at positions [..., T]."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device,
                                             dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = positions.float()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 

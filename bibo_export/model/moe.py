@@ -272,10 +272,16 @@ class MoE(nn.Module):
         gates = torch.zeros_like(logits).scatter_add(-1, indices, weights)
         return Selection(indices, weights, gates, probs)
 
-    def forward(self, u: Tensor, cache: dict[str, Tensor] | None
-                ) -> tuple[Tensor, RoutingStats, dict[str, Tensor]]:
-        """u [B, T, h] (post-attention norm) → (output [B, T, h], routing stats, new conv states)."""
+    def forward(self, u: Tensor, cache: dict[str, Tensor] | None,
+                is_token: Tensor | None = None) -> tuple[Tensor, RoutingStats, dict[str, Tensor]]:
+        """u [B, T, h] (post-attention norm) → (output [B, T, h], routing stats, new conv states).
+
+        ``is_token`` [B, T] is False at left padding: padding enters the causal convolutions
+        as zeros, exactly the zero state a sequence starts from.
+        """
         B, T, h = u.shape
+        if is_token is not None:
+            u = u * is_token[..., None].to(u.dtype)
         states = {} if cache is None else cache
         logits, router_state = self.router(u, states.get("router_conv"))
         selection = self.select(logits.reshape(B * T, -1))

@@ -74,8 +74,11 @@ class ExecuTorchRuntime(Runtime):
                                        torch.tensor(start_pos, dtype=torch.long)])
         return outputs[0].numpy()
 
-    def _prefill(self, input_ids: np.ndarray) -> np.ndarray:
+    # The program's batch is fixed (1 by default): prompts of different lengths run row by row
+    # (RowByRow), so padding never reaches it.
+    def _prefill(self, input_ids: np.ndarray, pad: np.ndarray | None) -> np.ndarray:
         return self._run(input_ids, 0)
 
-    def _decode(self, input_ids: np.ndarray, position: int) -> np.ndarray:
+    def _decode(self, input_ids: np.ndarray, position: int,
+                pad: np.ndarray | None) -> np.ndarray:
         return self._run(input_ids, position)

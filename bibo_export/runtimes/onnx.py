@@ -23,7 +23,7 @@ class OnnxRuntime(Runtime):
     def __init__(self, session: ort.InferenceSession, metadata: ArtifactMetadata) -> None:
         super().__init__(metadata.config, metadata.max_length)
         self.session, self.precision = session, metadata.precision
-        self.cache_inputs = session.get_inputs()[2:]
+        self.cache_inputs = session.get_inputs()[3:]  # after input_ids, start_pos, pad
         self.output_names = [o.name for o in session.get_outputs()]
         self._cache: list[ort.OrtValue] = []
 
@@ -47,18 +47,22 @@ class OnnxRuntime(Runtime):
                              "export it again")
         return cls(session, ArtifactMetadata.from_json(meta[METADATA_KEY], path / ONNX_FILE))
 
-    def _run(self, input_ids: np.ndarray, position: int) -> np.ndarray:
+    def _run(self, input_ids: np.ndarray, position: int, pad: np.ndarray | None) -> np.ndarray:
+        if pad is None:
+            pad = np.zeros(input_ids.shape[0], np.int64)
         feeds = {"input_ids": ort.OrtValue.ortvalue_from_numpy(input_ids),
-                 "start_pos": ort.OrtValue.ortvalue_from_numpy(np.array(position, np.int64))}
+                 "start_pos": ort.OrtValue.ortvalue_from_numpy(np.array(position, np.int64)),
+                 "pad": ort.OrtValue.ortvalue_from_numpy(pad)}
         feeds.update((i.name, value) for i, value in zip(self.cache_inputs, self._cache))
         logits, *self._cache = self.session.run_with_ort_values(self.output_names, feeds)
         return logits.numpy()
 
-    def _prefill(self, input_ids: np.ndarray) -> np.ndarray:
+    def _prefill(self, input_ids: np.ndarray, pad: np.ndarray | None) -> np.ndarray:
         batch = input_ids.shape[0]
         self._cache = [ort.OrtValue.ortvalue_from_numpy(
             np.zeros((batch, *i.shape[1:]), np.float32)) for i in self.cache_inputs]
-        return self._run(input_ids, 0)
+        return self._run(input_ids, 0, pad)
 
-    def _decode(self, input_ids: np.ndarray, position: int) -> np.ndarray:
-        return self._run(input_ids, position)
+    def _decode(self, input_ids: np.ndarray, position: int,
+                pad: np.ndarray | None) -> np.ndarray:
+        return self._run(input_ids, position, pad)
