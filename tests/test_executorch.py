@@ -78,7 +78,7 @@ def test_decode_steps_match_full_forward(sort_tiny_fp32):
         full = model(torch.from_numpy(tokens)).logits.numpy()
     runtime.logits(tokens[:, :8])
     for position in range(8, tokens.shape[1]):
-        step = runtime._decode(tokens[:, position:position + 1], position)
+        step = runtime._decode(tokens[:, position:position + 1], position, None)
         assert np.abs(step[:, 0] - full[:, position]).max() <= FP32_MAX_ABS["executorch"]
 
 
