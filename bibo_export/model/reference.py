@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from ..artifacts import CONFIG_FILE, WEIGHTS_FILE
-from ..config import BiBoConfig
+from ..config import BiBoConfig, parse_json_object
 from ..io import atomic_directory
 from .bibo import BiBoForCausalLM
 
@@ -172,11 +172,9 @@ def import_reference(source: str | Path, out: str | Path) -> BiBoForCausalLM:
     if not config_path.is_file():
         raise ReferenceImportError(f"{source} is not a checkpoint: it has no {CONFIG_FILE}")
     try:
-        values = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ReferenceImportError(f"{config_path} is not valid JSON: {err}") from None
-    if not isinstance(values, dict):
-        raise ReferenceImportError(f"{config_path} is not a JSON object")
+        values = parse_json_object(config_path.read_text())
+    except ValueError as err:
+        raise ReferenceImportError(f"{config_path}: {err}") from None
     config = convert_config(values, config_path)
     with torch.device("meta"):  # shapes only: the weights come from the source
         model = BiBoForCausalLM(config)

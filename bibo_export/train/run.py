@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import parse_json_object
 from ..io import atomic_write_text
 from ..tasks.sorting import SortingTask, parse_sort_spec
 from .checkpointing import checkpoint_dirs
@@ -51,12 +52,9 @@ class RunFolder:
         if not self.train_config_path.is_file():
             raise ValueError(f"{self.root} is not a run folder: it has no {TRAIN_CONFIG_FILE}")
         try:
-            values = json.loads(self.train_config_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{self.train_config_path} is corrupt: {err}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{self.train_config_path} is not a JSON object")
-        return values
+            return parse_json_object(self.train_config_path.read_text())
+        except ValueError as err:
+            raise ValueError(f"{self.train_config_path}: {err}") from None
 
     def write_train_config(self, values: dict[str, Any]) -> None:
         atomic_write_text(self.train_config_path, json.dumps(values, indent=2))
