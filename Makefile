@@ -25,9 +25,11 @@ RUN ?= runs/$(PRESET)
 TRAIN_ARGS ?=
 # make bench-train: steps per row (the first two, compiling, are not timed).
 BENCH_STEPS ?= 5
-# make demo: a shorter schedule than make train-tpu's, into its own run folder: the whole
-# pipeline took 5 min 32 s after set-up on 2 idle cores (2026-11-26; README, Quick start).
-DEMO_STEPS ?= 600
+# make demo: its own schedule, picked by the sweep in the README (Quick start) to learn the most
+# within the demo's time on 2 CPU cores, into its own run folder.
+DEMO_STEPS ?= 400
+DEMO_BATCH ?= 128
+DEMO_LR ?= 2e-3
 DEMO_RUN ?= runs/demo
 # Exports that run at once in make demo and make export-executorch (one per core).
 EXPORT_JOBS ?= 2
@@ -51,7 +53,8 @@ help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 demo: setup ## the whole pipeline: train (XLA) → ONNX + ExecuTorch fp32/int8 → parity → artifacts/report.md
-	$(MAKE) --no-print-directory train-tpu RUN=$(DEMO_RUN) STEPS=$(DEMO_STEPS)
+	$(MAKE) --no-print-directory train-tpu RUN=$(DEMO_RUN) STEPS=$(DEMO_STEPS) BATCH=$(DEMO_BATCH) \
+		TRAIN_ARGS="--lr $(DEMO_LR) $(TRAIN_ARGS)"
 	@# The exporters are mostly single-threaded Python. ExecuTorch int8 lowering takes longest,
 	@# so it starts first and keeps a core to itself while fp32 and then ONNX share the other.
 	$(MAKE) --no-print-directory -j$(EXPORT_JOBS) export-executorch-int8 export-executorch-fp32 \
