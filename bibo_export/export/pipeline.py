@@ -106,7 +106,7 @@ def check_outputs(outs: Mapping[str, str | Path]) -> dict[str, Path]:
     if not outs or set(outs) - set(PRECISIONS):
         raise ValueError(f"precisions must be among {', '.join(PRECISIONS)}, got {sorted(outs)}")
     folders = {precision: Path(out) for precision, out in outs.items()}
-    for precision, out in folders.items():
+    for out in folders.values():
         if out.suffix in (".pte", ".onnx") or (out.exists() and not out.is_dir()):
             raise ValueError(f"the output must be a folder (it receives the model file and its "
                              f"manifest), got {out}")
@@ -129,6 +129,7 @@ def run_export(recipe_type: type[Recipe], source: str | Path | BiBoForCausalLM,
             BiBoForCausalLM.from_pretrained(source)
         recipe = recipe_type(check_settings(model, max_length, batch_size))
         eager = EagerRuntime(reference or model, recipe.settings.max_length)
+    source_name = None if isinstance(source, BiBoForCausalLM) else str(source)
     state: Any = model
     for stage_name, run in recipe.shared_stages():
         with stage(name, stage_name):
@@ -141,7 +142,6 @@ def run_export(recipe_type: type[Recipe], source: str | Path | BiBoForCausalLM,
         for stage_name, run in recipe.output_stages(metadata):
             with stage(name, f"{stage_name} {precision}"):
                 variant = run(variant)
-        source_name = None if isinstance(source, BiBoForCausalLM) else str(source)
         manifests[precision] = publish(recipe, variant, out, metadata, eager, source_name)
         print(recipe.summary(manifests[precision]), flush=True)
     return manifests

@@ -16,7 +16,7 @@ the error messages live here, so every runtime rejects bad input the same way.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -170,7 +170,8 @@ class RowByRow(Runtime):
         return self._row_by_row(batch, lambda row: self.runtime.generate(row, max_new_tokens)[0], 0)
 
     @staticmethod
-    def _row_by_row(batch: Batch, run, fill: float) -> np.ndarray | list[np.ndarray]:  # noqa: ANN001
+    def _row_by_row(batch: Batch, run: Callable[[np.ndarray], np.ndarray],
+                    fill: float) -> np.ndarray | list[np.ndarray]:
         pads = batch.pad if batch.pad is not None else np.zeros(len(batch.ids), np.int64)
         rows = [run(ids[pad:][None]) for ids, pad in zip(batch.ids, pads)]
         if batch.form == "list":
