@@ -186,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--grad-accum", dest="grad_accum", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--warmup-fraction", dest="warmup_fraction", type=float,
+                   help="share of the steps spent warming the learning rate up (default 0.1)")
+    p.add_argument("--min-lr-ratio", dest="min_lr_ratio", type=float,
+                   help="the cosine schedule ends at lr × this (default 0.1)")
+    p.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW's (default 0.01)")
     p.add_argument("--sequence-length", dest="sequence_length", type=int)
     p.add_argument("--capacity-factor", dest="capacity_factor", type=float,
                    help="expert capacity during training (default 1.25; null never drops)")

@@ -189,7 +189,21 @@ def test_int8_graph_runs_integer_expert_kernels_and_a_float_router(int8_export):
     assert kernels.get("DynamicQuantizeMatMul", 0) + kernels.get("MatMulIntegerToFloat", 0) \
         >= 3 * moe_layers * config.num_mlp_experts
     assert set(manifest["quantization"]["quantized_weights"]) >= {"experts", "attention",
-                                                                 "lm_head"}
+                                                                 "lm_head", "embedding"}
+
+
+def test_int8_holds_no_float_embedding_table(int8_export):
+    _, _, folder, _ = int8_export
+    model = onnx.load(folder / "model.onnx", load_external_data=False)
+    config = ArtifactMetadata.from_json(
+        {p.key: p.value for p in model.metadata_props}[METADATA_KEY], folder).config
+    shapes = ([config.vocab_size, config.hidden_size], [config.hidden_size, config.vocab_size])
+    tables = [i for g in subgraphs(model.graph) for i in g.initializer if list(i.dims) in shapes]
+    assert tables and all(t.data_type == onnx.TensorProto.INT8 for t in tables), \
+        [(t.name, t.data_type) for t in tables]
+    lookups = [n for n in model.graph.node if n.op_type == "Gather"
+               and any(n.input[0] == t.name for t in tables)]
+    assert len(lookups) == 1, [n.name for n in lookups]  # the input embedding, read as int8
 
 
 def test_int8_files_are_at_most_035_of_fp32(int8_export, fp32_exports):

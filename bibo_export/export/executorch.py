@@ -5,13 +5,16 @@
   wrapped in ``StatefulDecoder``: the KV cache and conv states are mutable buffers.
 * **quantize**: torchao "8da8w" (int8 per-channel weights, int8 dynamic per-token activations)
   on every ``nn.Linear`` except the routers (found by type), whose discrete top-k flips would be
-  unbounded errors. It runs on the module, before ``torch.export``, because torchao quantizes
-  modules.
+  unbounded errors, and int8 weights with one scale per row on every ``nn.Embedding`` (at a
+  128k vocabulary the table is a quarter of the model). It runs on the module, before
+  ``torch.export``, because torchao quantizes modules.
 * **export**: one method, ``forward(input_ids [B, T], start_pos [] int64) → logits [B, T, V]``
   with a dynamic T in 1 … max_length: prefill is a call at start_pos 0 (it also resets the conv
   states), decoding is a call with T = 1 at the next position.
 * **lower**: ``to_edge_transform_and_lower`` with the XNNPACK partitioner, then
-  ``to_executorch``. What was delegated and what stays as portable kernels is counted.
+  ``to_executorch``, whose quant fusion turns the embedding's dequantize + lookup into
+  ExecuTorch's ``quantized_decomposed::embedding_byte`` kernel. What was delegated and what
+  stays as portable kernels is counted.
 
 The artifact metadata (config, maximum length, batch size, precision) travels inside the
 program as a constant method (``bibo_metadata``, UTF-8 JSON as uint8): a ``.pte`` describes
@@ -27,12 +30,14 @@ from typing import Any
 
 import torch
 from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-from executorch.exir import EdgeProgramManager, to_edge_transform_and_lower
+from executorch.exir import (EdgeProgramManager, ExecutorchBackendConfig,
+                             to_edge_transform_and_lower)
 from executorch.exir.dialects.edge._ops import EdgeOpOverload
 from executorch.exir.lowered_backend_module import get_lowered_backend_modules
 from torch import nn
 from torch._ops import OpOverload
-from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+from torchao.quantization import (Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig,
+                                  quantize_)
 from torchao.quantization.granularity import PerAxis
 
 from ..artifacts import PTE_FILE, ArtifactMetadata
@@ -43,7 +48,8 @@ from .decoders import StatefulDecoder
 from .pipeline import Recipe, Stage, run_export
 from .transforms import FusedExperts, UnfoldedSharedExpert, export_form, router_names
 
-QUANTIZATION = "8da8w (int8 per-channel weights, int8 dynamic per-token activations); router float"
+QUANTIZATION = ("8da8w (int8 per-channel weights, int8 dynamic per-token activations); "
+                "embedding int8 per row (embedding_byte); router float")
 
 
 @dataclass
@@ -52,6 +58,7 @@ class ProgramBuild:
 
     decoder: StatefulDecoder
     quantized: set[str] = field(default_factory=set)  # qualified names of the int8 Linears
+    quantized_tables: set[str] = field(default_factory=set)  # ... and int8 embeddings
     exported: torch.export.ExportedProgram | None = None
     program: Any = None  # ExecutorchProgramManager
     ops: dict[str, Any] = field(default_factory=dict)
@@ -91,7 +98,9 @@ class ExecuTorchRecipe(Recipe):
         edge = to_edge_transform_and_lower(build.exported, partitioner=[XnnpackPartitioner()],
                                            constant_methods={METADATA_METHOD: encoded})
         build.ops = count_ops(edge)
-        build.program = edge.to_executorch()
+        # Quant fusion maps int8 embeddings to embedding_byte; float programs skip the pass.
+        fuse = ExecutorchBackendConfig(do_quant_fusion_and_const_prop=metadata.precision == "int8")
+        build.program = edge.to_executorch(fuse)
         build.exported = None  # done with it: release its memory
         return build
 
@@ -105,6 +114,7 @@ class ExecuTorchRecipe(Recipe):
                                  "decode_weight_bytes_per_token": decode_weight_bytes(build)}
         if precision == "int8":
             facts.update(quantization=QUANTIZATION, quantized_linears=len(build.quantized),
+                         quantized_embeddings=len(build.quantized_tables),
                          integer_kernels=build.ops["quantized_linears"])
         return facts
 
@@ -133,13 +143,18 @@ def export_executorch(source: str | Path | BiBoForCausalLM, outs: dict[str, str 
 # ------------------------------------------------------------------------------ quantize
 def quantize_8da8w(build: ProgramBuild) -> ProgramBuild:
     """int8 per-channel weights, int8 dynamic per-token activations, on every Linear but the
-    routers (kept float, DESIGN §6)."""
+    routers (kept float, DESIGN §6); int8 embedding tables with one scale per row."""
     routers = router_names(build.decoder)
-    build.quantized = {name for name, module in build.decoder.named_modules()
+    modules = dict(build.decoder.named_modules())
+    build.quantized = {name for name, module in modules.items()
                        if isinstance(module, nn.Linear) and name not in routers}
-    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8,
+    build.quantized_tables = {name for name, module in modules.items()
+                              if isinstance(module, nn.Embedding)}
+    linear = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8,
                                                    weight_granularity=PerAxis(0))
-    quantize_(build.decoder, config, filter_fn=lambda module, name: name in build.quantized)
+    quantize_(build.decoder, linear, filter_fn=lambda module, name: name in build.quantized)
+    table = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+    quantize_(build.decoder, table, filter_fn=lambda module, name: name in build.quantized_tables)
     return build
 
 
@@ -149,8 +164,8 @@ def decode_weight_bytes(build: ProgramBuild) -> dict[str, int]:
 
     The program runs every routed MLP expert on every token (``FusedExperts``; XNNPACK cannot
     delegate linears inside ``torch.cond``, DESIGN §6), so it touches all expert weights; the
-    minimum reads only k of them per MoE layer. Both read one embedding row. int8 Linears:
-    1 byte per weight plus an fp32 scale per output channel; everything else fp32.
+    minimum reads only k of them per MoE layer. Both read one embedding row. int8 Linears and
+    tables: 1 byte per weight plus an fp32 scale per output channel or row; the rest fp32.
     """
     model = build.decoder.model
     config, prefix = model.config, "model."
@@ -158,7 +173,8 @@ def decode_weight_bytes(build: ProgramBuild) -> dict[str, int]:
     fused = {name for name, module in model.named_modules() if isinstance(module, FusedExperts)}
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
-            touched += module.embedding_dim * 4
+            int8 = prefix + name in build.quantized_tables
+            touched += module.embedding_dim + 4 if int8 else module.embedding_dim * 4
             continue
         for param in module.parameters(recurse=False):
             if prefix + name in build.quantized:

@@ -6,7 +6,8 @@ One graph serves prefill and decode: ``(input_ids [B, T], start_pos [], *cache) 
 experts some token selected. fp32 and int8 come from one trace.
 
 int8 is ORT dynamic quantization (int8 per-channel weights, uint8 dynamic activations) of every
-constant-weight MatMul and Conv except the routers', which stay float: a routing flip is a
+constant-weight MatMul and Conv except the routers', plus int8 embedding tables with per-row
+scales (``quantize_embedding_tables``). The routers stay float: a routing flip is a
 discrete, unbounded error (DESIGN §6). The router nodes are the ones the exporter recorded as
 computed inside a ``Router`` module (found by type, not by name). Two graph facts make the
 experts reachable: ``nn.Linear`` on the MoE's flat 2-D tokens exports as ``Gemm``, which
@@ -30,6 +31,7 @@ import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
+from torch import nn
 
 from ..artifacts import ONNX_DATA_FILE, ONNX_FILE, ArtifactMetadata
 from ..model import BiBoForCausalLM
@@ -199,7 +201,7 @@ def router_nodes(state: OnnxGraph) -> list[str]:
 
 
 def quantize_int8(state: OnnxGraph) -> OnnxGraph:
-    """Dynamic int8 quantization of everything but the routers."""
+    """Dynamic int8 quantization of everything but the routers, and int8 embedding tables."""
     model = state.model
     rewritten = gemms_to_matmuls(model)
     name_linear_weights(model)
@@ -211,9 +213,49 @@ def quantize_int8(state: OnnxGraph) -> OnnxGraph:
                          weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
                          extra_options={"EnableSubgraph": True, "MatMulConstBOnly": True})
         quantized = onnx.load(dst)
+    tables = quantize_embedding_tables(quantized)
     return OnnxGraph(quantized, state.router_scopes, state.module_groups,
                      {"gemms_rewritten": rewritten, "float_router_nodes": excluded,
+                      "int8_embedding_tables": tables,
                       "quantized_weights": quantized_weights(state, quantized)})
+
+
+def quantize_embedding_tables(model: onnx.ModelProto) -> list[str]:
+    """Replace each embedding lookup ``Gather(table, ids)`` of a float table by an int8 table
+    with one scale per row: ``Gather(q, ids) → Cast → Mul(Gather(scales, ids))``.
+
+    ``quantize_dynamic`` has no per-row form for Gather (one scale for the whole table); at a
+    vocabulary of 128k the table is a quarter of the model, so it gets its own symmetric
+    per-row quantization, the same scheme as ExecuTorch's ``embedding_byte``. Returns the
+    quantized tables' names.
+    """
+    weights = own_weights(model)
+    graph, done = model.graph, []
+    for position, node in reversed(list(enumerate(graph.node))):
+        table = weights.get(node.input[0]) if node.op_type == "Gather" else None
+        if table is None or table.data_type != onnx.TensorProto.FLOAT or len(table.dims) != 2:
+            continue
+        values = numpy_helper.to_array(table)
+        scales = np.abs(values).max(axis=1, keepdims=True) / 127.0
+        scales[scales == 0] = 1.0  # an all-zero row: any scale reproduces it
+        rows = np.clip(np.rint(values / scales), -127, 127).astype(np.int8)
+        name, ids, out = table.name, node.input[1], node.output[0]
+        table.CopyFrom(numpy_helper.from_array(rows, f"{name}_quantized"))
+        graph.initializer.append(numpy_helper.from_array(scales.astype(np.float32),
+                                                         f"{name}_scale"))
+        lookup = [onnx.helper.make_node("Gather", [f"{name}_quantized", ids], [f"{out}_int8"],
+                                        name=f"{node.name}_int8"),
+                  onnx.helper.make_node("Cast", [f"{out}_int8"], [f"{out}_unscaled"],
+                                        to=onnx.TensorProto.FLOAT, name=f"{node.name}_cast"),
+                  onnx.helper.make_node("Gather", [f"{name}_scale", ids], [f"{out}_scale"],
+                                        name=f"{node.name}_scale"),
+                  onnx.helper.make_node("Mul", [f"{out}_unscaled", f"{out}_scale"], [out],
+                                        name=f"{node.name}_dequantize")]
+        graph.node.remove(node)
+        for offset, new in enumerate(lookup):
+            graph.node.insert(position + offset, new)
+        done.append(name)
+    return done
 
 
 def quantized_weights(state: OnnxGraph, model: onnx.ModelProto) -> dict[str, list[str]]:
@@ -232,7 +274,8 @@ def quantized_weights(state: OnnxGraph, model: onnx.ModelProto) -> dict[str, lis
 def module_groups(decoder: FlatCacheDecoder) -> dict[str, str]:
     """Qualified module name → the part of the model it is, by module type."""
     kinds = [(SkipUnselectedExperts, "experts"), (SharedConvExpert, "shared_expert"),
-             (Attention, "attention"), (SwiGLU, "dense_ffn"), (Router, "router")]
+             (Attention, "attention"), (SwiGLU, "dense_ffn"), (Router, "router"),
+             (nn.Embedding, "embedding")]
     groups = {name: group for name, module in decoder.named_modules()
               for kind, group in kinds if isinstance(module, kind)}
     groups.update((name, "lm_head") for name, module in decoder.named_modules()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import executorch.kernels.quantized  # noqa: F401 - registers embedding_byte with the runtime
 import numpy as np
 import torch
 from executorch.exir._serialize._program import _get_extended_header
