@@ -25,6 +25,7 @@ RUN ?= runs/$(PRESET)
 TRAIN_ARGS ?=
 # make bench-train: steps per row (the first two, compiling, are not timed).
 BENCH_STEPS ?= 5
+SCALE_MAX_LENGTH ?= 256
 # make demo: its own schedule, picked by the sweep in the README (Quick start) to learn the most
 # within the demo's time on 2 CPU cores, into its own run folder.
 DEMO_STEPS ?= 400
@@ -47,7 +48,7 @@ QUIET_PIP := { grep -v "^WARNING: Location '.*' is ignored" || true; }
 
 .PHONY: help demo setup setup-export setup-xla test test-export test-xla train-tpu export-onnx \
 	export-executorch export-executorch-fp32 export-executorch-int8 parity bench bench-train \
-	bench-dispatch bench-onnx bench-executorch clean distclean
+	bench-dispatch bench-onnx bench-executorch bench-scale clean distclean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -149,12 +150,18 @@ bench-train: $(STAMP) $(XLA_STAMP) ## train-step tokens/s, static vs dynamic dis
 	PJRT_DEVICE=$(PJRT_DEVICE) $(VENV_XLA)/bin/python -m bench.train --backend xla \
 		--presets bench --steps $(BENCH_STEPS) --dispatches index
 
+bench-scale: $(STAMP) ## reference preset (752.6M) exports: time, peak memory, sizes → bench/results/scale.json
+	@# Not part of make bench: about 10 minutes, 3 GB of checkpoint and 8 GB of artifacts
+	@# under bench/work/scale, and up to 12 GB of memory per export.
+	$(VENV)/bin/python -m bench.scale --max-length $(SCALE_MAX_LENGTH)
+	$(VENV)/bin/python -m bench.summary
+
 bench-dispatch: $(STAMP) $(XLA_STAMP) ## MoE dispatch benchmark → bench/results/dispatch.json
 	$(VENV)/bin/python -m bench.dispatch --backend eager
 	PJRT_DEVICE=$(PJRT_DEVICE) $(VENV_XLA)/bin/python -m bench.dispatch --backend xla
 
 clean: ## remove run outputs, artifacts and benchmark results (keeps the environments)
-	rm -rf runs artifacts bench/results .pytest_cache
+	rm -rf runs artifacts bench/results bench/work .pytest_cache
 
 distclean: clean ## also remove both virtual environments
 	rm -rf $(VENV) $(VENV_XLA)

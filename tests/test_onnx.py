@@ -253,6 +253,20 @@ def test_damaged_export_is_reported(fp32_exports, tmp_path, damage, message):
     assert "\n" not in str(err.value)
 
 
+def test_exporting_a_model_object_leaves_it_untouched(tmp_path):
+    """The pipeline transforms its own copy in place: the caller's model keeps its modules
+    and weights, and the export computes what it computes."""
+    torch.manual_seed(0)
+    model = BiBoForCausalLM(tiny_config(num_hidden_layers=2)).eval()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    kinds = [type(module) for module in model.modules()]
+    export_onnx(model, {"fp32": tmp_path / "fp32"}, max_length=16)
+    assert [type(module) for module in model.modules()] == kinds
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], value) for name, value in before.items())
+
+
 def test_export_rejects_bad_arguments(tmp_path, fp32_exports):
     with pytest.raises(ValueError, match="not found"):
         export_onnx(tmp_path / "nowhere", {"fp32": tmp_path / "out"})

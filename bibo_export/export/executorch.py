@@ -56,12 +56,13 @@ QUANTIZATION = ("8da8w (int8 per-channel weights, int8 dynamic per-token activat
 class ProgramBuild:
     """The recipe's state: the decoder module, then its exported and lowered programs."""
 
-    decoder: StatefulDecoder
+    decoder: StatefulDecoder | None  # released once lowered: the program holds the weights
     quantized: set[str] = field(default_factory=set)  # qualified names of the int8 Linears
     quantized_tables: set[str] = field(default_factory=set)  # ... and int8 embeddings
     exported: torch.export.ExportedProgram | None = None
     program: Any = None  # ExecutorchProgramManager
     ops: dict[str, Any] = field(default_factory=dict)
+    weight_bytes: dict[str, int] = field(default_factory=dict)  # decode_weight_bytes
 
 
 class ExecuTorchRecipe(Recipe):
@@ -87,6 +88,7 @@ class ExecuTorchRecipe(Recipe):
         example = (torch.zeros(batch_size, min(2, max_length), dtype=torch.long),
                    torch.tensor(0, dtype=torch.long))
         tokens = torch.export.Dim("tokens", min=1, max=max_length)
+        build.weight_bytes = decode_weight_bytes(build)
         with torch.no_grad():
             build.exported = torch.export.export(build.decoder, example,
                                                  dynamic_shapes=({1: tokens}, None))
@@ -98,10 +100,12 @@ class ExecuTorchRecipe(Recipe):
         edge = to_edge_transform_and_lower(build.exported, partitioner=[XnnpackPartitioner()],
                                            constant_methods={METADATA_METHOD: encoded})
         build.ops = count_ops(edge)
+        # XNNPACK's blobs now hold the weights: release the module and the exported program
+        # (3 GB each at 750M parameters, shared) before the final program is built.
+        build.exported = build.decoder = None
         # Quant fusion maps int8 embeddings to embedding_byte; float programs skip the pass.
         fuse = ExecutorchBackendConfig(do_quant_fusion_and_const_prop=metadata.precision == "int8")
         build.program = edge.to_executorch(fuse)
-        build.exported = None  # done with it: release its memory
         return build
 
     def save(self, build: ProgramBuild, folder: Path, metadata: ArtifactMetadata) -> list[str]:
@@ -111,7 +115,7 @@ class ExecuTorchRecipe(Recipe):
 
     def inspect(self, build: ProgramBuild, folder: Path, precision: str) -> dict[str, Any]:
         facts: dict[str, Any] = {"ops": build.ops,
-                                 "decode_weight_bytes_per_token": decode_weight_bytes(build)}
+                                 "decode_weight_bytes_per_token": build.weight_bytes}
         if precision == "int8":
             facts.update(quantization=QUANTIZATION, quantized_linears=len(build.quantized),
                          quantized_embeddings=len(build.quantized_tables),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -57,6 +58,10 @@ class OnnxGraph:
     router_scopes: set[str]  # qualified names of the Router modules
     module_groups: dict[str, str]  # qualified module name → experts, attention, ...
     quantization: dict[str, Any] | None = field(default=None)
+    # Where the graph's weights are while they are external (model.onnx.data): the export
+    # streams them to disk, so no second in-memory copy (3 GB at 750M parameters) is built.
+    # None once they are in the graph itself (after quantization).
+    weights_dir: tempfile.TemporaryDirectory | None = None
 
 
 class OnnxRecipe(Recipe):
@@ -72,13 +77,16 @@ class OnnxRecipe(Recipe):
     def fork(self, state: OnnxGraph) -> OnnxGraph:
         graph = onnx.ModelProto()
         graph.CopyFrom(state.model)  # quantization rewrites the graph in place
-        return OnnxGraph(graph, state.router_scopes, state.module_groups)
+        return OnnxGraph(graph, state.router_scopes, state.module_groups,
+                         weights_dir=state.weights_dir)
 
     def transform(self, model: BiBoForCausalLM) -> FlatCacheDecoder:
         return FlatCacheDecoder(export_form(model, {MLPExperts: SkipUnselectedExperts})).eval()
 
     def export(self, decoder: FlatCacheDecoder) -> OnnxGraph:
-        """torch.export → ONNX of the flat-cache decoder; batch and sequence length dynamic."""
+        """torch.export → ONNX of the flat-cache decoder; batch and sequence length dynamic.
+        The weights go straight to a temporary ``model.onnx.data``; the graph keeps
+        references to them."""
         model, names = decoder.model, cache_names(decoder.model)
         ids = torch.zeros(2, 4, dtype=torch.long)  # an example 2×4 prompt at position 0
         pad = torch.tensor([0, 1])  # rows of different lengths: the padded graph
@@ -90,13 +98,22 @@ class OnnxRecipe(Recipe):
             input_names=["input_ids", "start_pos", "pad", *names],
             output_names=["logits", *(f"present.{name}" for name in names)],
             dynamic_shapes=shapes, verbose=False)
-        return OnnxGraph(program.model_proto, router_names(decoder), module_groups(decoder))
+        weights = tempfile.TemporaryDirectory(prefix="bibo-onnx-")
+        program.save(Path(weights.name) / ONNX_FILE, external_data=True)
+        graph = onnx.load(Path(weights.name) / ONNX_FILE, load_external_data=False)
+        return OnnxGraph(graph, router_names(decoder), module_groups(decoder),
+                         weights_dir=weights)
 
     def save(self, state: OnnxGraph, folder: Path, metadata: ArtifactMetadata) -> list[str]:
         strip_debug_info(state.model)
         del state.model.metadata_props[:]
         onnx.helper.set_model_props(state.model, {METADATA_KEY: metadata.to_json()})
-        save_model(state.model, folder / ONNX_FILE)
+        if state.weights_dir is None:
+            save_model(state.model, folder / ONNX_FILE)
+        else:  # the graph already refers to model.onnx.data: place that file beside it
+            onnx.save_model(state.model, folder / ONNX_FILE)
+            # A copy: the ONNX checker refuses external data with several hard links.
+            shutil.copyfile(Path(state.weights_dir.name) / ONNX_DATA_FILE, folder / ONNX_DATA_FILE)
         onnx.checker.check_model(folder / ONNX_FILE)  # the path form handles external data
         return [ONNX_FILE, ONNX_DATA_FILE]
 
@@ -203,6 +220,8 @@ def router_nodes(state: OnnxGraph) -> list[str]:
 def quantize_int8(state: OnnxGraph) -> OnnxGraph:
     """Dynamic int8 quantization of everything but the routers, and int8 embedding tables."""
     model = state.model
+    if state.weights_dir is not None:
+        onnx.load_external_data_for_model(model, state.weights_dir.name)
     rewritten = gemms_to_matmuls(model)
     name_linear_weights(model)
     excluded = router_nodes(state)
@@ -292,7 +311,8 @@ def strip_debug_info(model: onnx.ModelProto) -> None:
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """``path`` plus one external data file (``<name>.data``) holding the weights."""
+    """``path`` plus one external data file (``<name>.data``) holding the weights; the
+    weights leave ``model``'s memory as they are written."""
     onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
                     location=f"{path.name}.data", size_threshold=1024)
 
