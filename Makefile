@@ -151,7 +151,7 @@ bench-train: $(STAMP) $(XLA_STAMP) ## train-step tokens/s, static vs dynamic dis
 		--presets bench --steps $(BENCH_STEPS) --dispatches index
 
 bench-scale: $(STAMP) ## reference preset (752.6M) exports: time, peak memory, sizes → bench/results/scale.json
-	@# Not part of make bench: about 10 minutes, 3 GB of checkpoint and 8 GB of artifacts
+	@# Not part of make bench: about 15 minutes, 3 GB of checkpoint and 10 GB of artifacts
 	@# under bench/work/scale, and up to 12 GB of memory per export.
 	$(VENV)/bin/python -m bench.scale --max-length $(SCALE_MAX_LENGTH)
 	$(VENV)/bin/python -m bench.summary

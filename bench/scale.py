@@ -1,6 +1,6 @@
 """Exports at real size: a random-init ``reference``-preset checkpoint (752.6M parameters) to
-ONNX fp32 + int8 (one trace) and to ExecuTorch fp32 and int8, each through the CLI in its own
-process, as a user would run them.
+ONNX fp32 + int8 (one trace) and to ExecuTorch fp32, int8 and bf16, each through the CLI in its
+own process, as a user would run them.
 
     python -m bench.scale [--preset reference] [--max-length 256] [--work bench/work/scale]
 
@@ -128,7 +128,8 @@ def main() -> None:
     parameters = json.loads((checkpoint / "config.json").read_text())
     cli = [sys.executable, "-m", "bibo_export.cli", "export"]
     common = ["--checkpoint", str(checkpoint), "--max-length", str(args.max_length)]
-    out = {name: args.work / name for name in ("onnx-fp32", "onnx-int8", "et-fp32", "et-int8")}
+    out = {name: args.work / name
+           for name in ("onnx-fp32", "onnx-int8", "et-fp32", "et-int8", "et-bf16")}
     exports = [
         ("onnx fp32+int8", [*cli, "onnx", *common, "--out", str(out["onnx-fp32"]),
                             "--int8-out", str(out["onnx-int8"])],
@@ -137,12 +138,16 @@ def main() -> None:
          {"fp32": out["et-fp32"]}),
         ("executorch int8", [*cli, "executorch", *common, "--out", str(out["et-int8"]), "--int8"],
          {"int8": out["et-int8"]}),
+        ("executorch bf16", [*cli, "executorch", *common, "--out", str(out["et-bf16"]),
+                             "--dtype", "bf16"], {"bf16": out["et-bf16"]}),
     ]
     rows = [export_row(name, command, folders, args.work) for name, command, folders in exports]
     fp32 = {"onnx": rows[0].get("fp32_mb"), "executorch": rows[1].get("fp32_mb")}
-    for row, format_ in zip(rows, ("onnx", "executorch", "executorch")):
-        if row.get("int8_mb") and fp32[format_]:
-            row["int8_vs_fp32"] = row["int8_mb"] / fp32[format_]
+    for row in rows:
+        for precision in ("int8", "bf16"):
+            reference = fp32[row["export"].split()[0]]
+            if row.get(f"{precision}_mb") and reference:
+                row[f"{precision}_vs_fp32"] = row[f"{precision}_mb"] / reference
     path = update_results("scale", args.preset, {
         "machine": {**machine(), "cpus": os.cpu_count(),
                     "memory_gb": os.sysconf("SC_PHYS_PAGES") * PAGE / 1e9},
@@ -151,8 +156,8 @@ def main() -> None:
                                               "num_routed_experts", "num_experts_per_tok")},
         "rows": rows})
     print(table(rows, ["export", "wall_s", "peak_rss_gb", "fp32_mb", "int8_mb", "int8_vs_fp32",
-                       "fp32_verified", "int8_verified", "fp32_max_abs", "int8_top1",
-                       "int8_cosine"]))
+                       "bf16_mb", "bf16_vs_fp32", "fp32_verified", "int8_verified",
+                       "bf16_verified", "fp32_max_abs", "int8_cosine", "bf16_cosine"]))
     print(f"wrote {path}")
     if any(row["exit"] != 0 for row in rows):
         raise SystemExit("an export failed: see the logs in " + str(args.work))

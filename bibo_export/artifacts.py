@@ -30,7 +30,7 @@ ONNX_FILE = "model.onnx"
 ONNX_DATA_FILE = "model.onnx.data"
 PTE_FILE = "model.pte"
 MANIFEST_FILE = "manifest.json"
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "bf16", "int8")
 
 Kind = Literal["checkpoint", "onnx", "executorch"]
 MODEL_FILES: dict[str, tuple[str, ...]] = {"checkpoint": (WEIGHTS_FILE,),

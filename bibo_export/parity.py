@@ -23,7 +23,7 @@ from .runtimes.base import Runtime, any_batch
 from .runtimes.eager import EagerRuntime
 from .tasks.sorting import SortingTask
 from .timing import time_runtime
-from .verdict import FP32_MAX_ABS, INT8_BARS, compare_logits, compare_tokens, judge
+from .verdict import BF16_BARS, FP32_MAX_ABS, INT8_BARS, compare_logits, compare_tokens, judge
 
 # The speed columns: one batch-1 prompt, then cached decode steps (medians of a few runs).
 SPEED_PROMPT_TOKENS = 64
@@ -116,5 +116,5 @@ def run_parity(checkpoint: str | Path, artifacts: list[str | Path],
             "prompts": inputs.prompts.tolist(), "new_tokens": inputs.new_tokens,
             "speed": {"prompt_tokens": speed_prompt.shape[1], "new_tokens": SPEED_NEW_TOKENS,
                       "repeats": SPEED_REPEATS, "batch_size": 1} if speed else None,
-            "bars": {"fp32_max_abs": FP32_MAX_ABS, "int8": INT8_BARS},
+            "bars": {"fp32_max_abs": FP32_MAX_ABS, "int8": INT8_BARS, "bf16": BF16_BARS},
             "rows": rows, "passed": all(row["passed"] for row in rows[1:])}

@@ -4,9 +4,10 @@ behind them and the judgement of one measured row, in one place: both exporters'
 
 Two scopes, one rule set:
 
-* ``export``: an exporter's check on seeded random prompts. fp32 bars are enforced. int8 bars
-  (top-1, cosine) are only meaningful on a trained model, so here they are recorded, and what
-  is enforced is that the program really runs integer kernels.
+* ``export``: an exporter's check on seeded random prompts. fp32 bars are enforced. int8 and
+  bf16 top-1 bars are only meaningful on a trained model (a random model's logits are nearly
+  tied), so here they are recorded; what is enforced is that an int8 program really runs
+  integer kernels, and a bf16 program's cosine (a relative error, meaningful on any weights).
 * ``task``: ``bibo-export parity`` on the checkpoint's own held-out data. Every bar is enforced,
   int8 accuracy ones included (task accuracy within 1 point of eager when the task has one).
 """
@@ -23,6 +24,9 @@ Scope = Literal["export", "task"]
 # A checkpoint compared as an artifact runs the same eager code: it must match exactly.
 FP32_MAX_ABS = {"onnx": 1e-4, "executorch": 1e-3, "eager": 0.0}
 INT8_BARS = {"top1_agreement": 0.98, "cosine": 0.99, "token_accuracy_drop": 0.01}
+# bf16 programs (ExecuTorch) against eager fp32.
+BF16_BARS = {"top1_agreement": 0.99, "cosine": 0.999}
+ACCURACY_BARS = {"int8": INT8_BARS, "bf16": BF16_BARS}
 
 
 def compare_logits(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
@@ -43,16 +47,18 @@ def compare_tokens(candidate: np.ndarray, reference: np.ndarray) -> dict[str, An
             "greedy_token_agreement": float((candidate == reference).mean())}
 
 
-def int8_accuracy_failures(row: dict[str, Any]) -> list[str]:
-    failures = []
-    if row["top1_agreement"] < INT8_BARS["top1_agreement"]:
+def accuracy_failures(row: dict[str, Any], precision: str) -> list[str]:
+    """The reduced-precision (int8, bf16) bars ``row`` misses."""
+    bars, failures = ACCURACY_BARS[precision], []
+    if row["top1_agreement"] < bars["top1_agreement"]:
         failures.append(f"top-1 agreement {row['top1_agreement']:.4f} < "
-                        f"{INT8_BARS['top1_agreement']}")
-    if row["cosine"] < INT8_BARS["cosine"]:
-        failures.append(f"cosine {row['cosine']:.4f} < {INT8_BARS['cosine']}")
-    if "token_accuracy_drop" in row and row["token_accuracy_drop"] > INT8_BARS["token_accuracy_drop"]:
+                        f"{bars['top1_agreement']}")
+    if not row["cosine"] >= bars["cosine"]:  # NaN fails too
+        failures.append(f"cosine {row['cosine']:.4f} < {bars['cosine']}")
+    drop = bars.get("token_accuracy_drop")
+    if drop is not None and row.get("token_accuracy_drop", 0.0) > drop:
         failures.append(f"task token accuracy {row['token_accuracy_drop']:.4f} below eager > "
-                        f"{INT8_BARS['token_accuracy_drop']}")
+                        f"{drop}")
     return failures
 
 
@@ -63,10 +69,12 @@ def judge(row: dict[str, Any], runtime: str, precision: str, scope: Scope) -> li
     ``token_accuracy_drop`` (eager's task accuracy minus this runtime's) and, in the export
     scope, ``integer_kernels`` (how many int8 kernels the artifact runs).
     """
+    if precision in ACCURACY_BARS and scope == "task":
+        return accuracy_failures(row, precision)
     if precision == "int8":
-        if scope == "task":
-            return int8_accuracy_failures(row)
         return [] if row.get("integer_kernels", 0) > 0 else ["no integer kernels in the program"]
+    if precision == "bf16":
+        return [f for f in accuracy_failures(row, precision) if f.startswith("cosine")]
     if runtime not in FP32_MAX_ABS:
         raise ValueError(f"no DESIGN §7 bar for runtime {runtime!r}")
     failures = []
@@ -84,4 +92,5 @@ def describe_bars() -> str:
     return (f"fp32: {fp32}, greedy tokens identical; int8 (on the trained task): top-1 "
             f"agreement ≥ {INT8_BARS['top1_agreement']:.0%}, cosine ≥ {INT8_BARS['cosine']}, "
             f"task token accuracy within {INT8_BARS['token_accuracy_drop'] * 100:.0f} point of "
-            "eager")
+            f"eager; bf16: top-1 agreement ≥ {BF16_BARS['top1_agreement']:.0%}, cosine ≥ "
+            f"{BF16_BARS['cosine']}")

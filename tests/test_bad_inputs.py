@@ -164,6 +164,10 @@ CASES = {
                         "{out}"),
     "int8 twice": (("export", "onnx", "--checkpoint", "{ckpt}", "--int8", "--int8-out",
                     "{out}2", "--out", "{out}"), "drop --int8", "{out}"),
+    "int8 and bf16": (("export", "executorch", "--checkpoint", "{ckpt}", "--int8", "--dtype",
+                       "bf16", "--out", "{out}"), "--int8 and --dtype bf16 both", "{out}"),
+    "bf16 on ONNX": (("export", "onnx", "--checkpoint", "{ckpt}", "--dtype", "bf16", "--out",
+                      "{out}"), "unrecognized arguments: --dtype", "{out}"),
     "unknown format": (("export", "tflite", "--checkpoint", "{ckpt}", "--out", "{out}"),
                        "invalid choice: 'tflite'", "{out}"),
     # artifacts and prompts

@@ -65,11 +65,11 @@ class StatefulDecoder(nn.Module):
             self.register_buffer(name, tensor, persistent=False)
 
     def forward(self, input_ids: Tensor, start_pos: Tensor) -> Tensor:
-        fresh = (start_pos > 0).float()  # conv states restart with each sequence
+        fresh = start_pos > 0  # conv states restart with each sequence
         cache = []
         for name in self.names:
             tensor = getattr(self, name)
-            cache.append(tensor * fresh if name.endswith("conv") else tensor)
+            cache.append(tensor * fresh.to(tensor.dtype) if name.endswith("conv") else tensor)
         out = self.model(input_ids, cache=unflatten_cache(self.model, tuple(cache)),
                          start_pos=start_pos)
         for name, tensor in zip(self.names, flatten_cache(out.cache)):

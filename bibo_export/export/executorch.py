@@ -73,8 +73,8 @@ class ExecuTorchRecipe(Recipe):
         return [("transform", self.transform)]
 
     def output_stages(self, metadata: ArtifactMetadata) -> list[Stage]:
-        quantize = [("quantize", quantize_8da8w)] if metadata.precision == "int8" else []
-        return [*quantize, ("export", self.export),
+        first = {"int8": [("quantize", quantize_8da8w)], "bf16": [("cast", cast_bf16)]}
+        return [*first.get(metadata.precision, []), ("export", self.export),
                 ("lower", lambda build: self.lower(build, metadata))]
 
     def transform(self, model: BiBoForCausalLM) -> ProgramBuild:
@@ -162,6 +162,13 @@ def quantize_8da8w(build: ProgramBuild) -> ProgramBuild:
     return build
 
 
+def cast_bf16(build: ProgramBuild) -> ProgramBuild:
+    """Weights, cache and activations in bfloat16: half the fp32 program. The logits leave
+    the model as float32 (its lm_head output is cast), so runtimes see one output type."""
+    build.decoder.to(torch.bfloat16)
+    return build
+
+
 # ------------------------------------------------------------------------------ decode cost
 def decode_weight_bytes(build: ProgramBuild) -> dict[str, int]:
     """Weight bytes one decoded token reads: this program vs the active-parameter minimum.
@@ -178,7 +185,9 @@ def decode_weight_bytes(build: ProgramBuild) -> dict[str, int]:
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
             int8 = prefix + name in build.quantized_tables
-            touched += module.embedding_dim + 4 if int8 else module.embedding_dim * 4
+            row = module.embedding_dim + 4 if int8 else \
+                module.embedding_dim * module.weight.element_size()
+            touched += row
             continue
         for param in module.parameters(recurse=False):
             if prefix + name in build.quantized:

@@ -224,15 +224,18 @@ def quantize_int8(state: OnnxGraph) -> OnnxGraph:
         onnx.load_external_data_for_model(model, state.weights_dir.name)
     rewritten = gemms_to_matmuls(model)
     name_linear_weights(model)
+    tables = quantize_embedding_tables(model)  # first: ORT then loads a quarter of the bytes
     excluded = router_nodes(state)
     with tempfile.TemporaryDirectory() as workdir:
         src, dst = Path(workdir) / "float.onnx", Path(workdir) / "int8.onnx"
         save_model(model, src)
+        # The float graph is on disk now: drop it (3 GB at 750M parameters) before ORT loads
+        # its own copy. This lane owns it (the pipeline forks one per precision).
+        state.model = model = None
         quantize_dynamic(src, dst, op_types_to_quantize=["MatMul", "Conv"], per_channel=True,
                          weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
                          extra_options={"EnableSubgraph": True, "MatMulConstBOnly": True})
         quantized = onnx.load(dst)
-    tables = quantize_embedding_tables(quantized)
     return OnnxGraph(quantized, state.router_scopes, state.module_groups,
                      {"gemms_rewritten": rewritten, "float_router_nodes": excluded,
                       "int8_embedding_tables": tables,
