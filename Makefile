@@ -25,6 +25,7 @@ RUN ?= runs/$(PRESET)
 TRAIN_ARGS ?=
 # make bench-train: steps per row (the first two, compiling, are not timed).
 BENCH_STEPS ?= 5
+CUDA_BENCH_STEPS ?= 12
 SCALE_MAX_LENGTH ?= 256
 # make demo: its own schedule, picked by the sweep in the README (Quick start) to learn the most
 # within the demo's time on 2 CPU cores, into its own run folder.
@@ -149,6 +150,14 @@ bench-train: $(STAMP) $(XLA_STAMP) ## train-step tokens/s, static vs dynamic dis
 		--presets sort-tiny --steps $(BENCH_STEPS) --loop-steps 3
 	PJRT_DEVICE=$(PJRT_DEVICE) $(VENV_XLA)/bin/python -m bench.train --backend xla \
 		--presets bench --steps $(BENCH_STEPS) --dispatches index
+	@# Where the export env's torch sees a GPU: bench and reference on CUDA, each shape in its
+	@# own process (a second shape in one process would recompile with dynamic shapes).
+	@if $(VENV)/bin/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		for shape in "bench 16x512" "reference 4x1024" "reference 8x2048"; do set -- $$shape; \
+			$(VENV)/bin/python -m bench.train --backend cuda --presets $$1 --shapes $$2 \
+				--steps $(CUDA_BENCH_STEPS) --dispatches index \
+				--compile-modes default reduce-overhead || exit 1; done; \
+	else echo "bench-train: no CUDA device, CUDA rows skipped"; fi
 
 bench-scale: $(STAMP) ## reference preset (752.6M) exports: time, peak memory, sizes → bench/results/scale.json
 	@# Not part of make bench: about 15 minutes, 3 GB of checkpoint and 10 GB of artifacts

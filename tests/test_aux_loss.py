@@ -63,7 +63,7 @@ def train_step(config: BiBoConfig) -> TrainStep:
     torch.manual_seed(0)
     model = BiBoForCausalLM(config).train()
     lr = torch.tensor(1e-3)
-    optimizer = build_optimizer(model, lr, 0.0, capturable=False, foreach=False)
+    optimizer = build_optimizer(model, lr, 0.0, "cpu")
     return TrainStep(model, optimizer, lr, torch.zeros(()), lambda step: lr, grad_clip=1.0)
 
 

@@ -107,3 +107,15 @@ def test_layer_reports_drops_with_a_small_capacity_factor():
     moe.experts.execution = ExecutionOptions(capacity_factor=0.25)
     _, stats, _ = moe(torch.randn(2, 16, config.hidden_size), None)
     assert stats.dropped.item() > 0
+
+
+@pytest.mark.parametrize("router_type", ["mlp", "conv"])
+def test_router_logits_stay_fp32_under_bf16_autocast(router_type):
+    """Mixed-precision training must route with the fp32 logits that inference routes with."""
+    moe = make_moes(tiny_config(router_type=router_type), modes=("index",))["index"]
+    u = torch.randn(2, 5, moe.config.hidden_size)
+    expected, _ = moe.router(u)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = moe.router(u)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)

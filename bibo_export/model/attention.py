@@ -101,12 +101,16 @@ class Attention(nn.Module):
             v = cache["value"].index_copy(2, positions.slots, v.to(cache["value"].dtype))
             new_cache = {"key": k, "value": v}
             key_slots = torch.arange(k.shape[2], device=x.device)
-        mask = positions.attention_mask(key_slots)
-
         group = self.num_heads // self.num_kv_heads
         k = k.to(q.dtype).repeat_interleave(group, dim=1)
         v = v.to(q.dtype).repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             scale=1.0 / math.sqrt(self.head_dim))
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if cache is None and positions.pad is None:
+            # A whole sequence from its start (training): plain causal attention. Without an
+            # explicit mask CUDA runs its flash kernel, which skips the masked half.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale,
+                                                 attn_mask=positions.attention_mask(key_slots))
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out), new_cache

@@ -11,6 +11,7 @@ formulations compute the same function at different costs:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -60,14 +61,23 @@ class Router(nn.Module):
     keep them float: a routing flip is a discrete, unbounded error (DESIGN §6)."""
 
 
+def without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off, where it is on: bf16 autocast would otherwise run the router's matmul in
+    bf16 despite its fp32 inputs. Nothing is entered when autocast is off (export, inference)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class LinearRouter(nn.Linear, Router):
-    """z = W_r u in fp32, whatever the model's dtype."""
+    """z = W_r u in fp32, whatever the model's dtype and under autocast too."""
 
     def __init__(self, hidden_size: int, num_experts: int) -> None:
         super().__init__(hidden_size, num_experts, bias=False)
 
     def forward(self, u: Tensor, state: Tensor | None = None) -> tuple[Tensor, None]:
-        return F.linear(u.float(), self.weight.float()), None
+        with without_autocast(u.device.type):
+            return F.linear(u.float(), self.weight.float()), None
 
 
 class ConvRouter(nn.Conv1d, Router):
@@ -77,7 +87,8 @@ class ConvRouter(nn.Conv1d, Router):
         super().__init__(hidden_size, num_experts, kernel_size, bias=False)
 
     def forward(self, u: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return causal_conv1d(u.float(), self.weight.float(), state)
+        with without_autocast(u.device.type):
+            return causal_conv1d(u.float(), self.weight.float(), state)
 
 
 def normalize_logits(logits: Tensor, router_lambda: float) -> Tensor:

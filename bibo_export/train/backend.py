@@ -25,6 +25,8 @@ class Backend:
     name: str  # xla-tpu, xla-cpu, cpu, cuda
     device: torch.device
     bf16: bool
+    # torch.compile's mode on CUDA (None: its default); ``make bench-train`` compares modes.
+    compile_mode: str | None = None
 
     @property
     def is_xla(self) -> bool:
@@ -38,7 +40,8 @@ class Backend:
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.name == "cuda":
-            model.compile()  # in place: parameters, buffers and the state dict keep their names
+            # In place: parameters, buffers and the state dict keep their names.
+            model.compile(mode=self.compile_mode)
         return model
 
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -227,8 +227,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
 
     lr = torch.zeros((), device=backend.device)
     step_counter = torch.full((), float(start), device=backend.device)
-    optimizer = build_optimizer(model, lr, config.weight_decay, capturable=backend.name != "cpu",
-                                foreach=backend.name == "cuda")
+    optimizer = build_optimizer(model, lr, config.weight_decay, backend.device.type)
     if saved_state is not None:
         optimizer.load_state_dict(saved_state["optimizer"])
         use_lr_tensor(optimizer, lr)  # the saved copy is a host tensor; the step writes this one
