@@ -29,15 +29,15 @@ def build_optimizer(model: nn.Module, lr: Tensor, weight_decay: float,
     that suits ``device_type`` (``cpu``, ``cuda`` or ``xla``).
 
     Off the host (XLA, CUDA) the step count and bias corrections stay on the device
-    (``capturable``) so the update needs no host value; eager CPU cannot capture. CUDA runs the
-    fused kernel: one pass over parameters, gradients and moments, where the multi-tensor
-    (foreach) form makes about ten and took a quarter of a ``reference`` train step's GPU
-    time. XLA traces the plain per-parameter form into its graph (the foreach kernels reject
-    capturable XLA tensors in torch 2.9).
+    (``capturable``) so the update needs no host value; eager CPU cannot capture. CUDA and CPU
+    run the fused kernel: one pass over parameters, gradients and moments, where the
+    multi-tensor (foreach) form took a quarter of a ``reference`` train step's GPU time and the
+    per-parameter form is 5× slower on CPU. XLA traces the plain per-parameter form into its
+    graph (torch 2.9 has neither kernel for capturable XLA tensors).
     """
     optimizer = torch.optim.AdamW(parameter_groups(model, weight_decay), lr=0.0,
                                   betas=(0.9, 0.95), capturable=device_type != "cpu",
-                                  foreach=False, fused=device_type == "cuda")
+                                  foreach=False, fused=device_type in ("cpu", "cuda"))
     # Handed over after construction: AdamW's range check on a device tensor would read it back
     # to the host (an aten::_local_scalar_dense on XLA).
     use_lr_tensor(optimizer, lr)
