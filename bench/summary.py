@@ -33,14 +33,73 @@ def scalar_columns(rows: list[dict[str, Any]]) -> list[str]:
     return columns
 
 
+# Goals of the "int8 that is actually faster, training that uses the hardware" work (#14).
+CUDA_MFU_GOALS = {"cuda reference 4x1024": 0.35, "cuda reference 8x2048": 0.45,
+                  "cuda bench 16x512": 0.20}
+HEADLINE_COLUMNS = ["figure", "measured", "baseline (same run)", "goal", "met"]
+
+
+def headline_row(figure: str, measured: float, goal: float, shown: str,
+                 baseline: str) -> dict[str, Any]:
+    return {"figure": figure, "measured": shown.format(measured), "baseline (same run)": baseline,
+            "goal": "≥ " + shown.format(goal), "met": "yes" if measured >= goal else "no"}
+
+
+def onnx_headline(results: dict[str, Any]) -> list[dict[str, Any]]:
+    payload = results.get("onnx", {}).get("bench")
+    if not payload:
+        return []
+    rows = {row["runtime"]: row for row in payload["rows"]}
+    fp32, int8 = rows["ort fp32"], rows["ort int8"]
+    threads = f"`bench`, batch 1, {payload['threads']} thread(s)"
+    return [
+        headline_row(f"ORT int8 decode vs ORT fp32, {threads}",
+                     int8["decode_tok_s"] / fp32["decode_tok_s"], 2.5, "{:.2f}×",
+                     f"fp32 {fp32['decode_tok_s']:.1f} tok/s, int8 {int8['decode_tok_s']:.1f}"),
+        headline_row(f"ORT int8 decode, share of its memory roofline, {threads}",
+                     int8["decode_tok_s"] / int8["roofline_tok_s"], 0.5, "{:.0%}",
+                     f"roofline {int8['roofline_tok_s']:.0f} tok/s "
+                     f"({payload['copy_bandwidth_gb_s']:.1f} GB/s, "
+                     f"{int8['read_mb_per_token']:.1f} MB/token)")]
+
+
+def train_headline(results: dict[str, Any]) -> list[dict[str, Any]]:
+    sections = results.get("train", {})
+    rows = []
+    eager = sections.get("eager bench 8x128")
+    if eager and len(eager["rows"]) == 2:
+        loop, index = eager["rows"]
+        rows.append(headline_row("eager CPU train step, `bench` 8×128: index vs dynamic loop",
+                                 index["speedup_vs_loop"], 1.0, "{:.2f}×",
+                                 f"loop {loop['tokens_per_s']:.0f} tok/s"))
+    for section, goal in CUDA_MFU_GOALS.items():
+        if section not in sections:
+            continue
+        measured = [row for row in sections[section]["rows"] if row["dispatch"] == "index"]
+        best = max(measured, key=lambda row: row["mfu_of_gemm_peak"])
+        default = next(row for row in measured if row["compile_mode"] == "default")
+        rows.append(headline_row(
+            f"CUDA train MFU (of a same-run bf16 matmul), `{section.split()[1]}` "
+            f"{section.split()[2]}, {best['compile_mode']}", best["mfu_of_gemm_peak"], goal,
+            "{:.1%}", f"default mode {default['mfu_of_gemm_peak']:.1%}"))
+    return rows
+
+
+def headline(results: dict[str, Any]) -> str:
+    rows = onnx_headline(results) + train_headline(results)
+    return table(rows, HEADLINE_COLUMNS) if rows else "(no results for the headline figures yet)"
+
+
 def summary() -> str:
     parts = ["# Benchmark summary", "",
              "Medians on this machine; every ratio is against a baseline measured in the same "
              "run (the dynamic loop dispatch, eager fp32, the active-parameter minimum).", ""]
+    results = {path.stem: json.loads(path.read_text()) for path in RESULTS_DIR.glob("*.json")}
+    parts += ["## Headline figures and their goals", "", headline(results), ""]
     names = sorted(RESULTS_DIR.glob("*.json"), key=lambda p: (
         ORDER.index(p.stem) if p.stem in ORDER else len(ORDER), p.stem))
     for path in names:
-        for section, payload in json.loads(path.read_text()).items():
+        for section, payload in results[path.stem].items():
             if not isinstance(payload, dict) or not payload.get("rows"):
                 continue
             rows = with_eager_ratios(payload["rows"])
