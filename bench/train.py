@@ -49,7 +49,8 @@ def matmul_parameters_per_token(config: BiBoConfig) -> float:
     width, heads = config.moe_intermediate_size, config.num_attention_heads * config.head_dim
     attention = 2 * h * heads + 2 * h * config.num_key_value_heads * config.head_dim
     dense_ffn = 3 * h * config.intermediate_size
-    moe = h * n + (config.kernel_size + 2) * h * width + k * (n - 3) / n * 3 * h * width
+    router = h * n * (config.kernel_size if config.router_type == "conv" else 1)
+    moe = router + (config.kernel_size + 2) * h * width + k * (n - 3) / n * 3 * h * width
     layers = sum(attention + (moe if config.is_moe_layer(i) else dense_ffn)
                  for i in range(config.num_hidden_layers))
     return layers + h * config.vocab_size  # + the LM head
