@@ -42,7 +42,8 @@ from ..model.moe import MLPExperts, Router, SharedConvExpert
 from ..runtimes.onnx import METADATA_KEY, OnnxRuntime
 from .decoders import FlatCacheDecoder, cache_names, flatten_cache
 from .pipeline import Recipe, Stage, run_export
-from .transforms import SkipUnselectedExperts, export_form, router_names
+from .transforms import (SkipUnselectedExperts, UnfoldedSharedExpert, export_form,
+                         router_names)
 
 OPSET = 18
 # Integer kernels ORT runs for dynamically quantized MatMul/Conv (after its own fusions).
@@ -81,7 +82,9 @@ class OnnxRecipe(Recipe):
                          weights_dir=state.weights_dir)
 
     def transform(self, model: BiBoForCausalLM) -> FlatCacheDecoder:
-        return FlatCacheDecoder(export_form(model, {MLPExperts: SkipUnselectedExperts})).eval()
+        return FlatCacheDecoder(export_form(model, {MLPExperts: SkipUnselectedExperts,
+                                                    SharedConvExpert: UnfoldedSharedExpert})
+                                ).eval()
 
     def export(self, decoder: FlatCacheDecoder) -> OnnxGraph:
         """torch.export → ONNX of the flat-cache decoder; batch and sequence length dynamic.
@@ -295,7 +298,7 @@ def quantized_weights(state: OnnxGraph, model: onnx.ModelProto) -> dict[str, lis
 
 def module_groups(decoder: FlatCacheDecoder) -> dict[str, str]:
     """Qualified module name → the part of the model it is, by module type."""
-    kinds = [(SkipUnselectedExperts, "experts"), (SharedConvExpert, "shared_expert"),
+    kinds = [(SkipUnselectedExperts, "experts"), (UnfoldedSharedExpert, "shared_expert"),
              (Attention, "attention"), (SwiGLU, "dense_ffn"), (Router, "router"),
              (nn.Embedding, "embedding")]
     groups = {name: group for name, module in decoder.named_modules()

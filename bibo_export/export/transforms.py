@@ -9,8 +9,9 @@ handles better:
   ``FusedExperts`` (ExecuTorch: three wide ``nn.Linear`` for all experts; XNNPACK cannot
   delegate inside ``cond``, DESIGN §6). int8 recipes quantize 2-D ``nn.Linear`` weights only.
   Both compute every selected expert: no capacity drops at inference.
-* ``SharedConvExpert`` → ``UnfoldedSharedExpert`` (ExecuTorch): the causal Conv1d as one
-  ``nn.Linear`` over the window of the last K inputs, which 8da8w quantizes.
+* ``SharedConvExpert`` → ``UnfoldedSharedExpert`` (both exporters): the causal Conv1d as one
+  ``nn.Linear`` over the window of the last K inputs, which 8da8w and ORT's MatMul
+  quantization handle (ORT's ``ConvInteger`` took 150 µs per one-token call at `bench`).
 
 ``router_names`` finds the routers by their type, so that every int8 recipe keeps them float.
 """
@@ -79,21 +80,26 @@ class SkipUnselectedExperts(nn.Module):
         self.ffns = nn.ModuleList(expert_swiglus(experts))
 
     def forward(self, flat: Tensor, selection: Selection) -> tuple[Tensor, Tensor]:
+        # Which experts any token chose, for all experts at once: per expert, the graph then
+        # only reads one flag, where a test of its own gate column took seven small nodes
+        # (78 experts × 7 of a `bench` decode step's ~600 nodes). Gate columns are sliced
+        # inside the branches, so only the chosen experts slice theirs.
+        gates = selection.gates.to(flat.dtype)
+        chosen = gates[:, :len(self.ffns)].ne(0).any(0)
         out = torch.zeros_like(flat)
         for e, ffn in enumerate(self.ffns):
-            gate = selection.gates[:, e, None].to(flat.dtype)
-            out = out + torch.cond(gate.ne(0).any(), _weighted_expert(ffn), _no_expert,
-                                   (flat, gate))
+            out = out + torch.cond(chosen[e], _weighted_expert(ffn, e), _no_expert,
+                                   (flat, gates))
         return out, no_drops(flat)
 
 
-def _weighted_expert(ffn: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
-    def run(x: Tensor, gate: Tensor) -> Tensor:
-        return ffn(x) * gate
+def _weighted_expert(ffn: nn.Module, index: int) -> Callable[[Tensor, Tensor], Tensor]:
+    def run(x: Tensor, gates: Tensor) -> Tensor:
+        return ffn(x) * gates[:, index, None]
     return run
 
 
-def _no_expert(x: Tensor, gate: Tensor) -> Tensor:
+def _no_expert(x: Tensor, gates: Tensor) -> Tensor:
     return torch.zeros_like(x)
 
 
