@@ -17,7 +17,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # x / sqrt(…) rather than x * rsqrt(…): the same value, written in the form ONNX
+        # Runtime fuses into one SimplifiedLayerNormalization node (seven nodes otherwise).
+        normed = x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.to(x.dtype) * self.weight
 
 
