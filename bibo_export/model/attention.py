@@ -82,15 +82,17 @@ class Attention(nn.Module):
         cache [B, G, max_len, d] and the mask hides slots after each query (and padding).
         """
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # Per-head norms before the transpose to [B, heads, T, d]: the same values, and the
+        # norm stays a pattern ONNX Runtime fuses (a transpose inside it blocks the fusion).
+        q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         in_sequence = positions.in_sequence
         cos, sin = rotary_cos_sin(in_sequence, self.head_dim, self.rope_theta)
         if cos.dim() == 3:  # per-row positions: broadcast over heads
             cos, sin = cos[:, None], sin[:, None]
-        q = apply_rotary(self.q_norm(q), cos, sin)
-        k = apply_rotary(self.k_norm(k), cos, sin)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
         if self.ssmax_scale is not None:
             q = (q.float() * ssmax_query_scale(in_sequence, self.ssmax_scale)).to(q.dtype)
 
