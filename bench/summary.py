@@ -66,9 +66,9 @@ def onnx_headline(results: dict[str, Any]) -> list[dict[str, Any]]:
 def train_headline(results: dict[str, Any]) -> list[dict[str, Any]]:
     sections = results.get("train", {})
     rows = []
-    eager = sections.get("eager bench 8x128")
-    if eager and len(eager["rows"]) == 2:
-        loop, index = eager["rows"]
+    eager = {row["dispatch"]: row for row in sections.get("eager bench 8x128", {}).get("rows", [])}
+    if {"loop", "index"} <= set(eager):
+        loop, index = eager["loop"], eager["index"]
         rows.append(headline_row("eager CPU train step, `bench` 8×128: index vs dynamic loop",
                                  index["speedup_vs_loop"], 1.0, "{:.2f}×",
                                  f"loop {loop['tokens_per_s']:.0f} tok/s"))

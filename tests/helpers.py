@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -49,6 +51,25 @@ def task_accuracy(runtime, task) -> dict[str, float]:
 
     whole = any_batch(runtime)
     return task.accuracy([whole.logits(ids).argmax(-1) for ids, _ in task.held_out()])
+
+
+def export_trained(export: Callable, trained, precision: str, tmp_path_factory,
+                   max_length: int) -> tuple:
+    """Export the session's trained sort-tiny (``trained_sort_tiny``) at one precision with
+    ``export`` (``export_onnx`` or ``export_executorch``): (checkpoint, task, folder, manifest)."""
+    checkpoint, task = trained
+    out = tmp_path_factory.mktemp(f"trained-{precision}") / precision
+    manifest = export(checkpoint, {precision: out}, max_length=max_length)[precision]
+    return checkpoint, task, out, manifest
+
+
+def held_out_logits(runtime, task) -> np.ndarray:
+    """A runtime's logits on every held-out set as [1, tokens, vocab], compare_logits' shape."""
+    from bibo_export.runtimes.base import any_batch
+
+    whole, vocab = any_batch(runtime), runtime.config.vocab_size
+    sets = [whole.logits(ids).reshape(-1, vocab) for ids, _ in task.held_out()]
+    return np.concatenate(sets)[None]
 
 
 def renamed_router_model(config: BiBoConfig, seed: int = 0):

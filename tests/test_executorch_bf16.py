@@ -3,14 +3,13 @@ and its bars against eager fp32 (top-1 ≥ 99 %, cosine ≥ 0.999) on the held-o
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from bibo_export.export.executorch import export_executorch
 from bibo_export.runtimes import load
-from bibo_export.runtimes.base import RowByRow
 from bibo_export.runtimes.eager import EagerRuntime
 from bibo_export.verdict import BF16_BARS, compare_logits, judge
+from helpers import export_trained, held_out_logits
 
 pytestmark = pytest.mark.export
 
@@ -19,19 +18,14 @@ MAX_LENGTH = 48
 
 @pytest.fixture(scope="module")
 def bf16_export(trained_sort_tiny, tmp_path_factory):
-    checkpoint, task = trained_sort_tiny
-    out = tmp_path_factory.mktemp("bf16") / "bf16"
-    manifest = export_executorch(checkpoint, {"bf16": out}, max_length=MAX_LENGTH)["bf16"]
-    return checkpoint, task, out, manifest
+    return export_trained(export_executorch, trained_sort_tiny, "bf16", tmp_path_factory,
+                          MAX_LENGTH)
 
 
 def test_bf16_meets_its_bars_against_eager_fp32(bf16_export):
     checkpoint, task, out, _ = bf16_export
-    bf16, eager = RowByRow(load(out)), EagerRuntime.from_path(checkpoint)
-    vocab = eager.config.vocab_size
-    got = np.concatenate([bf16.logits(ids).reshape(-1, vocab) for ids, _ in task.held_out()])
-    want = np.concatenate([eager.logits(ids).reshape(-1, vocab) for ids, _ in task.held_out()])
-    row = compare_logits(got[None], want[None])
+    row = compare_logits(held_out_logits(load(out), task),
+                         held_out_logits(EagerRuntime.from_path(checkpoint), task))
     assert row["top1_agreement"] >= BF16_BARS["top1_agreement"], row
     assert row["cosine"] >= BF16_BARS["cosine"], row
     assert row["max_abs"] > 1e-4, row  # really bf16 arithmetic, not a float32 program

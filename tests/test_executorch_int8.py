@@ -3,15 +3,13 @@ what is delegated. Int8 parity is only meaningful on a trained model (DESIGN §7
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from helpers import task_accuracy
+from helpers import export_trained, held_out_logits, task_accuracy
 
 from bibo_export.config import BiBoConfig
 from bibo_export.export import executorch as et_export
 from bibo_export.runtimes import load
-from bibo_export.runtimes.base import RowByRow
 from bibo_export.runtimes.eager import EagerRuntime
 from bibo_export.verdict import INT8_BARS, compare_logits
 
@@ -22,20 +20,14 @@ MAX_LENGTH = 48
 
 @pytest.fixture(scope="module")
 def trained_int8(trained_sort_tiny, tmp_path_factory):
-    checkpoint, task = trained_sort_tiny
-    out = tmp_path_factory.mktemp("int8") / "int8"
-    record = et_export.export_executorch(checkpoint, {"int8": out}, max_length=MAX_LENGTH)
-    return checkpoint, task, out, record["int8"]
+    return export_trained(et_export.export_executorch, trained_sort_tiny, "int8",
+                          tmp_path_factory, MAX_LENGTH)
 
 
 def test_int8_parity_on_trained_model(trained_int8):
     checkpoint, task, out, _ = trained_int8
     int8, eager = load(out), EagerRuntime.from_path(checkpoint)
-    got, want = [], []
-    for ids, _ in task.held_out():  # one length per set
-        got.append(RowByRow(int8).logits(ids).reshape(-1, int8.config.vocab_size))
-        want.append(eager.logits(ids).reshape(-1, int8.config.vocab_size))
-    delta = compare_logits(np.concatenate(got)[None], np.concatenate(want)[None])
+    delta = compare_logits(held_out_logits(int8, task), held_out_logits(eager, task))
     assert delta["top1_agreement"] >= INT8_BARS["top1_agreement"]
     assert delta["cosine"] >= INT8_BARS["cosine"]
     accuracy = task_accuracy(int8, task)["token_accuracy"]

@@ -18,8 +18,8 @@ from bibo_export.runtimes import load
 from bibo_export.runtimes.eager import EagerRuntime
 from bibo_export.runtimes.onnx import METADATA_KEY
 from bibo_export.verdict import FP32_MAX_ABS, INT8_BARS, compare_logits, compare_tokens
-from helpers import (check_failed_export_keeps_previous, renamed_router_model, task_accuracy,
-                     tiny_config)
+from helpers import (check_failed_export_keeps_previous, export_trained, renamed_router_model,
+                     task_accuracy, tiny_config)
 
 pytestmark = pytest.mark.export
 
@@ -62,10 +62,7 @@ def fp32_exports(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def int8_export(trained_sort_tiny, tmp_path_factory):
-    checkpoint, task = trained_sort_tiny
-    out = tmp_path_factory.mktemp("onnx-int8") / "int8"
-    manifest = export_onnx(checkpoint, {"int8": out}, max_length=MAX_LENGTH)["int8"]
-    return checkpoint, task, out, manifest
+    return export_trained(export_onnx, trained_sort_tiny, "int8", tmp_path_factory, MAX_LENGTH)
 
 
 # ------------------------------------------------------------------------------ fp32 parity
