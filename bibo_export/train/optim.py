@@ -33,7 +33,8 @@ def build_optimizer(model: nn.Module, lr: Tensor, weight_decay: float,
     run the fused kernel: one pass over parameters, gradients and moments, where the
     multi-tensor (foreach) form took a quarter of a ``reference`` train step's GPU time and the
     per-parameter form is 5× slower on CPU. XLA traces the plain per-parameter form into its
-    graph (torch 2.9 has neither kernel for capturable XLA tensors).
+    graph: the fused kernel is CPU and CUDA only, and torch 2.9's foreach kernels reject
+    capturable XLA tensors.
     """
     optimizer = torch.optim.AdamW(parameter_groups(model, weight_decay), lr=0.0,
                                   betas=(0.9, 0.95), capturable=device_type != "cpu",
