@@ -8,6 +8,9 @@ Every kind is a folder:
 * an **ONNX export**: ``model.onnx`` + ``model.onnx.data`` + ``manifest.json``;
 * an **ExecuTorch export**: ``model.pte`` + ``manifest.json``.
 
+A model trained on tokenized text also holds its ``tokenizer.json`` (every kind; an export
+lists it in its manifest, whose ``tokenizer_sha256`` names it).
+
 An export's manifest lists its files with sizes and sha256 hashes beside what the exporter
 recorded (precision, versions, the verification against eager); a loader checks it first, so a
 truncated or modified file is reported as such. A ``.pte`` file given by itself still loads.
@@ -15,14 +18,13 @@ truncated or modified file is reported as such. A ``.pte`` file given by itself 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from .config import BiBoConfig
-from .io import atomic_write_text
+from .io import atomic_write_text, file_sha256
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -30,6 +32,7 @@ ONNX_FILE = "model.onnx"
 ONNX_DATA_FILE = "model.onnx.data"
 PTE_FILE = "model.pte"
 MANIFEST_FILE = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
 PRECISIONS = ("fp32", "bf16", "int8")
 
 Kind = Literal["checkpoint", "onnx", "executorch"]
@@ -63,6 +66,13 @@ def program_file(path: str | Path) -> Path:
     return path / PTE_FILE if path.is_dir() else path
 
 
+def tokenizer_beside(path: str | Path) -> Path | None:
+    """The ``tokenizer.json`` that travels with a model folder (or beside a ``.pte``), if any."""
+    path = Path(path)
+    found = (path if path.is_dir() else path.parent) / TOKENIZER_FILE
+    return found if found.is_file() else None
+
+
 def artifact_bytes(path: str | Path) -> int:
     """Bytes of a model's own files (weights, graph, program), manifests and notes excluded."""
     path = Path(path)
@@ -73,20 +83,12 @@ def artifact_bytes(path: str | Path) -> int:
 
 
 # ------------------------------------------------------------------------------ manifest
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(directory: str | Path, files: list[str], **fields: Any) -> Path:
     """List ``files`` (relative to ``directory``) with sizes and hashes, plus ``fields``
     (format, precision, versions, the verification result, ...)."""
     directory = Path(directory)
     entries = [{"name": name, "bytes": (directory / name).stat().st_size,
-                "sha256": sha256(directory / name)} for name in files]
+                "sha256": file_sha256(directory / name)} for name in files]
     manifest = {**fields, "files": entries,
                 "total_bytes": sum(entry["bytes"] for entry in entries)}
     path = directory / MANIFEST_FILE
@@ -109,7 +111,7 @@ def check_manifest(directory: str | Path) -> dict[str, Any]:
         file = directory / entry["name"]
         if not file.is_file():
             raise ValueError(f"{file} is missing (listed in {MANIFEST_FILE})")
-        if file.stat().st_size != entry["bytes"] or sha256(file) != entry["sha256"]:
+        if file.stat().st_size != entry["bytes"] or file_sha256(file) != entry["sha256"]:
             raise ValueError(f"{file} does not match its {MANIFEST_FILE} entry (truncated or "
                              "modified)")
     return manifest
@@ -125,10 +127,12 @@ class ArtifactMetadata:
     max_length: int  # prompt + generated tokens the cache holds
     precision: str
     batch_size: int | None = None  # None: any batch size
+    eos_id: int | None = None  # the tokenizer's end-of-text token, for models that have one
 
     def to_json(self) -> str:
         return json.dumps({"config": self.config.to_dict(), "max_length": self.max_length,
-                           "precision": self.precision, "batch_size": self.batch_size})
+                           "precision": self.precision, "batch_size": self.batch_size,
+                           "eos_id": self.eos_id})
 
     @classmethod
     def from_json(cls, text: str, source: str | Path) -> ArtifactMetadata:
@@ -136,7 +140,7 @@ class ArtifactMetadata:
             values = json.loads(text)
             config, _ = BiBoConfig.from_saved(values["config"])
             return cls(config, int(values["max_length"]), values["precision"],
-                       values.get("batch_size"))
+                       values.get("batch_size"), values.get("eos_id"))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{source} carries no readable bibo-export metadata ({err})") \
                 from None

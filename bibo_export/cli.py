@@ -11,15 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import CONFIG_FILE, WEIGHTS_FILE, artifact_kind
+from .artifacts import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, artifact_kind, tokenizer_beside
 from .config import DISPATCH_MODES, PRESETS, BiBoConfig
 from .logs import filtered_native_stderr, silence_known_noise
 from .model import BiBoForCausalLM
 from .model.reference import import_reference
 from .parity import run_parity
-from .report import markdown_table, sorting_examples, write_report
+from .report import markdown_table, sorting_examples, text_examples, write_report
 from .runtimes import load
 from .tasks.sorting import SortingTask, parse_sort_spec
+from .tokenizer import END_OF_TEXT, TextTokenizer, train_tokenizer
 from .train.run import RunFolder
 from .train.trainer import TrainConfig, requested_config, train
 
@@ -75,12 +76,55 @@ def parse_ids(text: str) -> list[int]:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     """Greedy generation with any runtime: a checkpoint, an ONNX or an ExecuTorch export."""
-    prompt = np.array([parse_ids(args.prompt_ids)], dtype=np.int64)
-    runtime = load(args.model)
-    tokens = runtime.generate(prompt, args.max_new_tokens)[0]
-    new = tokens[prompt.shape[1]:]
-    print(f"{runtime.name}: prompt {','.join(map(str, prompt[0]))} -> "
-          f"{','.join(map(str, new))}")
+    if args.prompt is None:
+        prompt = np.array([parse_ids(args.prompt_ids)], dtype=np.int64)
+        runtime = load(args.model)
+        new = runtime.generate(prompt, args.max_new_tokens)[0][prompt.shape[1]:]
+        print(f"{runtime.name}: prompt {','.join(map(str, prompt[0]))} -> "
+              f"{','.join(map(str, new))}")
+        return
+    path = tokenizer_beside(args.model)
+    if path is None:
+        raise ValueError(f"{args.model} holds no {TOKENIZER_FILE}: give --prompt-ids instead")
+    tokenizer = TextTokenizer.from_file(path)
+    if not tokenizer.encode(args.prompt):
+        raise ValueError("--prompt is empty")
+    if args.llm_runner:
+        name, text = llm_runner_continuation(args)
+    else:
+        runtime = load(args.model)
+        ids = tokenizer.encode(args.prompt)
+        new = runtime.generate(np.array([ids], dtype=np.int64), args.max_new_tokens)[0][len(ids):]
+        name = f"{runtime.name} {runtime.precision}"
+        text = tokenizer.decode(truncate_at(new.tolist(), tokenizer.eos_id))
+    # One line per runtime (escapes shown as JSON does), so runtimes compare line by line.
+    print(f"{name}: {json.dumps(args.prompt + text, ensure_ascii=False)}")
+
+
+def llm_runner_continuation(args: argparse.Namespace) -> tuple[str, str]:
+    """(label, continuation) of ExecuTorch's TextLLMRunner on an ExecuTorch export."""
+    from .runtimes.llm_runner import TextRunner  # executorch is in the export env only
+
+    if artifact_kind(args.model) != "executorch":
+        raise ValueError(f"--llm-runner runs ExecuTorch programs; {args.model} is not one")
+    precision = load(args.model).precision
+    return (f"executorch-llm-runner {precision}",
+            TextRunner(args.model).generate(args.prompt, args.max_new_tokens))
+
+
+def truncate_at(ids: list[int], eos_id: int) -> list[int]:
+    """``ids`` up to (without) the first end-of-text token: greedy decoding stops there."""
+    return ids[:ids.index(eos_id)] if eos_id in ids else ids
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    """Train a byte-level BPE tokenizer (Hugging Face tokenizers) → DIR/tokenizer.json."""
+    kind, _, corpus = args.data.partition(":")
+    if kind != "text" or not corpus:
+        raise ValueError(f"--data must be text:PATH, got {args.data!r}")
+    tokenizer = train_tokenizer(corpus, args.vocab_size, args.out)
+    print(f"tokenizer: {tokenizer.path} ({tokenizer.vocab_size} tokens, end of text "
+          f"{END_OF_TEXT} = id {tokenizer.eos_id})")
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
@@ -94,13 +138,20 @@ def cmd_parity(args: argparse.Namespace) -> int:
         task = SortingTask(lengths=lengths)
     else:
         task = run.task() if run else None
-    result = run_parity(checkpoint, args.artifacts, task=task, speed=not args.no_speed)
+    text = run.held_out_text() if run and task is None else None
+    result = run_parity(checkpoint, args.artifacts, task=task, speed=not args.no_speed, text=text)
+    decode = None
+    if text is not None and tokenizer_beside(checkpoint):
+        tokenizer = TextTokenizer.from_file(tokenizer_beside(checkpoint))
+        decode = tokenizer.decode
     print(markdown_table(result["rows"]))
     if result["task"] is not None:
         print("\nHeld-out sorting examples (greedy):\n" + sorting_examples(result))
+    if decode is not None:
+        print("\nHeld-out text continuations (greedy):\n" + text_examples(result, decode))
     if args.report:
         metrics = run.metrics_path if run else None
-        print(f"report: {write_report(result, Path(args.report), metrics)}")
+        print(f"report: {write_report(result, Path(args.report), metrics, decode)}")
     failures = [f"{row['runtime']} {row['precision']} ({row['path']}): "
                 + "; ".join(row["failed_bars"]) for row in result["rows"][1:]
                 if not row["passed"]]
@@ -182,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, final/")
     p.add_argument("--steps", type=int, help="total optimizer steps of the schedule")
     p.add_argument("--data", help="sort[:LENGTHS] | text:PATH | bin:PATH[:uint16|uint32]")
+    p.add_argument("--tokenizer", help="a tokenizer.json for text: data (default: raw bytes, "
+                                       "vocabulary 257); vocab_size follows it unless set")
     p.add_argument("--device", choices=["auto", "xla", "cpu", "cuda"])
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
     p.add_argument("--mesh", help="SPMD mesh, e.g. fsdp=4 or data=2,fsdp=2,expert=2")
@@ -208,6 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", dest="stop_after", type=int,
                    help="end this invocation after N steps (resume later)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tokenizer", help="train a tokenizer for text data")
+    actions = p.add_subparsers(dest="action", required=True, parser_class=OneLineErrors)
+    q = actions.add_parser("train", help=cmd_tokenizer_train.__doc__)
+    q.add_argument("--data", required=True, help="text:PATH, a file or a folder of text files")
+    q.add_argument("--vocab-size", dest="vocab_size", type=int, required=True,
+                   help=f"tokens, at least 257 (256 bytes + {END_OF_TEXT})")
+    q.add_argument("--out", required=True, metavar="DIR", help="receives tokenizer.json")
+    q.set_defaults(func=cmd_tokenizer_train)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX or ExecuTorch")
     formats = p.add_subparsers(dest="format", required=True, parser_class=OneLineErrors)
@@ -239,7 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help=cmd_generate.__doc__)
     p.add_argument("--model", required=True,
                    help="a checkpoint folder, an ONNX or ExecuTorch export folder, or a .pte")
-    p.add_argument("--prompt-ids", dest="prompt_ids", required=True, help="e.g. 3,1,2,255")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text, for a model that holds its tokenizer.json")
+    prompt.add_argument("--prompt-ids", dest="prompt_ids", help="token ids, e.g. 3,1,2,255")
+    p.add_argument("--llm-runner", dest="llm_runner", action="store_true",
+                   help="with --prompt and an ExecuTorch export: generate with ExecuTorch's own "
+                        "TextLLMRunner (C++) instead of bibo-export's runtime")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=16)
     p.set_defaults(func=cmd_generate)
 

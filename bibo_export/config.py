@@ -248,6 +248,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                       num_experts_per_tok=3, moe_intermediate_size=256,
                       max_position_embeddings=512, router_type="conv", mlp_only_layers=[0],
                       bias_update_threshold=800),
+    # A small language model for text (make demo-text): vocab_size follows the tokenizer.
+    "text-tiny": dict(vocab_size=2048, hidden_size=256, intermediate_size=512,
+                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      num_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
+                      max_position_embeddings=256, mlp_only_layers=[0]),
     # About 80M parameters, for benchmarks.
     "bench": dict(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                   num_attention_heads=8, num_key_value_heads=2, num_routed_experts=16,

@@ -1,8 +1,10 @@
-"""Crash-safe file writes: write under a temporary name in the same folder, then rename."""
+"""Files: crash-safe writes (under a temporary name in the same folder, then renamed), and
+their content hashes."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -55,3 +57,11 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

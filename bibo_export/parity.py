@@ -3,8 +3,9 @@ and judged by ``verdict``.
 
 ``run_parity(checkpoint, artifacts, task)`` takes the checkpoint as the eager reference, loads
 every artifact with ``runtimes.load`` and gives one row per runtime: max |Δ logits|, next-token
-top-1 agreement, cosine, greedy-token match, task accuracy (with a sorting ``task``), prefill
-latency, decode tokens/s and size. Each runtime's outputs are computed once and every metric is
+top-1 agreement, cosine, greedy-token match, task accuracy (with a sorting ``task``) or
+held-out perplexity (with ``text``, a language model's held-out windows), prefill latency,
+decode tokens/s and size. Each runtime's outputs are computed once and every metric is
 derived from them.
 """
 
@@ -23,7 +24,8 @@ from .runtimes.base import Runtime, any_batch
 from .runtimes.eager import EagerRuntime
 from .tasks.sorting import SortingTask
 from .timing import time_runtime
-from .verdict import BF16_BARS, FP32_MAX_ABS, INT8_BARS, compare_logits, compare_tokens, judge
+from .verdict import (BF16_BARS, FP32_MAX_ABS, INT8_BARS, compare_logits, compare_tokens, judge,
+                      perplexity)
 
 # The speed columns: one batch-1 prompt, then cached decode steps (medians of a few runs).
 SPEED_PROMPT_TOKENS = 64
@@ -40,14 +42,21 @@ class ParityInputs:
     prompts: np.ndarray  # [n, P]: greedy generation starts (the sorting examples)
     new_tokens: int
     task: SortingTask | None  # task accuracy when the checkpoint learned to sort
+    labels: np.ndarray | None = None  # next tokens of a text model's one logits set
 
     @classmethod
     def build(cls, vocab_size: int, max_length: int, task: SortingTask | None,
+              text: tuple[np.ndarray, np.ndarray] | None = None,
               examples: int = 4) -> ParityInputs:
         if task is not None:  # held-out samples: inputs the model was trained to handle
             length = max(task.eval_sets)
             prompts = task.eval_sets[length][:examples, :length + 1]  # values, SEP
             return cls([ids for ids, _ in task.held_out()], prompts, length, task)
+        if text is not None:  # held-out windows, cut to what every artifact's cache holds
+            ids, labels = (array[:, :max_length] for array in text)
+            prompt = max(1, min(16, ids.shape[1] // 2))
+            return cls([ids], ids[:examples, :prompt], min(16, max_length - prompt), None,
+                       labels)
         rng = np.random.default_rng(SEED)
         length = min(32, max_length)
         prompt = max(1, min(8, max_length // 2))
@@ -80,18 +89,22 @@ def measure(outputs: Outputs, reference: Outputs, inputs: ParityInputs) -> dict[
                            "generated": outputs.tokens[:, inputs.prompts.shape[1]:].tolist()}
     if inputs.task is not None:
         row.update(inputs.task.accuracy([x.argmax(-1) for x in outputs.logits]))
+    if inputs.labels is not None:
+        row["perplexity"] = perplexity(outputs.logits[0], inputs.labels)
     return row
 
 
 def run_parity(checkpoint: str | Path, artifacts: list[str | Path],
                task: SortingTask | None = None, speed: bool = True,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The parity suite: one row for eager (the reference) and one per artifact."""
+               log: Callable[[str], None] = print,
+               text: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+    """The parity suite: one row for eager (the reference) and one per artifact. ``text``:
+    held-out (input ids, labels) of a language model, for perplexity."""
     checkpoint = Path(checkpoint)
     runtimes = [(Path(path), load(path)) for path in artifacts]  # bad paths fail before any work
     reference = EagerRuntime.from_path(checkpoint)
     reference.max_length = min([r.max_length for _, r in runtimes] + [reference.max_length])
-    inputs = ParityInputs.build(reference.config.vocab_size, reference.max_length, task)
+    inputs = ParityInputs.build(reference.config.vocab_size, reference.max_length, task, text)
     speed_prompt = np.random.default_rng(SEED).integers(0, reference.config.vocab_size, (
         1, max(1, min(SPEED_PROMPT_TOKENS, reference.max_length - SPEED_NEW_TOKENS))))
     log(f"[parity] eager fp32: {checkpoint}")
@@ -109,10 +122,13 @@ def run_parity(checkpoint: str | Path, artifacts: list[str | Path],
     for row in rows[1:]:
         if "token_accuracy" in row:
             row["token_accuracy_drop"] = rows[0]["token_accuracy"] - row["token_accuracy"]
+        if "perplexity" in row:
+            row["perplexity_increase"] = row["perplexity"] / rows[0]["perplexity"] - 1
         row["failed_bars"] = judge(row, row["runtime"], row["precision"], scope="task")
         row["passed"] = not row["failed_bars"]
     return {"checkpoint": str(checkpoint), "task": None if task is None else
             {"kind": "sort", "lengths": list(task.lengths), "seed": task.seed},
+            "text": None if text is None else {"windows": list(inputs.logits_sets[0].shape)},
             "prompts": inputs.prompts.tolist(), "new_tokens": inputs.new_tokens,
             "speed": {"prompt_tokens": speed_prompt.shape[1], "new_tokens": SPEED_NEW_TOKENS,
                       "repeats": SPEED_REPEATS, "batch_size": 1} if speed else None,

@@ -7,6 +7,7 @@ load balance, dropped assignments); the table from ``parity.run_parity``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ COLUMNS = [("runtime", "runtime", "{}"), ("precision", "precision", "{}"),
            ("cosine", "cosine", "{:.5f}"), ("greedy_match", "greedy tokens", "{}"),
            ("token_accuracy", "sort token acc", "{:.3f}"),
            ("sequence_accuracy", "sort sequence acc", "{:.3f}"),
+           ("perplexity", "held-out perplexity", "{:.3f}"),
            ("prefill_ms", "prefill ms", "{:.1f}"), ("decode_tok_s", "decode tok/s", "{:.1f}"),
            ("bytes", "size MB", "{:.2f}"), ("passed", "DESIGN §7 bars", "{}")]
 
@@ -58,6 +60,18 @@ def sorting_examples(result: dict[str, Any]) -> str:
         outputs = [r["generated"][i] for r in result["rows"]]
         lines.append(f"| {' '.join(map(str, values))} | {' '.join(map(str, want))} | " + " | ".join(
             f"{' '.join(map(str, out))} {'✓' if out == want else '✗'}" for out in outputs) + " |")
+    return "\n".join(lines)
+
+
+def text_examples(result: dict[str, Any], decode: Callable[[list[int]], str]) -> str:
+    """Each held-out text prompt and every runtime's greedy continuation, as JSON strings (one
+    line each, whitespace visible)."""
+    lines = []
+    for i, prompt in enumerate(result["prompts"]):
+        lines += [f"{i + 1}. prompt {json.dumps(decode(prompt), ensure_ascii=False)}"]
+        lines += [f"   - {r['runtime']} {r['precision']}: "
+                  f"{json.dumps(decode(r['generated'][i]), ensure_ascii=False)}"
+                  for r in result["rows"]]
     return "\n".join(lines)
 
 
@@ -121,8 +135,10 @@ def plot_training(metrics: Path, out: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------ the report
-def write_report(result: dict[str, Any], out: Path, metrics: Path | None = None) -> Path:
-    """``out/report.md``, ``out/report.json`` and (with ``metrics``) ``out/plots/*.png``."""
+def write_report(result: dict[str, Any], out: Path, metrics: Path | None = None,
+                 decode: Callable[[list[int]], str] | None = None) -> Path:
+    """``out/report.md``, ``out/report.json`` and (with ``metrics``) ``out/plots/*.png``;
+    ``decode`` turns a text model's token ids into text for its examples."""
     out.mkdir(parents=True, exist_ok=True)
     plots = plot_training(metrics, out / "plots") if metrics and metrics.is_file() else []
     atomic_write_text(out / "report.json", json.dumps({**result, "plots": [
@@ -141,6 +157,9 @@ def write_report(result: dict[str, Any], out: Path, metrics: Path | None = None)
     examples = sorting_examples(result)
     if examples:
         parts += ["## Held-out sorting examples (greedy)", "", examples, ""]
+    if result.get("text") and decode is not None:
+        parts += ["## Held-out text continuations (greedy)", "", text_examples(result, decode),
+                  ""]
     if plots:
         parts += ["## Training", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in plots] + [""]
     path = out / "report.md"

@@ -9,7 +9,8 @@ Two scopes, one rule set:
   tied), so here they are recorded; what is enforced is that an int8 program really runs
   integer kernels, and a bf16 program's cosine (a relative error, meaningful on any weights).
 * ``task``: ``bibo-export parity`` on the checkpoint's own held-out data. Every bar is enforced,
-  int8 accuracy ones included (task accuracy within 1 point of eager when the task has one).
+  int8 accuracy ones included (sorting accuracy within 1 point of eager, or a text model's
+  held-out perplexity within 2 % of eager's).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ Scope = Literal["export", "task"]
 # DESIGN §7: fp32 max |Δ logits| by runtime (greedy tokens must also be identical) and int8.
 # A checkpoint compared as an artifact runs the same eager code: it must match exactly.
 FP32_MAX_ABS = {"onnx": 1e-4, "executorch": 1e-3, "eager": 0.0}
-INT8_BARS = {"top1_agreement": 0.98, "cosine": 0.99, "token_accuracy_drop": 0.01}
+INT8_BARS = {"top1_agreement": 0.98, "cosine": 0.99, "token_accuracy_drop": 0.01,
+             "perplexity_increase": 0.02}
 # bf16 programs (ExecuTorch) against eager fp32.
 BF16_BARS = {"top1_agreement": 0.99, "cosine": 0.999}
 ACCURACY_BARS = {"int8": INT8_BARS, "bf16": BF16_BARS}
@@ -39,6 +41,15 @@ def compare_logits(candidate: np.ndarray, reference: np.ndarray) -> dict[str, fl
     return {"max_abs": float(np.abs(a - b).max()),
             "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()),
             "cosine": float(cosine.mean())}
+
+
+def perplexity(logits: np.ndarray, labels: np.ndarray) -> float:
+    """exp(mean next-token cross-entropy) of [..., V] logits against [...] label ids."""
+    flat = logits.reshape(-1, logits.shape[-1]).astype(np.float64)
+    top = flat.max(-1, keepdims=True)
+    log_z = np.log(np.exp(flat - top).sum(-1)) + top[:, 0]
+    nll = log_z - flat[np.arange(len(flat)), labels.reshape(-1)]
+    return float(np.exp(nll.mean()))
 
 
 def compare_tokens(candidate: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
@@ -59,6 +70,10 @@ def accuracy_failures(row: dict[str, Any], precision: str) -> list[str]:
     if drop is not None and row.get("token_accuracy_drop", 0.0) > drop:
         failures.append(f"task token accuracy {row['token_accuracy_drop']:.4f} below eager > "
                         f"{drop}")
+    increase = bars.get("perplexity_increase")
+    if increase is not None and not row.get("perplexity_increase", 0.0) <= increase:
+        failures.append(f"held-out perplexity {row['perplexity_increase']:+.2%} vs eager > "
+                        f"+{increase:.0%}")
     return failures
 
 
@@ -66,7 +81,8 @@ def judge(row: dict[str, Any], runtime: str, precision: str, scope: Scope) -> li
     """The bars ``row`` misses, each as one readable clause; empty when it passes.
 
     ``row`` holds ``compare_logits`` and ``compare_tokens`` results, and optionally
-    ``token_accuracy_drop`` (eager's task accuracy minus this runtime's) and, in the export
+    ``token_accuracy_drop`` (eager's task accuracy minus this runtime's),
+    ``perplexity_increase`` (this runtime's held-out perplexity / eager's − 1) and, in the export
     scope, ``integer_kernels`` (how many int8 kernels the artifact runs).
     """
     if precision in ACCURACY_BARS and scope == "task":
@@ -92,5 +108,6 @@ def describe_bars() -> str:
     return (f"fp32: {fp32}, greedy tokens identical; int8 (on the trained task): top-1 "
             f"agreement ≥ {INT8_BARS['top1_agreement']:.0%}, cosine ≥ {INT8_BARS['cosine']}, "
             f"task token accuracy within {INT8_BARS['token_accuracy_drop'] * 100:.0f} point of "
-            f"eager; bf16: top-1 agreement ≥ {BF16_BARS['top1_agreement']:.0%}, cosine ≥ "
+            f"eager, text perplexity within {INT8_BARS['perplexity_increase']:.0%} of eager's; "
+            f"bf16: top-1 agreement ≥ {BF16_BARS['top1_agreement']:.0%}, cosine ≥ "
             f"{BF16_BARS['cosine']}")

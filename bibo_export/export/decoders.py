@@ -47,9 +47,10 @@ class FlatCacheDecoder(nn.Module):
 
 
 class StatefulDecoder(nn.Module):
-    """(input_ids [B, T], start_pos [] int64) → logits; the cache lives in mutable buffers.
+    """(input_ids [B, T], input_pos [1] int64) → logits; the cache lives in mutable buffers.
 
-    Calling with start_pos 0 begins a new sequence: cached positions ≥ start_pos are masked by
+    ``input_pos`` holds the position of the first of the T tokens, as ExecuTorch's LLM runner
+    passes it. Calling at position 0 begins a new sequence: cached positions ≥ it are masked by
     causality and overwritten as the sequence grows, and the conv states are zeroed.
     ``torch.export`` (torch 2.13) keeps the ``copy_`` calls in its non-functional IR, so
     ``graph_signature.buffers_to_mutate`` is empty until ``run_decompositions()`` (which
@@ -64,7 +65,8 @@ class StatefulDecoder(nn.Module):
         for name, tensor in zip(self.names, flatten_cache(model.new_cache(batch_size, max_length))):
             self.register_buffer(name, tensor, persistent=False)
 
-    def forward(self, input_ids: Tensor, start_pos: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, input_pos: Tensor) -> Tensor:
+        start_pos = input_pos[0]
         fresh = start_pos > 0  # conv states restart with each sequence
         cache = []
         for name in self.names:

@@ -8,9 +8,11 @@
   unbounded errors, and int8 weights with one scale per row on every ``nn.Embedding`` (at a
   128k vocabulary the table is a quarter of the model). It runs on the module, before
   ``torch.export``, because torchao quantizes modules.
-* **export**: one method, ``forward(input_ids [B, T], start_pos [] int64) → logits [B, T, V]``
-  with a dynamic T in 1 … max_length: prefill is a call at start_pos 0 (it also resets the conv
-  states), decoding is a call with T = 1 at the next position.
+* **export**: one method, ``forward(tokens [B, T] int64, input_pos [1] int64) → logits
+  [B, T, V]`` with a dynamic T in 1 … max_length: prefill is a call at position 0 (it also
+  resets the conv states), decoding is a call with T = 1 at the next position. This is the
+  contract of ExecuTorch's LLM runner (``TextLLMRunner``, the C++ runner of its phone apps),
+  which also reads the constant methods ``RUNNER_METADATA`` lists.
 * **lower**: ``to_edge_transform_and_lower`` with the XNNPACK partitioner, then
   ``to_executorch``, whose quant fusion turns the embedding's dequantize + lookup into
   ExecuTorch's ``quantized_decomposed::embedding_byte`` kernel. What was delegated and what
@@ -18,7 +20,7 @@
 
 The artifact metadata (config, maximum length, batch size, precision) travels inside the
 program as a constant method (``bibo_metadata``, UTF-8 JSON as uint8): a ``.pte`` describes
-itself.
+itself, to our runtime and to ExecuTorch's runner.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class ExecuTorchRecipe(Recipe):
     def export(self, build: ProgramBuild) -> ProgramBuild:
         max_length, batch_size = self.settings.max_length, build.decoder.batch_size
         example = (torch.zeros(batch_size, min(2, max_length), dtype=torch.long),
-                   torch.tensor(0, dtype=torch.long))
+                   torch.zeros(1, dtype=torch.long))
         tokens = torch.export.Dim("tokens", min=1, max=max_length)
         build.weight_bytes = decode_weight_bytes(build)
         with torch.no_grad():
@@ -97,8 +99,9 @@ class ExecuTorchRecipe(Recipe):
     def lower(self, build: ProgramBuild, metadata: ArtifactMetadata) -> ProgramBuild:
         """Delegate to XNNPACK what it takes; ``metadata`` becomes a constant method."""
         encoded = torch.tensor(list(metadata.to_json().encode()), dtype=torch.uint8)
-        edge = to_edge_transform_and_lower(build.exported, partitioner=[XnnpackPartitioner()],
-                                           constant_methods={METADATA_METHOD: encoded})
+        edge = to_edge_transform_and_lower(
+            build.exported, partitioner=[XnnpackPartitioner()],
+            constant_methods={METADATA_METHOD: encoded, **runner_metadata(metadata)})
         build.ops = count_ops(edge)
         # XNNPACK's blobs now hold the weights: release the module and the exported program
         # (3 GB each at 750M parameters, shared) before the final program is built.
@@ -142,6 +145,21 @@ def export_executorch(source: str | Path | BiBoForCausalLM, outs: dict[str, str 
     ``{"int8": "artifacts/executorch/int8"}``. ``max_length`` (default: the model's maximum)
     bounds prompt + generated tokens; the program is built for a fixed ``batch_size``."""
     return run_export(ExecuTorchRecipe, source, outs, max_length, batch_size, reference)
+
+
+def runner_metadata(metadata: ArtifactMetadata) -> dict[str, Any]:
+    """The constant methods ExecuTorch's LLM runner reads (executorch 1.4.1,
+    ``extension/llm/runner/llm_runner_helper.cpp``). Its maximum sequence length (the longest
+    prefill call) equals the context length: a smaller one would make the runner treat the
+    cache as a sliding window. Models trained with a tokenizer stop at its end-of-text token,
+    which also serves as BOS (the runner prepends none by default)."""
+    methods: dict[str, Any] = {"get_max_seq_len": metadata.max_length,
+                               "get_max_context_len": metadata.max_length,
+                               "get_vocab_size": metadata.config.vocab_size,
+                               "use_kv_cache": True, "enable_dynamic_shape": True}
+    if metadata.eos_id is not None:
+        methods.update(get_bos_id=metadata.eos_id, get_eos_ids=[metadata.eos_id])
+    return methods
 
 
 # ------------------------------------------------------------------------------ quantize

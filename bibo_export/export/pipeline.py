@@ -7,7 +7,8 @@ what eager PyTorch outputs on the verification prompts; a backend's ``Recipe`` s
 *transform* … *lower* (in the order its toolchain needs: torchao quantizes modules before
 ``torch.export``, ONNX Runtime quantizes the exported graph) and *save*. The pipeline then runs
 the saved artifact in its runtime against those eager outputs (*verify*, judged by ``verdict``)
-and only then *publishes* it: the manifest is written and the folder replaces the target. A
+and only then *publishes* it: the manifest is written (listing the checkpoint's
+``tokenizer.json`` too, copied beside the model) and the folder replaces the target. A
 failed verification raises ``ExportVerificationError`` and leaves whatever was there before
 untouched. Each stage prints its name, duration and the process's memory, so a long export
 shows where it is.
@@ -25,6 +26,7 @@ import copy
 import ctypes
 import gc
 import resource
+import shutil
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
@@ -35,12 +37,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..artifacts import PRECISIONS, ArtifactMetadata, check_manifest, write_manifest
-from ..io import atomic_directory
+from ..artifacts import (PRECISIONS, TOKENIZER_FILE, ArtifactMetadata, check_manifest,
+                         tokenizer_beside, write_manifest)
+from ..io import atomic_directory, file_sha256
 from ..model import BiBoForCausalLM
 from ..runtimes import load
 from ..runtimes.base import any_batch
 from ..runtimes.eager import EagerRuntime
+from ..tokenizer import TextTokenizer
 from ..verdict import ACCURACY_BARS, accuracy_failures, compare_logits, compare_tokens, judge
 
 VERIFY_SEED = 0
@@ -183,6 +187,8 @@ def run_export(recipe_type: type[Recipe], source: str | Path | BiBoForCausalLM,
         recipe = recipe_type(check_settings(model, max_length, batch_size))
         expected = Expected.of(reference or model, recipe.settings.max_length)
     source_name = None if isinstance(source, BiBoForCausalLM) else str(source)
+    tokenizer = None if source_name is None else tokenizer_beside(source_name)
+    eos_id = None if tokenizer is None else TextTokenizer.from_file(tokenizer).eos_id
     config, state = model.config, model
     del model  # from here on the recipe's state holds the only reference
     for stage_name, run in recipe.shared_stages():
@@ -193,23 +199,31 @@ def run_export(recipe_type: type[Recipe], source: str | Path | BiBoForCausalLM,
         last = i == len(folders) - 1
         variant, state = (state, None) if last else (recipe.fork(state), state)
         metadata = ArtifactMetadata(config, recipe.settings.max_length, precision,
-                                    recipe.settings.batch_size)
+                                    recipe.settings.batch_size, eos_id)
         for stage_name, run in recipe.output_stages(metadata):
             with stage(name, f"{stage_name} {precision}"):
                 variant = run(variant)
-        manifests[precision] = publish(recipe, variant, out, metadata, expected, source_name)
+        manifests[precision] = publish(recipe, variant, out, metadata, expected, source_name,
+                                       tokenizer)
         del variant  # release this precision's program before the next one is built
         print(recipe.summary(manifests[precision]), flush=True)
     return manifests
 
 
 def publish(recipe: Recipe, state: Any, out: Path, metadata: ArtifactMetadata,
-            expected: Expected, checkpoint: str | None) -> dict[str, Any]:
-    """save → verify → manifest in a temporary folder that replaces ``out`` only if verified."""
+            expected: Expected, checkpoint: str | None,
+            tokenizer: Path | None = None) -> dict[str, Any]:
+    """save → verify → manifest in a temporary folder that replaces ``out`` only if verified;
+    the checkpoint's ``tokenizer`` travels with the artifact."""
     name, precision = recipe.format, metadata.precision
     with atomic_directory(out) as folder:
         with stage(name, f"save {precision}"):
             files = recipe.save(state, folder, metadata)
+            extra: dict[str, Any] = {}
+            if tokenizer is not None:
+                shutil.copyfile(tokenizer, folder / TOKENIZER_FILE)
+                files.append(TOKENIZER_FILE)
+                extra["tokenizer_sha256"] = file_sha256(folder / TOKENIZER_FILE)
         with stage(name, f"verify {precision}"):
             facts = recipe.inspect(state, folder, precision)
             verification = verify(folder, expected, metadata)
@@ -225,7 +239,7 @@ def publish(recipe: Recipe, state: Any, out: Path, metadata: ArtifactMetadata,
             write_manifest(folder, files, format=name, precision=precision,
                            max_length=metadata.max_length, batch_size=metadata.batch_size,
                            checkpoint=checkpoint, versions=versions(recipe.versions_of),
-                           verification=verification, **facts)
+                           verification=verification, **facts, **extra)
     return check_manifest(out)
 
 

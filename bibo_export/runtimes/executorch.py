@@ -1,7 +1,8 @@
 """ExecuTorch: run an exported ``.pte`` (XNNPACK delegate + portable kernels) from Python.
 
 The program keeps the KV cache and conv states in mutable buffers that persist between calls
-of its ``forward(input_ids, start_pos)``; a call at start_pos 0 starts a new sequence.
+of its ``forward(tokens [1, T], input_pos [1])``, the method ExecuTorch's LLM runner calls; a
+call at position 0 starts a new sequence.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class ExecuTorchRuntime(Runtime):
 
     def _run(self, input_ids: np.ndarray, start_pos: int) -> np.ndarray:
         outputs = self.method.execute([torch.from_numpy(input_ids),
-                                       torch.tensor(start_pos, dtype=torch.long)])
+                                       torch.tensor([start_pos], dtype=torch.long)])
         return outputs[0].numpy()
 
     # The program's batch is fixed (1 by default): prompts of different lengths run row by row

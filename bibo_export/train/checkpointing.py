@@ -2,7 +2,7 @@
 
 ``OUT/checkpoints/step-000120/`` holds the model (``config.json`` + ``model.safetensors``, so it
 loads with ``from_pretrained``), ``optimizer.pt`` (optimizer state and RNG states) and
-``state.json`` (the step). Each folder is written whole under a temporary name and renamed, so
+``state.json`` (the step), and the run's ``tokenizer.json`` when it has one. Each folder is written whole under a temporary name and renamed, so
 a crash leaves the previous checkpoints intact; only the newest ``keep`` are kept.
 """
 
@@ -40,10 +40,13 @@ def _host(tree: Any) -> Any:
 
 def save_training_checkpoint(root: Path, step: int, model: BiBoForCausalLM,
                              optimizer: torch.optim.Optimizer, keep: int,
+                             tokenizer: Path | None = None,
                              extra_rng: dict[str, Any] | None = None) -> Path:
     path = root / f"step-{step:06d}"
     with atomic_directory(path) as tmp:
         model.save_pretrained(tmp)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / tokenizer.name)
         torch.save({"optimizer": _host(optimizer.state_dict()),
                     "torch_rng": torch.get_rng_state(), **(extra_rng or {})},
                    tmp / "optimizer.pt")

@@ -1,7 +1,8 @@
 """Training data sources behind one interface, chosen by a spec string.
 
 * ``sort`` / ``sort:6,8``: the sorting task (DESIGN §8) at the given lengths;
-* ``text:PATH``: a byte-level corpus from a file or a folder (vocab 256 + EOS = 257);
+* ``text:PATH``: a text corpus from a file or a folder, as raw bytes (vocab 256 + EOS = 257),
+  or, given a ``tokenizer.json``, as its tokens (tokenized once into a cached token file);
 * ``bin:PATH[:uint16|uint32]``: pre-tokenized ids, read by memory map.
 
 Every source gives batch ``i`` as a pure function of (seed, i), so a resumed run sees exactly
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from ..tasks.sorting import VOCAB_SIZE as SORT_VOCAB
 from ..tasks.sorting import SortingTask, parse_sort_spec
+from ..tokenizer import TextTokenizer, corpus_files, tokenize_corpus
 
 BYTE_EOS = 256
 BYTE_VOCAB = 257
@@ -96,14 +98,11 @@ class PackedTokens:
 
 def read_byte_corpus(path: Path) -> np.ndarray:
     """All files under ``path`` (or the file itself) as bytes, documents separated by EOS."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     pieces = []
-    for file in files:
+    for file in corpus_files(path):
         data = np.frombuffer(file.read_bytes(), dtype=np.uint8)
         if len(data):
             pieces += [data.astype(np.uint16), np.array([BYTE_EOS], dtype=np.uint16)]
-    if not pieces:
-        raise ValueError(f"text corpus {path} is empty")
     return np.concatenate(pieces)
 
 
@@ -116,21 +115,34 @@ def read_token_file(path: Path, dtype: str) -> tuple[np.ndarray, int]:
     return tokens, int(tokens.max()) + 1
 
 
-def make_data_source(spec: str, batch_size: int, seed: int,
-                     sequence_length: int = 256) -> DataSource:
+def make_data_source(spec: str, batch_size: int, seed: int, sequence_length: int = 256,
+                     tokenizer: TextTokenizer | None = None,
+                     cache_dir: Path | None = None) -> DataSource:
+    """The source ``spec`` names; ``text:`` data with a ``tokenizer`` is tokenized into
+    ``cache_dir`` (once: later runs and resumes reuse the token file)."""
     kind, _, rest = spec.partition(":")
     lengths = parse_sort_spec(spec)
+    if tokenizer is not None and kind != "text":
+        raise ValueError(f"a tokenizer goes with --data text:PATH, not {spec!r}")
     if lengths is not None:
         return SortingSource(SortingTask(lengths=lengths, batch_size=batch_size, seed=seed))
-    if kind in ("text", "bin"):
-        path_text, _, dtype = rest.rpartition(":") if kind == "bin" and rest.count(":") else (rest, "", "")
+    if kind == "text" and tokenizer is not None:
+        if cache_dir is None:
+            raise ValueError("tokenized text data needs a cache folder for its token file")
+        token_file = tokenize_corpus(rest, tokenizer, cache_dir)
+        tokens = read_token_file(token_file, token_file.suffix[1:])[0]
+        return PackedTokens(tokens, tokenizer.vocab_size, sequence_length, batch_size, seed)
+    if kind == "text":
+        if not rest:
+            raise ValueError("data path not found: (none given)")
+        return PackedTokens(read_byte_corpus(Path(rest)), BYTE_VOCAB, sequence_length,
+                            batch_size, seed)
+    if kind == "bin":
+        path_text, _, dtype = rest.rpartition(":") if rest.count(":") else (rest, "", "")
         path = Path(path_text)
         if not path_text or not path.exists():
             raise ValueError(f"data path not found: {path_text or '(none given)'}")
-        if kind == "text":
-            tokens, vocab = read_byte_corpus(path), BYTE_VOCAB
-        else:
-            tokens, vocab = read_token_file(path, dtype or "uint16")
+        tokens, vocab = read_token_file(path, dtype or "uint16")
         return PackedTokens(tokens, vocab, sequence_length, batch_size, seed)
     raise ValueError(f"unknown data spec {spec!r}: use sort[:LENGTHS], text:PATH or "
                      "bin:PATH[:uint16|uint32]")

@@ -4,6 +4,9 @@
     RUN/metrics.jsonl          one JSON object per logged step and per evaluation
     RUN/checkpoints/step-N/    model + training state, the newest few kept (checkpointing.py)
     RUN/final/                 the trained model: config.json + model.safetensors
+    RUN/tokenizer.json         text runs: the run's own copy of its tokenizer, which every
+                               checkpoint and final/ also hold
+    RUN/data/                  text runs: the corpus tokenized once (tokens-KEY.uint16)
 
 ``RunFolder.of_checkpoint`` finds the run of ``RUN/final`` or of any ``RUN/checkpoints/step-N``.
 """
@@ -11,14 +14,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ..artifacts import TOKENIZER_FILE
 from ..config import parse_json_object
-from ..io import atomic_write_text
+from ..io import atomic_path, atomic_write_text
 from ..tasks.sorting import SortingTask, parse_sort_spec
+from ..tokenizer import TextTokenizer
 from .checkpointing import checkpoint_dirs
+from .data import make_data_source
 
 TRAIN_CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -44,6 +53,30 @@ class RunFolder:
     def final(self) -> Path:
         return self.root / "final"
 
+    @property
+    def data_cache(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def tokenizer(self) -> Path | None:
+        path = self.root / TOKENIZER_FILE
+        return path if path.is_file() else None
+
+    def adopt_tokenizer(self, path: str | Path, fresh: bool) -> TextTokenizer:
+        """The run's tokenizer: ``path`` copied into the run when it starts (``fresh``); a
+        resumed run reads its own copy, so moving the original later changes nothing."""
+        if fresh or self.tokenizer is None:
+            source = TextTokenizer.from_file(path)  # refuse a bad file before copying it
+            self.copy_tokenizer(self.root, source.path)
+        return TextTokenizer.from_file(self.tokenizer)
+
+    def copy_tokenizer(self, folder: Path, source: Path | None = None) -> None:
+        """Put the run's tokenizer (or ``source``) into ``folder``; nothing without one."""
+        source = source or self.tokenizer
+        if source is not None:
+            with atomic_path(folder / TOKENIZER_FILE) as tmp:
+                shutil.copyfile(source, tmp)
+
     def latest_checkpoint(self) -> Path | None:
         found = checkpoint_dirs(self.checkpoints)
         return found[-1] if found else None
@@ -64,6 +97,20 @@ class RunFolder:
         values = self.read_train_config()
         lengths = parse_sort_spec(values.get("data", ""))
         return None if lengths is None else SortingTask(lengths=lengths, seed=values["seed"])
+
+    def held_out_text(self, windows: int = 4) -> tuple[np.ndarray, np.ndarray] | None:
+        """(input ids, labels), each [windows, sequence_length], of the run's held-out text
+        when it trained with a tokenizer; None for other data."""
+        values = self.read_train_config()
+        if not values.get("tokenizer") or self.tokenizer is None:
+            return None
+        data = make_data_source(values["data"], windows, values["seed"],
+                                values["sequence_length"], TextTokenizer.from_file(self.tokenizer),
+                                self.data_cache)
+        batch = next(iter(data.eval_batches()), None)
+        if batch is None:
+            raise ValueError(f"{self.root}: the held-out text fills no {windows} windows")
+        return batch[0].numpy(), batch[1].numpy()
 
     @classmethod
     def of_checkpoint(cls, checkpoint: str | Path) -> RunFolder | None:

@@ -46,6 +46,7 @@ class TrainConfig:
     moe_dispatch: str = "index"  # ExecutionOptions: index | einsum | dense
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # BiBoConfig fields
     data: str = "sort:8"  # sort[:LENGTHS] | text:PATH | bin:PATH[:uint16|uint32]
+    tokenizer: str | None = None  # a tokenizer.json for text: data (else its raw bytes)
     sequence_length: int = 256  # text and bin windows
     steps: int = 600
     batch_size: int = 32
@@ -87,11 +88,17 @@ class TrainConfig:
         return ExecutionOptions(self.capacity_factor, self.moe_dispatch)
 
     def model_config_resolved(self, vocab_size: int) -> BiBoConfig:
+        """The model's config; with a tokenizer its vocab_size follows the tokenizer's unless
+        a config file or ``--set vocab_size=`` gives one."""
         base = (BiBoConfig.from_file(self.model_config) if self.model_config
                 else BiBoConfig.preset(self.preset))
-        config = BiBoConfig.from_dict({**base.to_dict(), **self.model_overrides})
+        values = {**base.to_dict(), **self.model_overrides}
+        if self.tokenizer and not self.model_config and "vocab_size" not in self.model_overrides:
+            values["vocab_size"] = vocab_size
+        config = BiBoConfig.from_dict(values)
         if vocab_size > config.vocab_size:
-            raise ValueError(f"the data has {vocab_size} token ids but the model's vocab_size "
+            source = "the tokenizer" if self.tokenizer else "the data"
+            raise ValueError(f"{source} has {vocab_size} token ids but the model's vocab_size "
                              f"is {config.vocab_size}")
         return config
 
@@ -206,7 +213,10 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
 
     parallel = Parallelism.from_spec(config.mesh, config.device)  # before any device exists
     backend = select_backend(config.device, config.precision)
-    data = make_data_source(config.data, config.batch_size, config.seed, config.sequence_length)
+    tokenizer = run.adopt_tokenizer(config.tokenizer, fresh=latest is None) \
+        if config.tokenizer else None
+    data = make_data_source(config.data, config.batch_size, config.seed, config.sequence_length,
+                            tokenizer, run.data_cache)
     if latest is None:
         model_config = config.model_config_resolved(data.vocab_size)
         check_fits(data, model_config, config)  # before building a model that may be large
@@ -276,11 +286,12 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
             log.write({"step": done, "eval": evaluate(model, data, backend, parallel)})
         if checkpoint_due:
             save_training_checkpoint(run.checkpoints, done, model, optimizer,
-                                     config.keep_checkpoints)
+                                     config.keep_checkpoints, run.tokenizer)
     bar.close()
 
     if end == config.steps:
         model.save_pretrained(run.final)
+        run.copy_tokenizer(run.final)
         print(f"final checkpoint: {run.final}", flush=True)
         return run.final
     return run.latest_checkpoint()
