@@ -33,6 +33,20 @@ DEMO_STEPS ?= 400
 DEMO_BATCH ?= 128
 DEMO_LR ?= 2e-3
 DEMO_RUN ?= runs/demo
+# make demo-text: a tokenizer and a small language model trained on the Python standard library's
+# own top-level modules (every machine with Python has them: ~4.7 MB of code and docstrings),
+# through XLA, exported int8 to ExecuTorch and ONNX, compared, and asked to continue TEXT_PROMPT.
+STDLIB := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+TEXT_CORPUS ?= $(STDLIB)/*.py
+TEXT_VOCAB ?= 2048
+TEXT_STEPS ?= 500
+TEXT_BATCH ?= 16
+TEXT_SEQUENCE ?= 128
+TEXT_LR ?= 3e-3
+TEXT_RUN ?= runs/demo-text
+TEXT_ARTIFACTS ?= artifacts-text
+TEXT_PROMPT ?= def __init__(self
+TEXT_NEW_TOKENS ?= 48
 # Exports that run at once in make demo and make export-executorch (one per core).
 EXPORT_JOBS ?= 2
 # make export-*: the checkpoint to export (default: what make train-tpu produced, trained first
@@ -47,9 +61,9 @@ XLA_STAMP := $(VENV_XLA)/.stamp$(if $(TORCH_XLA_EXTRA),-$(TORCH_XLA_EXTRA))
 # those lines; every other line, and pip's exit status, still reach the user.
 QUIET_PIP := { grep -v "^WARNING: Location '.*' is ignored" || true; }
 
-.PHONY: help demo setup setup-export setup-xla test test-export test-xla train-tpu export-onnx \
-	export-executorch export-executorch-fp32 export-executorch-int8 parity bench bench-train \
-	bench-dispatch bench-onnx bench-executorch bench-scale clean distclean
+.PHONY: help demo demo-text setup setup-export setup-xla test test-export test-xla train-tpu \
+	export-onnx export-onnx-int8 export-executorch export-executorch-fp32 export-executorch-int8 \
+	parity bench bench-train bench-dispatch bench-onnx bench-executorch bench-scale clean distclean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -62,6 +76,23 @@ demo: setup ## the whole pipeline: train (XLA) → ONNX + ExecuTorch fp32/int8 �
 	$(MAKE) --no-print-directory -j$(EXPORT_JOBS) export-executorch-int8 export-executorch-fp32 \
 		export-onnx CKPT=$(DEMO_RUN)/final
 	$(MAKE) --no-print-directory parity CKPT=$(DEMO_RUN)/final
+
+demo-text: setup ## text in, text out: tokenizer + language model (XLA) → ExecuTorch/ONNX int8 → parity → continuations
+	$(VENV_XLA)/bin/bibo-export tokenizer train --data 'text:$(TEXT_CORPUS)' \
+		--vocab-size $(TEXT_VOCAB) --out $(TEXT_RUN)-tokenizer
+	$(MAKE) --no-print-directory train-tpu PRESET=text-tiny RUN=$(TEXT_RUN) STEPS=$(TEXT_STEPS) \
+		BATCH=$(TEXT_BATCH) DATA='text:$(TEXT_CORPUS)' TRAIN_ARGS="--tokenizer \
+		$(TEXT_RUN)-tokenizer/tokenizer.json --sequence-length $(TEXT_SEQUENCE) --lr $(TEXT_LR) \
+		$(TRAIN_ARGS)"
+	$(MAKE) --no-print-directory -j$(EXPORT_JOBS) export-executorch-int8 export-onnx-int8 \
+		CKPT=$(TEXT_RUN)/final ARTIFACTS=$(TEXT_ARTIFACTS)
+	$(VENV)/bin/bibo-export parity --checkpoint $(TEXT_RUN)/final $(TEXT_ARTIFACTS)/executorch/int8 \
+		$(TEXT_ARTIFACTS)/onnx/int8 --report $(TEXT_ARTIFACTS)
+	@echo "== the same prompt continued by each runtime (greedy, $(TEXT_NEW_TOKENS) tokens at most)"
+	@for model in "$(TEXT_RUN)/final" "$(TEXT_ARTIFACTS)/onnx/int8" \
+		"$(TEXT_ARTIFACTS)/executorch/int8" "$(TEXT_ARTIFACTS)/executorch/int8 --llm-runner"; do \
+		$(VENV)/bin/bibo-export generate --model $$model --prompt '$(TEXT_PROMPT)' \
+			--max-new-tokens $(TEXT_NEW_TOKENS) || exit 1; done
 
 setup: setup-export setup-xla ## create both virtual environments (idempotent)
 
@@ -99,7 +130,7 @@ test-xla: $(XLA_STAMP) ## tests in the XLA env (model under torch 2.9, XLA compi
 
 train-tpu: $(XLA_STAMP) ## train through torch_xla (TPU if present, else XLA CPU) → runs/PRESET/final
 	$(VENV_XLA)/bin/bibo-export train --preset $(PRESET) --steps $(STEPS) --batch-size $(BATCH) \
-		--data $(DATA) --out $(RUN) $(if $(MESH),--mesh $(MESH)) \
+		--data '$(DATA)' --out $(RUN) $(if $(MESH),--mesh $(MESH)) \
 		$(if $(wildcard $(RUN)/checkpoints/step-*),--resume) $(TRAIN_ARGS)
 
 # The default checkpoint is built on demand; an explicit CKPT must already exist.
@@ -111,6 +142,10 @@ DEFAULT_CKPT := $(if $(filter $(RUN)/final,$(CKPT)),$(RUN)/final/config.json)
 export-onnx: $(STAMP) $(DEFAULT_CKPT) ## CKPT → artifacts/onnx/{fp32,int8}, verified against eager
 	$(VENV)/bin/bibo-export export onnx --checkpoint $(CKPT) --out $(ARTIFACTS)/onnx/fp32 \
 		--int8-out $(ARTIFACTS)/onnx/int8
+
+# int8 only (make demo-text).
+export-onnx-int8: $(STAMP) $(DEFAULT_CKPT)
+	$(VENV)/bin/bibo-export export onnx --checkpoint $(CKPT) --out $(ARTIFACTS)/onnx/int8 --int8
 
 export-executorch: ## CKPT → artifacts/executorch/{fp32,int8}/model.pte, verified
 	@# Lowering is minutes of single-threaded Python per program: build both side by side.
@@ -170,7 +205,7 @@ bench-dispatch: $(STAMP) $(XLA_STAMP) ## MoE dispatch benchmark → bench/result
 	PJRT_DEVICE=$(PJRT_DEVICE) $(VENV_XLA)/bin/python -m bench.dispatch --backend xla
 
 clean: ## remove run outputs, artifacts and benchmark results (keeps the environments)
-	rm -rf runs artifacts bench/results bench/work .pytest_cache
+	rm -rf runs artifacts artifacts-text bench/results bench/work .pytest_cache
 
 distclean: clean ## also remove both virtual environments
 	rm -rf $(VENV) $(VENV_XLA)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def train_tokenizer(corpus: str | Path, vocab_size: int, out: str | Path) -> Tex
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=True)
+                                  show_progress=sys.stderr.isatty())  # else blank lines
     tokenizer.train_from_iterator(documents(files), trainer, length=len(files))
     path = Path(out) / TOKENIZER_FILE
     with atomic_path(path) as tmp:

@@ -18,7 +18,8 @@ collect_ignore = [name for name, package in [("test_onnx.py", "onnx"),
                                              ("test_bad_inputs.py", "onnx"),
                                              ("test_executorch.py", "executorch"),
                                              ("test_executorch_int8.py", "executorch"),
-                                             ("test_executorch_bf16.py", "executorch")]
+                                             ("test_executorch_bf16.py", "executorch"),
+                                             ("test_text.py", "executorch")]
                   if importlib.util.find_spec(package) is None]
 
 try:

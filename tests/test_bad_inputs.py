@@ -67,6 +67,9 @@ def world(tmp_path_factory) -> dict[str, Path]:
 
     (root / "corpus").mkdir()
     (root / "corpus" / "a.txt").write_text("a small corpus for bad inputs " * 2000)
+    result = cli("tokenizer", "train", "--data", f"text:{root / 'corpus'}", "--vocab-size",
+                 "300", "--out", str(root / "tokenizer"))
+    assert result.returncode == 0, result.stderr[-2000:]
     (root / "bad.json").write_text(json.dumps({"hidden_size": 64, "colour": "red"}))
     (root / "odd.json").write_text(json.dumps({**config.to_dict(), "hidden_size": 250}))
     (root / "notjson.json").write_text("{hidden_size: 64")
@@ -85,7 +88,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
     (root / "garbage.pte").write_bytes(b"not a program" * 100)
     (root / "empty").mkdir()
     return {"root": root, "model": root / "model.json", "ckpt": root / "ckpt", "run": run,
-            "hostile": hostile, "onnx": root / "onnx", "corpus": root / "corpus"}
+            "hostile": hostile, "onnx": root / "onnx", "corpus": root / "corpus",
+            "tokenizer": root / "tokenizer" / "tokenizer.json"}
 
 
 TRAIN = ("train", "--config", "{model}", "--device", "cpu", "--steps", "2", "--batch-size", "4")
@@ -140,6 +144,23 @@ CASES = {
                             "bad sorting spec 'sort:a,b'", "{out}"),
     "empty corpus": ((*TRAIN, "--data", "text:{root}/empty", "--out", "{out}"),
                      "is empty", "{out}"),
+    # tokenizers
+    "tokenizer vocabulary below the bytes": (("tokenizer", "train", "--data", "text:{corpus}",
+                                              "--vocab-size", "100", "--out", "{out}"),
+                                             "--vocab-size must be an integer ≥ 257", "{out}"),
+    "tokenizer of sorting data": (("tokenizer", "train", "--data", "sort:4", "--vocab-size",
+                                   "300", "--out", "{out}"), "--data must be text:PATH", "{out}"),
+    "model vocabulary below the tokenizer's": ((*TRAIN, "--data", "text:{corpus}", "--tokenizer",
+                                                "{tokenizer}", "--out", "{out}"),
+                                               "token ids but the model's vocab_size is 256",
+                                               "{out}"),
+    "tokenizer that is not one": ((*TRAIN, "--data", "text:{corpus}", "--tokenizer", "{model}",
+                                   "--out", "{out}"), "is not a tokenizer.json", "{out}"),
+    "tokenizer with sorting data": ((*TRAIN, "--data", "sort:4", "--tokenizer", "{tokenizer}",
+                                     "--out", "{out}"), "a tokenizer goes with --data text:PATH",
+                                    "{out}"),
+    "text prompt for a model without tokenizer": (("generate", "--model", "{onnx}", "--prompt",
+                                                   "hello"), "holds no tokenizer.json", None),
     # resuming
     "nothing to resume": ((*TRAIN, "--resume", "--out", "{out}"), "nothing to resume", "{out}"),
     "fresh run over a run": ((*TRAIN, "--data", "sort:4", "--out", "{run}"),

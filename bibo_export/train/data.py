@@ -122,8 +122,6 @@ def make_data_source(spec: str, batch_size: int, seed: int, sequence_length: int
     ``cache_dir`` (once: later runs and resumes reuse the token file)."""
     kind, _, rest = spec.partition(":")
     lengths = parse_sort_spec(spec)
-    if tokenizer is not None and kind != "text":
-        raise ValueError(f"a tokenizer goes with --data text:PATH, not {spec!r}")
     if lengths is not None:
         return SortingSource(SortingTask(lengths=lengths, batch_size=batch_size, seed=seed))
     if kind == "text" and tokenizer is not None:

@@ -62,13 +62,11 @@ class RunFolder:
         path = self.root / TOKENIZER_FILE
         return path if path.is_file() else None
 
-    def adopt_tokenizer(self, path: str | Path, fresh: bool) -> TextTokenizer:
-        """The run's tokenizer: ``path`` copied into the run when it starts (``fresh``); a
-        resumed run reads its own copy, so moving the original later changes nothing."""
-        if fresh or self.tokenizer is None:
-            source = TextTokenizer.from_file(path)  # refuse a bad file before copying it
-            self.copy_tokenizer(self.root, source.path)
-        return TextTokenizer.from_file(self.tokenizer)
+    def read_tokenizer(self, path: str | Path, fresh: bool) -> TextTokenizer:
+        """The run's tokenizer: ``path`` for a run that starts (``fresh``), which training then
+        copies into the run; a resumed run reads its own copy, so moving the original later
+        changes nothing."""
+        return TextTokenizer.from_file(path if fresh or self.tokenizer is None else self.tokenizer)
 
     def copy_tokenizer(self, folder: Path, source: Path | None = None) -> None:
         """Put the run's tokenizer (or ``source``) into ``folder``; nothing without one."""

@@ -82,6 +82,8 @@ class TrainConfig:
                     not (low <= value if inclusive else low < value) or value > high:
                 bounds = f"{'[' if inclusive else '('}{low}, {high}]"
                 raise ValueError(f"{name} must be a finite number in {bounds}, got {value!r}")
+        if self.tokenizer is not None and not self.data.startswith("text:"):
+            raise ValueError(f"a tokenizer goes with --data text:PATH, not {self.data!r}")
         self.execution()  # capacity_factor and moe_dispatch are checked there
 
     def execution(self) -> ExecutionOptions:
@@ -213,18 +215,22 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
 
     parallel = Parallelism.from_spec(config.mesh, config.device)  # before any device exists
     backend = select_backend(config.device, config.precision)
-    tokenizer = run.adopt_tokenizer(config.tokenizer, fresh=latest is None) \
+    tokenizer = run.read_tokenizer(config.tokenizer, fresh=latest is None) \
         if config.tokenizer else None
+    if tokenizer is not None and latest is None:
+        # Refuse a model that cannot hold the tokenizer's ids before tokenizing into the run.
+        check_fits(config.sequence_length, "lm",
+                   config.model_config_resolved(tokenizer.vocab_size), config)
     data = make_data_source(config.data, config.batch_size, config.seed, config.sequence_length,
                             tokenizer, run.data_cache)
     if latest is None:
         model_config = config.model_config_resolved(data.vocab_size)
-        check_fits(data, model_config, config)  # before building a model that may be large
+        check_fits(data.sequence_length, data.kind, model_config, config)  # before a big model
         torch.manual_seed(config.seed)
         model, saved_state, start = BiBoForCausalLM(model_config), None, 0
     else:
         model, saved_state, start = load_training_checkpoint(latest)
-        check_fits(data, model.config, config)
+        check_fits(data.sequence_length, data.kind, model.config, config)
     print(f"training on {backend.name}{parallel.describe()} "
           f"({'bf16 autocast' if backend.bf16 else 'fp32'}), data {config.data}", flush=True)
     if latest is not None:
@@ -252,6 +258,8 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
     if latest is None:
         run.write_train_config(dataclasses.asdict(config))
         run.metrics_path.unlink(missing_ok=True)
+        if tokenizer is not None:
+            run.copy_tokenizer(run.root, tokenizer.path)
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
     tokens_per_step = config.batch_size * config.grad_accum * data.sequence_length
     bar = tqdm(range(start, end), initial=start, total=config.steps, desc="train", unit="step",
@@ -297,12 +305,13 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
     return run.latest_checkpoint()
 
 
-def check_fits(data: DataSource, model_config: BiBoConfig, config: TrainConfig) -> None:
+def check_fits(sequence_length: int, kind: str, model_config: BiBoConfig,
+               config: TrainConfig) -> None:
     """Sequences longer than the model's positions would train on positions it never has."""
     limit = model_config.max_position_embeddings
-    if data.sequence_length > limit:
-        source = "--sequence-length" if data.kind == "lm" else f"--data {config.data}"
-        raise ValueError(f"{source} gives sequences of {data.sequence_length} tokens, beyond the "
+    if sequence_length > limit:
+        source = "--sequence-length" if kind == "lm" else f"--data {config.data}"
+        raise ValueError(f"{source} gives sequences of {sequence_length} tokens, beyond the "
                          f"model's max_position_embeddings {limit}")
 
 

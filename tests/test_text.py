@@ -1,0 +1,151 @@
+"""Text in, text out, end to end: a small language model trained through the CLI on tokenized
+text, exported with its tokenizer, generating the same greedy text on every runtime and under
+ExecuTorch's own ``TextLLMRunner``; parity measures held-out perplexity."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from executorch.runtime import Runtime as ETRuntime
+
+from bibo_export.artifacts import check_manifest
+from bibo_export.export.executorch import export_executorch
+from bibo_export.export.onnx import export_onnx
+from bibo_export.io import file_sha256
+from bibo_export.model import BiBoForCausalLM
+from bibo_export.parity import run_parity
+from bibo_export.runtimes.eager import EagerRuntime
+from bibo_export.runtimes.llm_runner import TextRunner
+from bibo_export.tokenizer import TextTokenizer
+from bibo_export.train.run import RunFolder
+
+pytestmark = pytest.mark.export
+
+MAX_LENGTH = 48
+PROMPT = "def forward(self"
+NEW_TOKENS = 12
+# The package's own source: text every checkout has, and ASCII (the runner hands each token to
+# Python as text, so a token holding part of a multi-byte character would be an error there).
+CORPUS = Path(__file__).parent.parent / "bibo_export"
+MODEL = ("hidden_size=64", "intermediate_size=128", "num_hidden_layers=2",
+         "moe_intermediate_size=64", "num_routed_experts=4", "max_position_embeddings=64")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "bibo_export.cli", *map(str, args)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    """(run folder, exports by name) of a text-tiny variant trained briefly on the corpus."""
+    root = tmp_path_factory.mktemp("text")
+    cli("tokenizer", "train", "--data", f"text:{CORPUS}", "--vocab-size", 512, "--out",
+        root / "tokenizer")
+    overrides = [arg for item in MODEL for arg in ("--set", item)]
+    cli("train", "--preset", "text-tiny", *overrides, "--data", f"text:{CORPUS}", "--tokenizer",
+        root / "tokenizer" / "tokenizer.json", "--device", "cpu", "--steps", 80,
+        "--batch-size", 8, "--sequence-length", 64, "--checkpoint-every", 40, "--out",
+        root / "run")
+    final = root / "run" / "final"
+    exports = {"onnx fp32": root / "onnx-fp32", "executorch fp32": root / "et-fp32",
+               "executorch int8": root / "et-int8"}
+    export_onnx(final, {"fp32": exports["onnx fp32"]}, max_length=MAX_LENGTH)
+    export_executorch(final, {"fp32": exports["executorch fp32"],
+                              "int8": exports["executorch int8"]}, max_length=MAX_LENGTH)
+    return RunFolder(root / "run"), exports
+
+
+def eager_greedy_text(final: Path) -> str:
+    """The oracle: eager PyTorch's greedy continuation, decoded by the tokenizer library."""
+    tokenizer = TextTokenizer.from_file(final)
+    ids = tokenizer.encode(PROMPT)
+    tokens = EagerRuntime.from_path(final).generate(np.array([ids]), NEW_TOKENS)[0, len(ids):]
+    tokens = tokens.tolist()
+    if tokenizer.eos_id in tokens:
+        tokens = tokens[:tokens.index(tokenizer.eos_id)]
+    return tokenizer.decode(tokens)
+
+
+def test_the_tokenizer_travels_with_every_checkpoint_and_export(text_model):
+    run, exports = text_model
+    original = file_sha256(run.tokenizer)
+    holders = [run.final, *run.checkpoints.iterdir(), *exports.values()]
+    assert len(holders) == 3 + len(exports)  # final, two checkpoints and the exports
+    for folder in holders:
+        assert file_sha256(folder / "tokenizer.json") == original, folder
+    for folder in exports.values():
+        manifest = check_manifest(folder)
+        assert manifest["tokenizer_sha256"] == original
+        assert "tokenizer.json" in [entry["name"] for entry in manifest["files"]]
+
+
+def test_a_changed_tokenizer_fails_the_manifest_check(text_model, tmp_path):
+    _, exports = text_model
+    copy = tmp_path / "onnx"
+    subprocess.run(["cp", "-r", str(exports["onnx fp32"]), str(copy)], check=True)
+    (copy / "tokenizer.json").write_text((copy / "tokenizer.json").read_text() + " ")
+    with pytest.raises(ValueError, match="tokenizer.json does not match"):
+        check_manifest(copy)
+
+
+def test_generate_prints_the_same_greedy_text_on_every_runtime(text_model):
+    run, exports = text_model
+    expected = json.dumps(PROMPT + eager_greedy_text(run.final), ensure_ascii=False)
+    assert len(expected) > len(PROMPT) + 4  # something was generated
+    for name, model in [("eager fp32", run.final), *exports.items()]:
+        out = cli("generate", "--model", model, "--prompt", PROMPT, "--max-new-tokens",
+                  NEW_TOKENS).stdout
+        assert out == f"{name}: {expected}\n", name
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_executorch_llm_runner_generates_eager_greedy_text(text_model, precision):
+    run, exports = text_model
+    runner = TextRunner(exports[f"executorch {precision}"])
+    expected = eager_greedy_text(run.final)
+    assert runner.generate(PROMPT, NEW_TOKENS) == expected
+    assert runner.generate(PROMPT, NEW_TOKENS) == expected  # a second call starts afresh
+
+
+def test_the_runner_metadata_methods_hold_the_config(text_model):
+    run, exports = text_model
+    config = BiBoForCausalLM.from_pretrained(run.final).config
+    eos = TextTokenizer.from_file(run.final).eos_id
+    program = ETRuntime.get().load_program(exports["executorch int8"] / "model.pte")
+    values = {name: program.load_method(name).execute([]) for name in (
+        "get_max_seq_len", "get_max_context_len", "get_vocab_size", "get_bos_id",
+        "get_eos_ids", "use_kv_cache", "enable_dynamic_shape")}
+    assert values == {"get_max_seq_len": [MAX_LENGTH], "get_max_context_len": [MAX_LENGTH],
+                      "get_vocab_size": [config.vocab_size], "get_bos_id": [eos],
+                      "get_eos_ids": [eos], "use_kv_cache": [True],
+                      "enable_dynamic_shape": [True]}
+    assert config.vocab_size == TextTokenizer.from_file(run.final).vocab_size
+
+
+def test_parity_measures_held_out_perplexity(text_model):
+    run, exports = text_model
+    ids, labels = run.held_out_text()
+    result = run_parity(run.final, list(exports.values()), speed=False, text=(ids, labels),
+                        log=lambda line: None)
+    model = BiBoForCausalLM.from_pretrained(run.final).eval()
+    window = torch.from_numpy(ids[:, :MAX_LENGTH])
+    with torch.no_grad():
+        logits = model(window).logits
+    oracle = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).double(), torch.from_numpy(labels[:, :MAX_LENGTH]).flatten()).exp()
+    eager, *others = result["rows"]
+    assert eager["perplexity"] == pytest.approx(float(oracle), rel=1e-5)
+    for row in others:
+        assert row["perplexity_increase"] == pytest.approx(
+            row["perplexity"] / eager["perplexity"] - 1)
+        assert row["passed"], row["failed_bars"]
+    assert 1 < eager["perplexity"] < 512 / 2  # it learned something from its corpus
