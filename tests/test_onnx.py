@@ -169,8 +169,7 @@ def test_int8_graph_runs_integer_expert_kernels_and_a_float_router(int8_export):
     graphs = list(subgraphs(model.graph))
     config = ArtifactMetadata.from_json(
         {p.key: p.value for p in model.metadata_props}[METADATA_KEY], folder).config
-    int8_inputs = {name for g in graphs for n in g.node if n.op_type in ("MatMulInteger",
-                                                                           "ConvInteger")
+    int8_inputs = {name for g in graphs for n in g.node if n.op_type == "MatMulNBits"
                    for name in n.input}
     experts = {m.group(0) + proj for m in map(EXPERT_WEIGHT.search, int8_inputs) if m
                for proj in ("gate", "up", "down")}
@@ -179,12 +178,11 @@ def test_int8_graph_runs_integer_expert_kernels_and_a_float_router(int8_export):
     for part in ("self_attn.q_proj", "self_attn.o_proj", "lm_head"):
         assert any(part in name for name in int8_inputs), part
     router = [n for n in model.graph.node if any(".router.weight" in i for i in n.input)]
-    assert router and all(n.op_type == "Conv" for n in router)  # float Conv, not ConvInteger
+    assert router and all(n.op_type == "Conv" for n in router)  # the float conv router
     assert not any("router" in name for name in int8_inputs)
     # What ORT runs after its own graph optimizations, If branches included.
     kernels = integer_kernels(folder / "model.onnx")
-    assert kernels.get("DynamicQuantizeMatMul", 0) + kernels.get("MatMulIntegerToFloat", 0) \
-        >= 3 * moe_layers * config.num_mlp_experts
+    assert kernels.get("MatMulNBits", 0) >= 3 * moe_layers * config.num_mlp_experts
     assert set(manifest["quantization"]["quantized_weights"]) >= {"experts", "attention",
                                                                  "lm_head", "embedding"}
 

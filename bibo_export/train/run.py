@@ -96,7 +96,7 @@ class RunFolder:
         lengths = parse_sort_spec(values.get("data", ""))
         return None if lengths is None else SortingTask(lengths=lengths, seed=values["seed"])
 
-    def held_out_text(self, windows: int = 4) -> tuple[np.ndarray, np.ndarray] | None:
+    def held_out_text(self, windows: int = 16) -> tuple[np.ndarray, np.ndarray] | None:
         """(input ids, labels), each [windows, sequence_length], of the run's held-out text
         when it trained with a tokenizer; None for other data."""
         values = self.read_train_config()
