@@ -12,20 +12,22 @@ PACKAGE = Path(__file__).resolve().parent.parent / "bibo_export"
 
 # What each part of the package may import from the package (DESIGN §10 and the brief):
 # config/io/logs, then model, then train and runtimes, then export, then parity/report, then cli;
-# artifacts and verdict sit low so that exporters and parity share them.
+# artifacts and verdict sit low so that exporters and parity share them; the tokenizer sits
+# just above artifacts (it names its file) so that training, runtimes and export all read it.
 ALLOWED = {
     "config": set(), "io": set(), "logs": set(), "verdict": set(),
     "artifacts": {"config", "io"},
+    "tokenizer": {"artifacts", "io"},
     "model": {"config", "io", "artifacts"},
     "tasks": {"model"},
-    "train": {"config", "io", "artifacts", "model", "tasks"},
-    "runtimes": {"config", "artifacts", "model"},
+    "train": {"config", "io", "artifacts", "tokenizer", "model", "tasks"},
+    "runtimes": {"config", "artifacts", "tokenizer", "model"},
     "timing": {"runtimes"},
-    "export": {"config", "io", "artifacts", "verdict", "model", "runtimes"},
+    "export": {"config", "io", "artifacts", "tokenizer", "verdict", "model", "runtimes"},
     "parity": {"config", "artifacts", "verdict", "model", "tasks", "runtimes", "timing"},
     "report": {"io", "verdict", "tasks"},
-    "cli": {"config", "io", "logs", "artifacts", "verdict", "model", "tasks", "train",
-            "runtimes", "timing", "export", "parity", "report"},
+    "cli": {"config", "io", "logs", "artifacts", "tokenizer", "verdict", "model", "tasks",
+            "train", "runtimes", "timing", "export", "parity", "report"},
 }
 
 
