@@ -87,13 +87,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if path is None:
         raise ValueError(f"{args.model} holds no {TOKENIZER_FILE}: give --prompt-ids instead")
     tokenizer = TextTokenizer.from_file(path)
-    if not tokenizer.encode(args.prompt):
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
         raise ValueError("--prompt is empty")
     if args.llm_runner:
         name, text = llm_runner_continuation(args)
     else:
         runtime = load(args.model)
-        ids = tokenizer.encode(args.prompt)
         new = runtime.generate(np.array([ids], dtype=np.int64), args.max_new_tokens)[0][len(ids):]
         name = f"{runtime.name} {runtime.precision}"
         text = tokenizer.decode(truncate_at(new.tolist(), tokenizer.eos_id))

@@ -2,8 +2,9 @@
 
 ``OUT/checkpoints/step-000120/`` holds the model (``config.json`` + ``model.safetensors``, so it
 loads with ``from_pretrained``), ``optimizer.pt`` (optimizer state and RNG states) and
-``state.json`` (the step), and the run's ``tokenizer.json`` when it has one. Each folder is written whole under a temporary name and renamed, so
-a crash leaves the previous checkpoints intact; only the newest ``keep`` are kept.
+``state.json`` (the step), and the run's ``tokenizer.json`` when it has one. Each folder is
+written whole under a temporary name and renamed, so a crash leaves the previous checkpoints
+intact; only the newest ``keep`` are kept.
 """
 
 from __future__ import annotations
