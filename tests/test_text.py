@@ -113,7 +113,8 @@ def test_executorch_llm_runner_generates_eager_greedy_text(text_model, precision
     runner = TextRunner(exports[f"executorch {precision}"])
     expected = eager_greedy_text(run.final)
     assert runner.generate(PROMPT, NEW_TOKENS) == expected
-    assert runner.generate(PROMPT, NEW_TOKENS) == expected  # a second call starts afresh
+    # A second call starts afresh: the runner at position 0, the program's conv states zeroed.
+    assert runner.generate(PROMPT, NEW_TOKENS) == expected
 
 
 def test_the_runner_metadata_methods_hold_the_config(text_model):

@@ -12,7 +12,7 @@
   [B, T, V]`` with a dynamic T in 1 … max_length: prefill is a call at position 0 (it also
   resets the conv states), decoding is a call with T = 1 at the next position. This is the
   contract of ExecuTorch's LLM runner (``TextLLMRunner``, the C++ runner of its phone apps),
-  which also reads the constant methods ``RUNNER_METADATA`` lists.
+  which also reads the constant methods ``runner_metadata`` builds.
 * **lower**: ``to_edge_transform_and_lower`` with the XNNPACK partitioner, then
   ``to_executorch``, whose quant fusion turns the embedding's dequantize + lookup into
   ExecuTorch's ``quantized_decomposed::embedding_byte`` kernel. What was delegated and what

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import ModuleType
 
 import executorch.kernels.quantized  # noqa: F401 - registers embedding_byte (int8 tables)
+
 from ..artifacts import program_file, tokenizer_beside
 from ..tokenizer import END_OF_TEXT
 
@@ -65,7 +66,10 @@ class TextRunner:
         # runner from also printing each piece to stdout; the pieces still reach the callback.
         config = self.extension.GenerationConfig(echo=False, max_new_tokens=max_new_tokens,
                                                  temperature=0.0, warming=True)
-        self.runner.reset()  # each call is a new sequence: the runner keeps its position
+        # Each call is a new sequence. A plain (non-warming) generate keeps the runner's position
+        # for the next call; a warming one was seen to restart at 0 (1.4.1), but that is not
+        # its documented contract, so the reset stays.
+        self.runner.reset()
         try:
             self.runner.generate(prompt, config, token_callback=pieces.append)
         except UnicodeDecodeError:
