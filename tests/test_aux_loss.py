@@ -85,3 +85,21 @@ def test_off_by_default_and_refused_when_not_finite():
     assert "aux_loss" not in train_step(config)(ids, ids)
     with pytest.raises(ValueError, match="aux_loss_coef"):
         tiny_config(aux_loss_coef=math.nan)
+
+
+@pytest.mark.export  # torch 2.13's compiler, what `train --device cuda` runs
+def test_compiled_micro_batch_trains_as_the_eager_step():
+    """On CUDA the step compiles its micro-batch forward through the loss (Backend.compile_step),
+    so the logits never leave the graph. Compiled as one graph (aot_eager: the same graph
+    capture, runnable on CPU), two steps with the auxiliary loss on give the eager step's
+    metrics and weights."""
+    config = tiny_config(aux_loss_coef=0.01, bias_update_threshold=10)
+    ids = torch.randint(0, 64, (2, 4, 9), generator=torch.Generator().manual_seed(1))
+    eager, compiled = train_step(config), train_step(config)
+    compiled.micro_batch = torch.compile(compiled.micro_batch, backend="aot_eager", fullgraph=True)
+    for _ in range(2):
+        expected, got = eager(ids, ids), compiled(ids, ids)
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, a), b in zip(eager.model.state_dict().items(), compiled.model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)

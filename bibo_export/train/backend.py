@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .step import TrainStep
+
 DEVICES = ("auto", "xla", "cpu", "cuda")
 
 
@@ -32,10 +34,16 @@ class Backend:
     def is_xla(self) -> bool:
         return self.name.startswith("xla")
 
-    def compile_step(self, step: Callable) -> Callable:
+    def compile_step(self, step: TrainStep) -> Callable:
         if self.is_xla:
             import torch_xla
             return torch_xla.compile(step, full_graph=True)
+        if self.name == "cuda":
+            # The micro-batch's loss rather than the model alone: a graph that returns the fp32
+            # logits must write them out (2 GB at `reference` size and 4×1,024 tokens); one that
+            # returns the loss fuses their cast into the cross-entropy. It traces through the
+            # model compiled by prepare_model, whose own graph serves evaluation.
+            step.micro_batch = torch.compile(step.micro_batch, mode=self.compile_mode)
         return step
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..model import BiBoForCausalLM
-from ..model.moe import balance_loss
+from ..model.moe import RoutingStats, balance_loss
 
 
 class TrainStep:
@@ -29,6 +29,16 @@ class TrainStep:
         self.lr, self.step_counter, self.schedule = lr, step_counter, schedule
         self.grad_clip, self.autocast = grad_clip, autocast
 
+    def micro_batch(self, input_ids: Tensor, labels: Tensor) -> tuple[Tensor, list[RoutingStats]]:
+        """One micro-batch's forward [B, T] → (mean cross-entropy, routing statistics).
+
+        The logits stay inside: where a backend compiles this (CUDA), the graph never writes
+        the fp32 [tokens, vocab] logits out and fuses their cast into the loss.
+        """
+        with self.autocast():
+            out = self.model(input_ids, labels=labels)
+        return out.loss, out.routing
+
     def __call__(self, input_ids: Tensor, labels: Tensor) -> dict[str, Tensor]:
         model, micro_batches = self.model, input_ids.shape[0]
         coef = model.config.aux_loss_coef
@@ -37,23 +47,22 @@ class TrainStep:
         counts, dropped = None, torch.zeros((), device=input_ids.device)
         probs_sum, tokens = None, 0
         for i in range(micro_batches):
-            with self.autocast():
-                out = model(input_ids[i], labels=labels[i])
-            layer_counts = torch.stack([s.expert_counts for s in out.routing])
+            cross_entropy, routing = self.micro_batch(input_ids[i], labels[i])
+            layer_counts = torch.stack([s.expert_counts for s in routing])
             counts = layer_counts if counts is None else counts + layer_counts
-            loss = out.loss
+            loss = cross_entropy
             if coef > 0:
                 # f over the micro-batches of this step so far (the whole step at the last one),
                 # P of this micro-batch: its gradient is this micro-batch's to contribute.
-                layer_probs = torch.stack([s.probs_sum for s in out.routing])
-                loss = loss + balance_loss(counts, layer_probs / out.routing[0].num_tokens, coef)
+                layer_probs = torch.stack([s.probs_sum for s in routing])
+                loss = loss + balance_loss(counts, layer_probs / routing[0].num_tokens, coef)
                 probs_sum = layer_probs.detach() + (0 if probs_sum is None else probs_sum)
-                tokens += out.routing[0].num_tokens
+                tokens += routing[0].num_tokens
             (loss / micro_batches).backward()
             # After backward: a recomputing (checkpointed) backward must see the bias it routed with.
-            model.apply_routing_stats(out.routing)
-            loss_sum = loss_sum + out.loss.detach().float()
-            dropped = dropped + sum(s.dropped for s in out.routing)
+            model.apply_routing_stats(routing)
+            loss_sum = loss_sum + cross_entropy.detach().float()
+            dropped = dropped + sum(s.dropped for s in routing)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
         self.lr.copy_(self.schedule(self.step_counter))
         self.optimizer.step()
