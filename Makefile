@@ -54,6 +54,10 @@ EXPORT_JOBS ?= 2
 CKPT ?= $(RUN)/final
 ARTIFACTS ?= artifacts
 
+# BiBo's ExecuTorch kernel library (bibo::moe_experts), built against .venv's ExecuTorch.
+KERNELS := bibo_export/kernels/lib/libbibo_kernels.so
+KERNEL_SOURCES := $(wildcard bibo_export/kernels/csrc/*)
+CMAKE ?= cmake
 XLA_PACKAGE := torch_xla$(if $(TORCH_XLA_EXTRA),[$(TORCH_XLA_EXTRA)])==2.9.0
 STAMP := $(VENV)/.stamp
 XLA_STAMP := $(VENV_XLA)/.stamp$(if $(TORCH_XLA_EXTRA),-$(TORCH_XLA_EXTRA))
@@ -63,7 +67,8 @@ QUIET_PIP := { grep -v "^WARNING: Location '.*' is ignored" || true; }
 
 .PHONY: help demo demo-text setup setup-export setup-xla test test-export test-xla train-tpu \
 	export-onnx export-onnx-int8 export-executorch export-executorch-fp32 export-executorch-int8 \
-	parity bench bench-train bench-dispatch bench-onnx bench-executorch bench-scale clean distclean
+	parity bench bench-train bench-dispatch bench-onnx bench-executorch bench-scale clean distclean \
+	check-kernel-tools
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -96,7 +101,7 @@ demo-text: setup ## text in, text out: tokenizer + language model (XLA) → Exec
 
 setup: setup-export setup-xla ## create both virtual environments (idempotent)
 
-setup-export: $(STAMP) ## the export/test env .venv (torch 2.13, executorch, onnx)
+setup-export: $(STAMP) $(KERNELS) ## the export/test env .venv (torch 2.13, executorch, onnx) + kernel library
 
 setup-xla: $(XLA_STAMP) ## the XLA env .venv-xla (torch 2.9, torch_xla 2.9)
 
@@ -110,6 +115,20 @@ $(STAMP): requirements/export.txt pyproject.toml
 	$(VENV)/bin/pip install --disable-pip-version-check -q --no-deps -e . 2>&1 | $(QUIET_PIP)
 	touch $@
 
+# The compiled experts kernel (README "ExecuTorch custom kernels"): cmake and a C++ compiler.
+$(KERNELS): $(STAMP) $(KERNEL_SOURCES) | check-kernel-tools
+	@echo "== building $@ against .venv's ExecuTorch (log: build/kernels.log)"
+	@mkdir -p build
+	@{ $(CMAKE) -S bibo_export/kernels/csrc -B build/kernels -DCMAKE_CXX_COMPILER="$$(command -v $(CXX))" \
+		-Dexecutorch_DIR="$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/executorch/share/cmake" \
+		-DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$(CURDIR)/$(dir $@)" \
+		&& $(CMAKE) --build build/kernels -j2; } > build/kernels.log 2>&1 \
+		|| { tail -20 build/kernels.log; echo "error: building $@ failed (full log: build/kernels.log)" >&2; exit 1; }
+
+check-kernel-tools:
+	@command -v $(CMAKE) > /dev/null || { echo "error: $(CMAKE) not found: it builds BiBo's ExecuTorch kernel library (install cmake >= 3.19)" >&2; exit 1; }
+	@command -v $(CXX) > /dev/null || { echo "error: C++ compiler $(CXX) not found: it builds BiBo's ExecuTorch kernel library (install g++, or set CXX=...)" >&2; exit 1; }
+
 $(XLA_STAMP): requirements/xla.txt pyproject.toml
 	@echo "== creating $(VENV_XLA) from requirements/xla.txt (torch 2.9 is a ~7 GB CUDA build: minutes)"
 	rm -rf $(VENV_XLA)
@@ -120,7 +139,7 @@ $(XLA_STAMP): requirements/xla.txt pyproject.toml
 
 test: test-export test-xla ## run the whole suite in both environments
 
-test-export: $(STAMP) ## tests in the export env (model, export, runtimes)
+test-export: $(STAMP) $(KERNELS) ## tests in the export env (model, export, runtimes)
 	$(VENV)/bin/python -m pytest -m "not xla" -n $(TEST_WORKERS) --dist loadfile --durations=10 \
 		$(PYTEST_ARGS)
 
@@ -152,7 +171,7 @@ export-executorch: ## CKPT → artifacts/executorch/{fp32,int8}/model.pte, verif
 	$(MAKE) --no-print-directory -j$(EXPORT_JOBS) export-executorch-int8 export-executorch-fp32
 
 # One program each: make export-executorch-fp32, make export-executorch-int8.
-export-executorch-fp32 export-executorch-int8: export-executorch-%: $(STAMP) $(DEFAULT_CKPT)
+export-executorch-fp32 export-executorch-int8: export-executorch-%: $(STAMP) $(KERNELS) $(DEFAULT_CKPT)
 	$(VENV)/bin/bibo-export export executorch --checkpoint $(CKPT) \
 		--out $(ARTIFACTS)/executorch/$* $(if $(filter int8,$*),--int8)
 
@@ -160,7 +179,7 @@ export-executorch-fp32 export-executorch-int8: export-executorch-%: $(STAMP) $(D
 EXPORTED = $(wildcard $(ARTIFACTS)/onnx/fp32 $(ARTIFACTS)/onnx/int8 \
 	$(ARTIFACTS)/executorch/fp32 $(ARTIFACTS)/executorch/int8)
 
-parity: $(STAMP) ## every export vs eager on CKPT (DESIGN §7 bars) → artifacts/report.{md,json}, plots
+parity: $(STAMP) $(KERNELS) ## every export vs eager on CKPT (DESIGN §7 bars) → artifacts/report.{md,json}, plots
 	$(if $(EXPORTED),,$(error no exports under $(ARTIFACTS)/: run make export-onnx and/or make export-executorch first))
 	$(VENV)/bin/bibo-export parity --checkpoint $(CKPT) $(EXPORTED) --report $(ARTIFACTS)
 
@@ -173,7 +192,7 @@ bench: $(STAMP) $(XLA_STAMP) ## every benchmark, fresh → bench/results/*.json 
 bench-onnx: $(STAMP) ## ONNX Runtime fp32/int8 vs eager: prefill, decode, bytes → bench/results/onnx.json
 	$(VENV)/bin/python -m bench.onnx
 
-bench-executorch: $(STAMP) ## ExecuTorch fp32/int8 vs eager → bench/results/executorch.json
+bench-executorch: $(STAMP) $(KERNELS) ## ExecuTorch fp32/int8 vs eager → bench/results/executorch.json
 	$(VENV)/bin/python -m bench.executorch
 
 bench-train: $(STAMP) $(XLA_STAMP) ## train-step tokens/s, static vs dynamic dispatch → bench/results/train.json
@@ -194,7 +213,7 @@ bench-train: $(STAMP) $(XLA_STAMP) ## train-step tokens/s, static vs dynamic dis
 				--compile-modes default reduce-overhead || exit 1; done; \
 	else echo "bench-train: no CUDA device, CUDA rows skipped"; fi
 
-bench-scale: $(STAMP) ## reference preset (752.6M) exports: time, peak memory, sizes → bench/results/scale.json
+bench-scale: $(STAMP) $(KERNELS) ## reference preset (752.6M) exports: time, peak memory, sizes → bench/results/scale.json
 	@# Not part of make bench: about 15 minutes, 3 GB of checkpoint and 10 GB of artifacts
 	@# under bench/work/scale, and up to 12 GB of memory per export.
 	$(VENV)/bin/python -m bench.scale --max-length $(SCALE_MAX_LENGTH)
@@ -208,4 +227,4 @@ clean: ## remove run outputs, artifacts and benchmark results (keeps the environ
 	rm -rf runs artifacts artifacts-text bench/results bench/work .pytest_cache
 
 distclean: clean ## also remove both virtual environments
-	rm -rf $(VENV) $(VENV_XLA)
+	rm -rf $(VENV) $(VENV_XLA) build $(dir $(KERNELS))

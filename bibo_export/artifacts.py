@@ -34,6 +34,10 @@ PTE_FILE = "model.pte"
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 PRECISIONS = ("fp32", "bf16", "int8")
+# How an ExecuTorch program computes the routed experts: "selected" reads only the chosen
+# experts through BiBo's kernel library (bibo_export/kernels); "fused" reads every expert and
+# needs only ExecuTorch's own kernels.
+EXPERT_MODES = ("selected", "fused")
 
 Kind = Literal["checkpoint", "onnx", "executorch"]
 MODEL_FILES: dict[str, tuple[str, ...]] = {"checkpoint": (WEIGHTS_FILE,),

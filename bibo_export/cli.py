@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, artifact_kind, tokenizer_beside
+from .artifacts import (CONFIG_FILE, EXPERT_MODES, TOKENIZER_FILE, WEIGHTS_FILE, artifact_kind,
+                        tokenizer_beside)
 from .config import DISPATCH_MODES, PRESETS, BiBoConfig
 from .logs import filtered_native_stderr, silence_known_noise
 from .model import BiBoForCausalLM
@@ -55,7 +56,8 @@ def cmd_export_executorch(args: argparse.Namespace) -> None:
     """Export a checkpoint to ExecuTorch (XNNPACK, cache in mutable buffers), verified."""
     from .export.executorch import export_executorch  # likewise executorch
 
-    export_executorch(checkpoint_folder(args.checkpoint), export_outputs(args), args.max_length)
+    export_executorch(checkpoint_folder(args.checkpoint), export_outputs(args), args.max_length,
+                      experts=args.experts)
 
 
 def checkpoint_folder(path: str) -> Path:
@@ -288,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                            help="float type of --out's program (bf16: half the size; bars "
                                 "top-1 ≥ 99%%, cosine ≥ 0.999 vs eager fp32)")
+            q.add_argument("--experts", choices=EXPERT_MODES, default="selected",
+                           help="selected: a token reads only the experts it chose (BiBo's "
+                                "kernel library, built by make setup, must be linked where "
+                                "the program runs); fused: every expert, ExecuTorch's own "
+                                "kernels only (bf16 programs are always fused)")
         q.set_defaults(func=func)
 
     p = sub.add_parser("import", help="import a checkpoint written by other code")

@@ -29,7 +29,11 @@ from collections.abc import Iterator
 # export is unaffected. Text: "`isinstance(treespec, LeafSpec)` is deprecated, use
 # `isinstance(treespec, TreeSpec) and treespec.is_leaf()` instead."
 LEAFSPEC_DEPRECATED = (r".*LeafSpec.* is deprecated", FutureWarning)
-KNOWN_WARNINGS = (LEAFSPEC_DEPRECATED,)
+# executorch 1.5's emitter says that mutated buffers (our KV cache and conv states) are saved
+# without their initial contents. The program never reads those: the call at position 0 zeroes
+# the conv states, and the attention mask gives every cache slot not yet written weight 0.
+MUTABLE_BUFFER_STATE = (r"Mutation on a buffer in the model is detected", UserWarning)
+KNOWN_WARNINGS = (LEAFSPEC_DEPRECATED, MUTABLE_BUFFER_STATE)
 
 # Logging records: logger name -> message regexes matched from the message's start.
 # `import torchao` tries to load its CUDA-only kernel libraries (torchao/_C*.so) and fails on a

@@ -19,7 +19,8 @@ collect_ignore = [name for name, package in [("test_onnx.py", "onnx"),
                                              ("test_executorch.py", "executorch"),
                                              ("test_executorch_int8.py", "executorch"),
                                              ("test_executorch_bf16.py", "executorch"),
-                                             ("test_text.py", "executorch")]
+                                             ("test_text.py", "executorch"),
+                                             ("test_kernels.py", "executorch")]
                   if importlib.util.find_spec(package) is None]
 
 try:

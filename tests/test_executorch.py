@@ -16,6 +16,7 @@ from bibo_export.artifacts import check_manifest
 from bibo_export.config import BiBoConfig
 from bibo_export.export import executorch as et_export
 from bibo_export.export.pipeline import ExportSettings
+from bibo_export.kernels.library import KernelCounters, read_counters
 from bibo_export.model import BiBoForCausalLM
 from bibo_export.runtimes import load
 from bibo_export.runtimes.base import RowByRow
@@ -29,26 +30,30 @@ MAX_LENGTH = 48  # a 12-token prompt + 32 generated tokens, with room to spare
 NEW_TOKENS = 32
 
 
-def export_random(tmp_path_factory, name: str, config: BiBoConfig):
+def export_random(tmp_path_factory, name: str, config: BiBoConfig, experts: str):
     torch.manual_seed(0)
     checkpoint = tmp_path_factory.mktemp(name) / "checkpoint"
     BiBoForCausalLM(config).save_pretrained(checkpoint)
     out = checkpoint.parent / "fp32"
-    manifest = et_export.export_executorch(checkpoint, {"fp32": out}, max_length=MAX_LENGTH)
+    manifest = et_export.export_executorch(checkpoint, {"fp32": out}, max_length=MAX_LENGTH,
+                                           experts=experts)
     return checkpoint, out, manifest["fp32"]
 
 
 @pytest.fixture(scope="module")
 def sort_tiny_fp32(tmp_path_factory):
-    return export_random(tmp_path_factory, "sort-tiny", BiBoConfig.preset("sort-tiny"))
+    """The default program: the selected experts through BiBo's kernel."""
+    return export_random(tmp_path_factory, "sort-tiny", BiBoConfig.preset("sort-tiny"),
+                         "selected")
 
 
 @pytest.fixture(scope="module")
 def mlp_router_fp32(tmp_path_factory):
-    """The second config: mlp router, other n and k."""
+    """The second config (mlp router, other n and k) as the program without the kernel
+    library: all experts fused into XNNPACK linears."""
     config = tiny_config(router_type="mlp", num_routed_experts=6, num_experts_per_tok=2,
                          mlp_only_layers=[2])
-    return export_random(tmp_path_factory, "mlp-router", config)
+    return export_random(tmp_path_factory, "mlp-router", config, "fused")
 
 
 def prompt(vocab_size: int, length: int = 12, seed: int = 1) -> np.ndarray:
@@ -65,6 +70,40 @@ def test_fp32_logits_and_greedy_tokens_match_eager(exported, request):
     assert delta["max_abs"] <= FP32_MAX_ABS["executorch"]
     np.testing.assert_array_equal(runtime.generate(ids, NEW_TOKENS),
                                   eager.generate(ids, NEW_TOKENS))
+
+
+def test_experts_run_as_exported(sort_tiny_fp32, mlp_router_fp32):
+    """The default program calls the kernel once per MoE layer; the fused one never does."""
+    for (checkpoint, _, manifest), mode in ((sort_tiny_fp32, "selected"),
+                                            (mlp_router_fp32, "fused")):
+        config = BiBoConfig.from_file(checkpoint / "config.json")
+        moe_layers = config.num_hidden_layers - len(config.mlp_only_layers)
+        calls = manifest["ops"]["portable_by_op"].get("bibo.moe_experts", 0)
+        assert manifest["experts"] == mode
+        assert calls == (moe_layers if mode == "selected" else 0)
+
+
+def test_a_decode_step_reads_only_the_chosen_experts(sort_tiny_fp32):
+    """Measured inside the kernel: one decode step reads, per MoE layer, exactly the MLP
+    experts that eager routing chose for that token, and its logits meet the fp32 bar."""
+    checkpoint, out, _ = sort_tiny_fp32
+    program, eager = load(out), BiBoForCausalLM.from_pretrained(checkpoint).inference_copy()
+    ids = prompt(eager.config.vocab_size, 13)
+    cache = eager.new_cache(1, MAX_LENGTH)
+    with torch.no_grad():
+        cache = eager(torch.from_numpy(ids[:, :-1]), cache=cache, start_pos=0).cache
+        step = eager(torch.from_numpy(ids[:, -1:]), cache=cache, start_pos=12)
+    experts = eager.moe_layers[0].experts
+    per_expert = sum(w[0].numel() * 4 for w in (experts.gate_proj, experts.up_proj,
+                                                   experts.down_proj))
+    chosen = sum(int((stats.expert_counts[:eager.config.num_mlp_experts] > 0).sum())
+                 for stats in step.routing)
+    program.logits(ids[:, :-1])  # prefill, then one decode step measured alone
+    read_counters(reset=True)
+    logits = program._decode(ids[:, -1:], 12, None)
+    assert read_counters() == KernelCounters(chosen * per_expert, chosen)
+    assert 0 < chosen < len(step.routing) * eager.config.num_mlp_experts
+    assert np.abs(logits - step.logits.numpy()).max() <= FP32_MAX_ABS["executorch"]
 
 
 def test_decode_steps_match_full_forward(sort_tiny_fp32):
@@ -177,7 +216,7 @@ def test_int8_keeps_the_router_float_by_identity():
     left out of 8da8w; every other Linear is quantized."""
     model = renamed_router_model(tiny_config(router_type="mlp", num_hidden_layers=2))
     recipe = et_export.ExecuTorchRecipe(ExportSettings(max_length=16, batch_size=1))
-    build = et_export.quantize_8da8w(recipe.transform(model))
+    build = et_export.quantize_int8(recipe.transform(model))
     linears = {name: module for name, module in build.decoder.named_modules()
                if isinstance(module, torch.nn.Linear)}
     routers = {name for name in linears if name.endswith(".gating")}

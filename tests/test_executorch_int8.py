@@ -49,10 +49,12 @@ def test_int8_delegates_quantized_linears_and_keeps_router_float(trained_int8):
     config = BiBoConfig.preset("sort-tiny")
     moe_layers = config.num_hidden_layers - len(config.mlp_only_layers)
     dense_layers = len(config.mlp_only_layers)
-    # Every Linear but the router: attention 4, dense SwiGLU 3, the fused experts 3 per MoE
-    # layer + the shared expert (conv-as-Linear, up, down), the LM head.
-    expected = 4 * config.num_hidden_layers + 3 * dense_layers + moe_layers * (3 + 3) + 1
+    # Every Linear but the router: attention 4, dense SwiGLU 3, the shared expert 3 per MoE
+    # layer (conv-as-Linear, up, down), the LM head; the routed experts are one int8 kernel
+    # call per MoE layer.
+    expected = 4 * config.num_hidden_layers + 3 * dense_layers + moe_layers * 3 + 1
     assert record["ops"]["quantized_linears"] == expected
+    assert record["ops"]["portable_by_op"]["bibo.moe_experts_int8"] == moe_layers
     # sort-tiny's router is a Conv1d: it stays a float convolution, one per MoE layer.
     assert record["ops"]["float_linears"] == 0
     assert record["ops"]["delegated_by_op"].get("aten.convolution", 0) \

@@ -1,19 +1,22 @@
 """ExecuTorch export recipe: transform → quantize (int8) → export → lower → save, run by
 ``pipeline``; the artifact is a folder with ``model.pte`` and ``manifest.json``.
 
-* **transform**: the export form by module swaps (``FusedExperts``, ``UnfoldedSharedExpert``),
-  wrapped in ``StatefulDecoder``: the KV cache and conv states are mutable buffers.
+* **transform**: the export form by module swaps (``UnfoldedSharedExpert``, and the experts as
+  ``SelectedExperts``, or ``FusedExperts`` with ``experts="fused"``), wrapped in
+  ``StatefulDecoder``: the KV cache and conv states are mutable buffers.
 * **quantize**: torchao "8da8w" (int8 per-channel weights, int8 dynamic per-token activations)
   on every ``nn.Linear`` except the routers (found by type), whose discrete top-k flips would be
-  unbounded errors, and int8 weights with one scale per row on every ``nn.Embedding`` (at a
-  128k vocabulary the table is a quarter of the model). It runs on the module, before
-  ``torch.export``, because torchao quantizes modules.
+  unbounded errors, int8 weights with one scale per row on every ``nn.Embedding`` (at a 128k
+  vocabulary the table is a quarter of the model), and ``SelectedExperts`` →
+  ``SelectedExpertsInt8`` (int8 rows with one scale each, read by the kernel). It runs on the
+  module, before ``torch.export``, because torchao quantizes modules.
 * **export**: one method, ``forward(tokens [B, T] int64, input_pos [1] int64) → logits
   [B, T, V]`` with a dynamic T in 1 … max_length: prefill is a call at position 0 (it also
   resets the conv states), decoding is a call with T = 1 at the next position. This is the
   contract of ExecuTorch's LLM runner (``TextLLMRunner``, the C++ runner of its phone apps),
   which also reads the constant methods ``runner_metadata`` builds.
-* **lower**: ``to_edge_transform_and_lower`` with the XNNPACK partitioner, then
+* **lower**: ``to_edge_transform_and_lower`` with the XNNPACK partitioner (the experts' custom
+  operator stays outside the delegates and runs BiBo's kernel library), then
   ``to_executorch``, whose quant fusion turns the embedding's dequantize + lookup into
   ExecuTorch's ``quantized_decomposed::embedding_byte`` kernel. What was delegated and what
   stays as portable kernels is counted.
@@ -42,16 +45,20 @@ from torchao.quantization import (Int8DynamicActivationIntxWeightConfig, IntxWei
                                   quantize_)
 from torchao.quantization.granularity import PerAxis
 
-from ..artifacts import PTE_FILE, ArtifactMetadata
+from ..artifacts import EXPERT_MODES, PTE_FILE, ArtifactMetadata
+from ..kernels.library import load_kernels
 from ..model import BiBoForCausalLM
 from ..model.moe import MLPExperts, SharedConvExpert
 from ..runtimes.executorch import METADATA_METHOD
 from .decoders import StatefulDecoder
-from .pipeline import Recipe, Stage, run_export
-from .transforms import FusedExperts, UnfoldedSharedExpert, export_form, router_names
+from .pipeline import ExportSettings, Recipe, Stage, run_export
+from .transforms import (FusedExperts, SelectedExperts, SelectedExpertsInt8,
+                         UnfoldedSharedExpert, export_form, router_names, swap_modules)
 
 QUANTIZATION = ("8da8w (int8 per-channel weights, int8 dynamic per-token activations); "
                 "embedding int8 per row (embedding_byte); router float")
+SELECTED_QUANTIZATION = "; routed experts int8 per row, float activations (bibo::moe_experts_int8)"
+EXPERT_MODULES = (FusedExperts, SelectedExperts, SelectedExpertsInt8)
 
 
 @dataclass
@@ -71,17 +78,26 @@ class ExecuTorchRecipe(Recipe):
     format = "executorch"
     versions_of = ("executorch", "torchao")
 
+    def __init__(self, settings: ExportSettings, experts: str = "selected") -> None:
+        super().__init__(settings)
+        if experts not in EXPERT_MODES:
+            raise ValueError(f"experts must be one of {', '.join(EXPERT_MODES)}, got {experts!r}")
+        if experts == "selected":
+            # Before minutes of lowering: verifying the program needs the kernels.
+            load_kernels()
+        self.experts = experts
+
     def shared_stages(self) -> list[Stage]:
         return [("transform", self.transform)]
 
     def output_stages(self, metadata: ArtifactMetadata) -> list[Stage]:
-        first = {"int8": [("quantize", quantize_8da8w)], "bf16": [("cast", cast_bf16)]}
+        first = {"int8": [("quantize", quantize_int8)], "bf16": [("cast", cast_bf16)]}
         return [*first.get(metadata.precision, []), ("export", self.export),
                 ("lower", lambda build: self.lower(build, metadata))]
 
     def transform(self, model: BiBoForCausalLM) -> ProgramBuild:
-        model = export_form(model, {MLPExperts: FusedExperts,
-                                    SharedConvExpert: UnfoldedSharedExpert})
+        experts = SelectedExperts if self.experts == "selected" else FusedExperts.of
+        model = export_form(model, {MLPExperts: experts, SharedConvExpert: UnfoldedSharedExpert})
         decoder = StatefulDecoder(model, self.settings.batch_size, self.settings.max_length)
         return ProgramBuild(decoder.eval())
 
@@ -117,10 +133,12 @@ class ExecuTorchRecipe(Recipe):
         return [PTE_FILE]
 
     def inspect(self, build: ProgramBuild, folder: Path, precision: str) -> dict[str, Any]:
-        facts: dict[str, Any] = {"ops": build.ops,
+        facts: dict[str, Any] = {"ops": build.ops, "experts": experts_mode(build.ops),
                                  "decode_weight_bytes_per_token": build.weight_bytes}
         if precision == "int8":
-            facts.update(quantization=QUANTIZATION, quantized_linears=len(build.quantized),
+            selected = facts["experts"] == "selected"
+            facts.update(quantization=QUANTIZATION + (SELECTED_QUANTIZATION if selected else ""),
+                         quantized_linears=len(build.quantized),
                          quantized_embeddings=len(build.quantized_tables),
                          integer_kernels=build.ops["quantized_linears"])
         return facts
@@ -131,7 +149,8 @@ class ExecuTorchRecipe(Recipe):
         return (f"[executorch] {manifest['precision']}: {manifest['total_bytes'] / 1e6:.2f} MB; "
                 f"XNNPACK {ops['delegate_calls']} delegates ({ops['delegated_ops']} ops, "
                 f"{ops['quantized_linears']} int8 linears), {ops['portable_ops']} portable ops; "
-                f"decode reads {weight_bytes['touched'] / 1e6:.2f} MB/token (active minimum "
+                f"experts {manifest['experts']}; decode reads "
+                f"{weight_bytes['touched'] / 1e6:.2f} MB/token (active minimum "
                 f"{weight_bytes['active_minimum'] / 1e6:.2f} MB); vs eager max|Δ| "
                 f"{check['max_abs']:.2e}, top-1 {check['top1_agreement']:.1%}, cosine "
                 f"{check['cosine']:.5f}, greedy tokens "
@@ -140,11 +159,21 @@ class ExecuTorchRecipe(Recipe):
 
 def export_executorch(source: str | Path | BiBoForCausalLM, outs: dict[str, str | Path],
                       max_length: int | None = None, batch_size: int = 1,
-                      reference: BiBoForCausalLM | None = None) -> dict[str, dict[str, Any]]:
+                      reference: BiBoForCausalLM | None = None,
+                      experts: str = "selected") -> dict[str, dict[str, Any]]:
     """Export to one folder per precision (``model.pte`` + ``manifest.json``), e.g.
     ``{"int8": "artifacts/executorch/int8"}``. ``max_length`` (default: the model's maximum)
-    bounds prompt + generated tokens; the program is built for a fixed ``batch_size``."""
-    return run_export(ExecuTorchRecipe, source, outs, max_length, batch_size, reference)
+    bounds prompt + generated tokens; the program is built for a fixed ``batch_size``.
+    ``experts`` (``EXPERT_MODES``): ``selected`` programs need BiBo's kernel library wherever
+    they run, ``fused`` ones only ExecuTorch's own kernels."""
+    return run_export(ExecuTorchRecipe, source, outs, max_length, batch_size, reference,
+                      experts=experts)
+
+
+def experts_mode(ops: dict[str, Any]) -> str:
+    """How a lowered program computes its experts, read from its operators."""
+    custom = [op for op in ops["portable_by_op"] if op.startswith("bibo.moe_experts")]
+    return "selected" if custom else "fused"
 
 
 def runner_metadata(metadata: ArtifactMetadata) -> dict[str, Any]:
@@ -163,9 +192,11 @@ def runner_metadata(metadata: ArtifactMetadata) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ quantize
-def quantize_8da8w(build: ProgramBuild) -> ProgramBuild:
-    """int8 per-channel weights, int8 dynamic per-token activations, on every Linear but the
-    routers (kept float, DESIGN §6); int8 embedding tables with one scale per row."""
+def quantize_int8(build: ProgramBuild) -> ProgramBuild:
+    """8da8w (int8 per-channel weights, int8 dynamic per-token activations) on every Linear but
+    the routers (kept float, DESIGN §6); int8 embedding tables with one scale per row; the
+    selected-experts operator's weights as int8 rows."""
+    swap_modules(build.decoder, {SelectedExperts: SelectedExpertsInt8})
     routers = router_names(build.decoder)
     modules = dict(build.decoder.named_modules())
     build.quantized = {name for name, module in modules.items()
@@ -182,7 +213,9 @@ def quantize_8da8w(build: ProgramBuild) -> ProgramBuild:
 
 def cast_bf16(build: ProgramBuild) -> ProgramBuild:
     """Weights, cache and activations in bfloat16: half the fp32 program. The logits leave
-    the model as float32 (its lm_head output is cast), so runtimes see one output type."""
+    the model as float32 (its lm_head output is cast), so runtimes see one output type. The
+    experts' kernel is float32/int8 only, so bf16 programs fuse all experts."""
+    swap_modules(build.decoder, {SelectedExperts: FusedExperts.of})
     build.decoder.to(torch.bfloat16)
     return build
 
@@ -191,33 +224,40 @@ def cast_bf16(build: ProgramBuild) -> ProgramBuild:
 def decode_weight_bytes(build: ProgramBuild) -> dict[str, int]:
     """Weight bytes one decoded token reads: this program vs the active-parameter minimum.
 
-    The program runs every routed MLP expert on every token (``FusedExperts``; XNNPACK cannot
-    delegate linears inside ``torch.cond``, DESIGN §6), so it touches all expert weights; the
-    minimum reads only k of them per MoE layer. Both read one embedding row. int8 Linears and
-    tables: 1 byte per weight plus an fp32 scale per output channel or row; the rest fp32.
+    The minimum reads k routed MLP experts per MoE layer (a token that picks parameter-free
+    experts reads fewer). ``FusedExperts`` reads all of them (XNNPACK cannot delegate linears
+    inside ``torch.cond``, DESIGN §6); the selected-experts kernel reads the chosen ones, at
+    most the minimum (its own counter measures what it read: ``kernels.library``). Both read
+    one embedding row. 8da8w Linears and int8 tables: 1 byte per weight plus an fp32 scale per
+    output channel or row; every other tensor at its own element size.
     """
     model = build.decoder.model
     config, prefix = model.config, "model."
-    touched = expert = 0
-    fused = {name for name, module in model.named_modules() if isinstance(module, FusedExperts)}
+    total = expert = 0
+    expert_modules = {name for name, module in model.named_modules()
+                      if isinstance(module, EXPERT_MODULES)}
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
             int8 = prefix + name in build.quantized_tables
-            row = module.embedding_dim + 4 if int8 else \
+            total += module.embedding_dim + 4 if int8 else \
                 module.embedding_dim * module.weight.element_size()
-            touched += row
             continue
         for param in module.parameters(recurse=False):
             if prefix + name in build.quantized:
                 size = param.numel() + param.shape[0] * 4
             else:
                 size = param.numel() * param.element_size()
-            touched += size
-            expert += size if name.rpartition(".")[0] in fused else 0
+            total += size
+            # FusedExperts holds its weights in child Linears, the selected forms directly.
+            if name in expert_modules or name.rpartition(".")[0] in expert_modules:
+                expert += size
     moe_layers = len(model.moe_layers)
     per_expert = expert / (moe_layers * config.num_mlp_experts)
-    skipped = config.num_mlp_experts - min(config.num_experts_per_tok, config.num_mlp_experts)
-    return {"touched": touched, "active_minimum": touched - round(moe_layers * skipped * per_expert)}
+    chosen = min(config.num_experts_per_tok, config.num_mlp_experts)
+    minimum = total - expert + round(moe_layers * chosen * per_expert)
+    fused = any(isinstance(module, FusedExperts) for module in model.modules())
+    return {"touched": total if fused else minimum, "active_minimum": minimum,
+            "outside_routed_experts": total - expert}
 
 
 def op_name(node: torch.fx.Node) -> str:

@@ -173,18 +173,18 @@ def check_outputs(outs: Mapping[str, str | Path]) -> dict[str, Path]:
 
 def run_export(recipe_type: type[Recipe], source: str | Path | BiBoForCausalLM,
                outs: Mapping[str, str | Path], max_length: int | None = None,
-               batch_size: int | None = None,
-               reference: BiBoForCausalLM | None = None) -> dict[str, dict[str, Any]]:
+               batch_size: int | None = None, reference: BiBoForCausalLM | None = None,
+               **options: Any) -> dict[str, dict[str, Any]]:
     """Export ``source`` (a checkpoint folder or a model, left untouched) to one folder per
     precision, e.g. ``{"fp32": "artifacts/onnx/fp32", "int8": "artifacts/onnx/int8"}``; each
-    is verified against ``reference`` (default: the source model itself). Returns the published
-    manifests."""
+    is verified against ``reference`` (default: the source model itself). ``options`` go to
+    the recipe. Returns the published manifests."""
     folders = check_outputs(outs)
     name = recipe_type.format
     with stage(name, "prepare"):
         model = copy.deepcopy(source) if isinstance(source, BiBoForCausalLM) else \
             BiBoForCausalLM.from_pretrained(source)
-        recipe = recipe_type(check_settings(model, max_length, batch_size))
+        recipe = recipe_type(check_settings(model, max_length, batch_size), **options)
         expected = Expected.of(reference or model, recipe.settings.max_length)
     source_name = None if isinstance(source, BiBoForCausalLM) else str(source)
     tokenizer = None if source_name is None else tokenizer_beside(source_name)

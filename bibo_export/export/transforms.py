@@ -3,12 +3,18 @@
 Each replacement computes the same function as the module it replaces, in a form an exporter
 handles better:
 
-* ``MLPExperts`` (stacked [E, out, in] weights, capacity dispatch) → ``SkipUnselectedExperts``
-  (ONNX: one SwiGLU of three ``nn.Linear`` per expert, each under ``torch.cond`` on "did any
-  token choose it", exported as an ``If``, so a decode step reads only the chosen experts) or
-  ``FusedExperts`` (ExecuTorch: three wide ``nn.Linear`` for all experts; XNNPACK cannot
-  delegate inside ``cond``, DESIGN §6). int8 recipes quantize 2-D ``nn.Linear`` weights only.
-  Both compute every selected expert: no capacity drops at inference.
+* ``MLPExperts`` (stacked [E, out, in] weights, capacity dispatch) → one of
+  * ``SkipUnselectedExperts`` (ONNX): one SwiGLU of three ``nn.Linear`` per expert, each under
+    ``torch.cond`` on "did any token choose it", exported as an ``If``, so a decode step reads
+    only the chosen experts;
+  * ``SelectedExperts`` (ExecuTorch): one call of the custom operator ``bibo::moe_experts``
+    with the routing as inputs, whose C++ kernel runs only the chosen experts;
+    ``SelectedExpertsInt8`` is its int8 form (int8 rows, one scale each);
+  * ``FusedExperts`` (ExecuTorch without the kernel library, and bf16): three wide
+    ``nn.Linear`` for all experts, which XNNPACK delegates (it cannot delegate inside
+    ``cond``, DESIGN §6) at the price of reading every expert.
+  int8 recipes quantize 2-D ``nn.Linear`` weights. All of them compute every selected expert:
+  no capacity drops at inference.
 * ``SharedConvExpert`` → ``UnfoldedSharedExpert`` (both exporters): the causal Conv1d as one
   ``nn.Linear`` over the window of the last K inputs, which 8da8w and ORT's MatMul
   quantization handle (ORT's ``ConvInteger`` took 150 µs per one-token call at `bench`).
@@ -24,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels.moe_experts import quantize_rows
 from ..model import BiBoForCausalLM
 from ..model.layers import SwiGLU, causal_window
 from ..model.moe import MLPExperts, Router, Selection, SharedConvExpert
@@ -107,18 +114,25 @@ class FusedExperts(nn.Module):
     """All E experts as three Linears: gate and up stack the experts' rows ([E·m, h]), down
     joins their columns ([h, E·m]). Scaling expert e's block of the activation by its gate
     weight before the down projection makes Σ_e g_e · down_e(act_e) a single matmul
-    (sort-tiny fp32 lowering: 183 s instead of 240 s for 3·E separate Linears)."""
+    (sort-tiny fp32 lowering: 183 s instead of 240 s for 3·E separate Linears).
 
-    def __init__(self, experts: MLPExperts) -> None:
+    Built from stacked weights gate/up [E, m, h], down [E, h, m] (``of`` takes them from any
+    experts module that has them)."""
+
+    def __init__(self, gate: Tensor, up: Tensor, down: Tensor) -> None:
         super().__init__()
-        num_experts, self.width, hidden = experts.gate_proj.shape
+        num_experts, self.width, hidden = gate.shape
         self.gate_proj = nn.Linear(hidden, num_experts * self.width, bias=False)
         self.up_proj = nn.Linear(hidden, num_experts * self.width, bias=False)
         self.down_proj = nn.Linear(num_experts * self.width, hidden, bias=False)
         with torch.no_grad():
-            self.gate_proj.weight.copy_(experts.gate_proj.reshape(-1, hidden))
-            self.up_proj.weight.copy_(experts.up_proj.reshape(-1, hidden))
-            self.down_proj.weight.copy_(experts.down_proj.permute(1, 0, 2).reshape(hidden, -1))
+            self.gate_proj.weight.copy_(gate.reshape(-1, hidden))
+            self.up_proj.weight.copy_(up.reshape(-1, hidden))
+            self.down_proj.weight.copy_(down.permute(1, 0, 2).reshape(hidden, -1))
+
+    @classmethod
+    def of(cls, experts: MLPExperts | SelectedExperts) -> FusedExperts:
+        return cls(*stacked_weights(experts))
 
     def forward(self, flat: Tensor, selection: Selection) -> tuple[Tensor, Tensor]:
         num_experts = self.gate_proj.out_features // self.width
@@ -126,6 +140,50 @@ class FusedExperts(nn.Module):
         gates = selection.gates[:, :num_experts, None].to(flat.dtype)
         act = act.unflatten(-1, (num_experts, self.width)) * gates
         return self.down_proj(act.flatten(-2)), no_drops(flat)
+
+
+def stacked_weights(experts: MLPExperts | SelectedExperts) -> tuple[Tensor, Tensor, Tensor]:
+    """gate/up [E, m, h] and down [E, h, m] of either stacked-weight experts module."""
+    if isinstance(experts, MLPExperts):
+        return experts.gate_proj.detach(), experts.up_proj.detach(), experts.down_proj.detach()
+    return experts.gate.detach(), experts.up.detach(), experts.down.detach()
+
+
+def frozen(tensor: Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor.detach().clone(), requires_grad=False)
+
+
+class SelectedExperts(nn.Module):
+    """The experts as one ``bibo::moe_experts`` call on the routing (indices, weights): on
+    ExecuTorch its kernel computes each chosen expert once and reads no other."""
+
+    def __init__(self, experts: MLPExperts) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = (frozen(w) for w in stacked_weights(experts))
+
+    def forward(self, flat: Tensor, selection: Selection) -> tuple[Tensor, Tensor]:
+        out = torch.ops.bibo.moe_experts(flat, selection.indices,
+                                         selection.weights.to(flat.dtype),
+                                         self.gate, self.up, self.down)
+        return out, no_drops(flat)
+
+
+class SelectedExpertsInt8(nn.Module):
+    """``SelectedExperts`` with int8 weights, one float scale per row (``bibo::moe_experts_int8``:
+    weight-only, the activations stay float)."""
+
+    def __init__(self, experts: SelectedExperts) -> None:
+        super().__init__()
+        for name, weight in zip(("gate", "up", "down"), stacked_weights(experts)):
+            q, scale = quantize_rows(weight)
+            setattr(self, name, frozen(q))
+            setattr(self, f"{name}_scale", frozen(scale))
+
+    def forward(self, flat: Tensor, selection: Selection) -> tuple[Tensor, Tensor]:
+        out = torch.ops.bibo.moe_experts_int8(
+            flat, selection.indices, selection.weights.to(flat.dtype), self.gate,
+            self.gate_scale, self.up, self.up_scale, self.down, self.down_scale)
+        return out, no_drops(flat)
 
 
 # ------------------------------------------------------------------------------ shared expert

@@ -16,6 +16,7 @@ from executorch.exir._serialize._program import _get_extended_header
 from executorch.runtime import Runtime as ETRuntime
 
 from ..artifacts import ArtifactMetadata, check_manifest, program_file
+from ..kernels.library import load_kernels_if_built
 from .base import Runtime
 
 METADATA_METHOD = "bibo_metadata"  # ArtifactMetadata as UTF-8 JSON bytes (a constant method)
@@ -56,6 +57,7 @@ class ExecuTorchRuntime(Runtime):
             check_manifest(path)
         path = program_file(path)
         check_file(path)
+        hint = load_kernels_if_built()
         try:
             program = ETRuntime.get().load_program(path)
             names = program.method_names
@@ -68,7 +70,7 @@ class ExecuTorchRuntime(Runtime):
         except (RuntimeError, UnicodeDecodeError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"{path} is not a loadable ExecuTorch program (truncated or "
-                             f"corrupt?): {reason}") from None
+                             f"corrupt?): {reason}{hint}") from None
         return cls(method, ArtifactMetadata.from_json(text, path), path)
 
     def _run(self, input_ids: np.ndarray, start_pos: int) -> np.ndarray:

@@ -1,0 +1,337 @@
+// ExecuTorch kernels for BiBo's routed SwiGLU experts, computed for the selected experts only:
+//
+//   out[t] = sum_j [indices[t, j] < E] * weights[t, j] * down_e(silu(gate_e x_t) * up_e x_t)
+//
+// with e = indices[t, j]. Indices >= E name BiBo's parameter-free experts, which the graph
+// computes itself, so they are skipped here. The reference semantics are the PyTorch
+// implementations in bibo_export/kernels/moe_experts.py; tests compare the two.
+//
+// bibo::moe_experts.out       fp32 weights gate/up [E, m, h], down [E, h, m]
+// bibo::moe_experts_int8.out  int8 weights of the same shapes, one fp32 scale per row
+//
+// Work is grouped by expert: an expert's weight rows are read once per call, for every token
+// that chose it, so a decode step reads k experts and a prefill reads each chosen expert once.
+// A counter of the weight bytes read lets benchmarks and tests check that claim from what the
+// kernel actually touched (bibo_kernels_weight_bytes_read).
+
+#include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
+#include <executorch/runtime/kernel/kernel_includes.h>
+#include <executorch/runtime/kernel/thread_parallel_interface.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace bibo {
+namespace {
+
+using executorch::aten::ScalarType;
+using executorch::aten::Tensor;
+using executorch::runtime::Error;
+using executorch::runtime::KernelRuntimeContext;
+
+std::atomic<uint64_t> weight_bytes_read{0};
+std::atomic<uint64_t> experts_run{0};
+
+// GCC/Clang vector extensions: eight floats, lowered to whatever SIMD the target has.
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+inline f8 load8(const float* p) {
+  f8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Written lane by lane into int32, then converted: GCC makes this one sign-extending load and
+// one conversion (vpmovsxbd + vcvtdq2ps on x86), where converting an int8 vector directly, or
+// widening it, came out as one scalar instruction per lane (`bench` int8 decode: 80 tokens/s
+// with that, 150 with this, 2026-11-26).
+inline f8 load8(const int8_t* p) {
+  i32x8 q;
+  for (int lane = 0; lane < 8; ++lane) q[lane] = p[lane];
+  return __builtin_convertvector(q, f8);
+}
+
+inline float sum8(f8 v) {
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += v[i];
+  return s;
+}
+
+// One expert matrix [rows, cols]: float rows, or int8 rows with one scale each.
+template <typename T>
+struct Matrix {
+  const T* data;
+  const float* scale;  // nullptr for float weights
+  int64_t cols;
+
+  float row_scale(int64_t r) const { return scale ? scale[r] : 1.f; }
+  int64_t row_bytes() const { return cols * sizeof(T) + (scale ? sizeof(float) : 0); }
+};
+
+// y[r] = <W[r], x> * scale_r for rows [r0, r0 + 4): four independent accumulators share each
+// load of x, which keeps the FMA units busy where one accumulator would wait on its latency.
+template <typename T>
+void dot4(const Matrix<T>& w, int64_t r0, const float* x, float* y) {
+  const int64_t n = w.cols;
+  const T* w0 = w.data + r0 * n;
+  f8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const f8 xv = load8(x + i);
+    a0 += load8(w0 + i) * xv;
+    a1 += load8(w0 + n + i) * xv;
+    a2 += load8(w0 + 2 * n + i) * xv;
+    a3 += load8(w0 + 3 * n + i) * xv;
+  }
+  float s[4] = {sum8(a0), sum8(a1), sum8(a2), sum8(a3)};
+  for (; i < n; ++i) {
+    for (int r = 0; r < 4; ++r) s[r] += static_cast<float>(w0[r * n + i]) * x[i];
+  }
+  for (int r = 0; r < 4; ++r) y[r] = s[r] * w.row_scale(r0 + r);
+}
+
+template <typename T>
+float dot1(const Matrix<T>& w, int64_t r, const float* x) {
+  const T* row = w.data + r * w.cols;
+  f8 a = {};
+  int64_t i = 0;
+  for (; i + 8 <= w.cols; i += 8) a += load8(row + i) * load8(x + i);
+  float s = sum8(a);
+  for (; i < w.cols; ++i) s += static_cast<float>(row[i]) * x[i];
+  return s * w.row_scale(r);
+}
+
+// fn(r0, r1) over row ranges of [0, rows) on ExecuTorch's threadpool, each range a multiple of
+// four rows except at the end. Products too small to pay for waking the other threads stay
+// on the calling thread.
+template <typename Fn>
+void parallel_rows(int64_t rows, int64_t work_per_row, const Fn& fn) {
+  const int64_t blocks = (rows + 3) / 4;
+  const int64_t threads = std::max<int64_t>(1, executorch::extension::get_thread_count());
+  if (threads == 1 || rows * work_per_row < (int64_t{1} << 16)) {
+    fn(0, rows);
+    return;
+  }
+  executorch::extension::parallel_for(
+      0, blocks, (blocks + threads - 1) / threads,
+      [&](int64_t b0, int64_t b1) { fn(b0 * 4, std::min(rows, b1 * 4)); });
+}
+
+// Rows fetched ahead of the block being computed. A decode step reads weights no cache holds,
+// in blocks of four short rows that the hardware prefetcher does not pick up soon enough:
+// fetching two blocks ahead took one int8 expert call at `bench` size from about 400 to about
+// 170 us (medians over calls on experts not in cache, 2 threads, 2026-11-26).
+constexpr int64_t PREFETCH_ROWS = 8;
+
+// ys[t][r] = W[r] . xs[t] for rows [r0, r1) and every token t.
+template <typename T>
+void matvec_rows(const Matrix<T>& w, int64_t r0, int64_t r1, const float* xs, int64_t tokens,
+                 int64_t x_stride, float* ys, int64_t y_stride) {
+  int64_t r = r0;
+  float y4[4];
+  const int64_t block_bytes = 4 * w.cols * static_cast<int64_t>(sizeof(T));
+  for (; r + 4 <= r1; r += 4) {
+    if (r + PREFETCH_ROWS + 4 <= r1) {
+      const char* ahead = reinterpret_cast<const char*>(w.data + (r + PREFETCH_ROWS) * w.cols);
+      for (int64_t b = 0; b < block_bytes; b += 64) __builtin_prefetch(ahead + b);
+    }
+    for (int64_t t = 0; t < tokens; ++t) {
+      dot4(w, r, xs + t * x_stride, y4);
+      std::memcpy(ys + t * y_stride + r, y4, sizeof(y4));
+    }
+  }
+  for (; r < r1; ++r) {
+    for (int64_t t = 0; t < tokens; ++t) ys[t * y_stride + r] = dot1(w, r, xs + t * x_stride);
+  }
+}
+
+// The int8 form for several tokens (a prefill): each block of four rows is dequantized once
+// into a float buffer that every token then reads, instead of once per token.
+void matvec_rows(const Matrix<int8_t>& w, int64_t r0, int64_t r1, const float* xs,
+                 int64_t tokens, int64_t x_stride, float* ys, int64_t y_stride) {
+  if (tokens == 1) {
+    matvec_rows<int8_t>(w, r0, r1, xs, tokens, x_stride, ys, y_stride);
+    return;
+  }
+  std::vector<float> block(4 * w.cols);
+  for (int64_t r = r0; r < r1; r += 4) {
+    const int64_t rows = std::min<int64_t>(4, r1 - r);
+    for (int64_t row = 0; row < rows; ++row) {
+      const int8_t* src = w.data + (r + row) * w.cols;
+      const float scale = w.row_scale(r + row);
+      for (int64_t c = 0; c < w.cols; ++c) block[row * w.cols + c] = src[c] * scale;
+    }
+    const Matrix<float> dequantized{block.data(), nullptr, w.cols};
+    matvec_rows(dequantized, 0, rows, xs, tokens, x_stride, ys + r, y_stride);
+  }
+}
+
+struct Assignment {
+  int64_t token;
+  float weight;
+};
+
+// One expert on the tokens assigned to it; adds weight * expert(x_t) into out.
+template <typename T>
+void run_expert(const Matrix<T>& gate, const Matrix<T>& up, const Matrix<T>& down,
+                int64_t width, int64_t hidden, const float* x,
+                const std::vector<Assignment>& assigned, float* out) {
+  const int64_t n = static_cast<int64_t>(assigned.size());
+  std::vector<float> xs(n * hidden), g(n * width), u(n * width), ys(n * hidden);
+  for (int64_t i = 0; i < n; ++i) {
+    std::memcpy(&xs[i * hidden], x + assigned[i].token * hidden, hidden * sizeof(float));
+  }
+  parallel_rows(width, 2 * n * hidden, [&](int64_t r0, int64_t r1) {
+    matvec_rows(gate, r0, r1, xs.data(), n, hidden, g.data(), width);
+    matvec_rows(up, r0, r1, xs.data(), n, hidden, u.data(), width);
+  });
+  for (int64_t i = 0; i < n * width; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  parallel_rows(hidden, n * width, [&](int64_t r0, int64_t r1) {
+    matvec_rows(down, r0, r1, g.data(), n, width, ys.data(), hidden);
+  });
+  for (int64_t i = 0; i < n; ++i) {
+    float* dst = out + assigned[i].token * hidden;
+    const float* src = &ys[i * hidden];
+    for (int64_t c = 0; c < hidden; ++c) dst[c] += assigned[i].weight * src[c];
+  }
+  weight_bytes_read += static_cast<uint64_t>(width * (gate.row_bytes() + up.row_bytes()) +
+                                             hidden * down.row_bytes());
+  experts_run += 1;
+}
+
+bool same_shape(const Tensor& a, const Tensor& b) {
+  if (a.dim() != b.dim()) return false;
+  for (ssize_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) != b.size(d)) return false;
+  }
+  return true;
+}
+
+// Shapes and types of one call; false (with a logged reason) if they do not fit together.
+bool check_arguments(const Tensor& x, const Tensor& indices, const Tensor& weights,
+                     const Tensor& gate, const Tensor& up, const Tensor& down,
+                     ScalarType weight_type) {
+  ET_LOG_MSG_AND_RETURN_IF_FALSE(x.scalar_type() == ScalarType::Float && x.dim() == 2,
+                                 "bibo::moe_experts: x must be float32 [S, h]");
+  ET_LOG_MSG_AND_RETURN_IF_FALSE(
+      indices.scalar_type() == ScalarType::Long && indices.dim() == 2 &&
+          indices.size(0) == x.size(0),
+      "bibo::moe_experts: indices must be int64 [S, k]");
+  ET_LOG_MSG_AND_RETURN_IF_FALSE(
+      weights.scalar_type() == ScalarType::Float && same_shape(weights, indices),
+      "bibo::moe_experts: weights must be float32 [S, k] like indices");
+  ET_LOG_MSG_AND_RETURN_IF_FALSE(
+      gate.scalar_type() == weight_type && up.scalar_type() == weight_type &&
+          down.scalar_type() == weight_type,
+      "bibo::moe_experts: expert weights of the wrong type");
+  ET_LOG_MSG_AND_RETURN_IF_FALSE(
+      gate.dim() == 3 && same_shape(gate, up) && down.dim() == 3 &&
+          down.size(0) == gate.size(0) && gate.size(2) == x.size(1) &&
+          down.size(1) == x.size(1) && down.size(2) == gate.size(1),
+      "bibo::moe_experts: expert weights must be gate/up [E, m, h], down [E, h, m]");
+  return true;
+}
+
+bool check_scales(const Tensor& scale, const Tensor& weight) {
+  ET_LOG_MSG_AND_RETURN_IF_FALSE(
+      scale.scalar_type() == ScalarType::Float && scale.dim() == 2 &&
+          scale.size(0) == weight.size(0) && scale.size(1) == weight.size(1),
+      "bibo::moe_experts_int8: scales must be float32 [E, rows]");
+  return true;
+}
+
+// Groups the (token, choice) pairs by expert, then runs each chosen expert once.
+template <typename T>
+bool compute(const Tensor& x, const Tensor& indices, const Tensor& weights,
+             const T* gate, const T* up, const T* down, const float* gate_scale,
+             const float* up_scale, const float* down_scale, int64_t experts,
+             int64_t width, Tensor& out) {
+  const int64_t tokens = x.size(0), hidden = x.size(1), top_k = indices.size(1);
+  const int64_t* index = indices.const_data_ptr<int64_t>();
+  const float* weight = weights.const_data_ptr<float>();
+  std::vector<std::vector<Assignment>> by_expert(experts);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t j = 0; j < top_k; ++j) {
+      const int64_t e = index[t * top_k + j];
+      ET_LOG_MSG_AND_RETURN_IF_FALSE(e >= 0, "bibo::moe_experts: negative expert index");
+      if (e < experts) by_expert[e].push_back({t, weight[t * top_k + j]});
+    }
+  }
+  float* y = out.mutable_data_ptr<float>();
+  std::fill(y, y + tokens * hidden, 0.f);
+  const float* xs = x.const_data_ptr<float>();
+  const int64_t matrix = width * hidden;
+  for (int64_t e = 0; e < experts; ++e) {
+    if (by_expert[e].empty()) continue;
+    const Matrix<T> g{gate + e * matrix, gate_scale ? gate_scale + e * width : nullptr, hidden};
+    const Matrix<T> u{up + e * matrix, up_scale ? up_scale + e * width : nullptr, hidden};
+    const Matrix<T> d{down + e * matrix, down_scale ? down_scale + e * hidden : nullptr, width};
+    run_expert(g, u, d, width, hidden, xs, by_expert[e], y);
+  }
+  return true;
+}
+
+Tensor& moe_experts_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& indices,
+                        const Tensor& weights, const Tensor& gate, const Tensor& up,
+                        const Tensor& down, Tensor& out) {
+  ET_KERNEL_CHECK(ctx, check_arguments(x, indices, weights, gate, up, down, ScalarType::Float),
+                  InvalidArgument, out);
+  ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, x.sizes()) == Error::Ok,
+                  InvalidArgument, out);
+  ET_KERNEL_CHECK(
+      ctx,
+      compute<float>(x, indices, weights, gate.const_data_ptr<float>(),
+                     up.const_data_ptr<float>(), down.const_data_ptr<float>(), nullptr,
+                     nullptr, nullptr, gate.size(0), gate.size(1), out),
+      InvalidArgument, out);
+  return out;
+}
+
+Tensor& moe_experts_int8_out(KernelRuntimeContext& ctx, const Tensor& x,
+                             const Tensor& indices, const Tensor& weights, const Tensor& gate,
+                             const Tensor& gate_scale, const Tensor& up,
+                             const Tensor& up_scale, const Tensor& down,
+                             const Tensor& down_scale, Tensor& out) {
+  ET_KERNEL_CHECK(ctx, check_arguments(x, indices, weights, gate, up, down, ScalarType::Char),
+                  InvalidArgument, out);
+  ET_KERNEL_CHECK(ctx,
+                  check_scales(gate_scale, gate) && check_scales(up_scale, up) &&
+                      check_scales(down_scale, down),
+                  InvalidArgument, out);
+  ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, x.sizes()) == Error::Ok,
+                  InvalidArgument, out);
+  ET_KERNEL_CHECK(
+      ctx,
+      compute<int8_t>(x, indices, weights, gate.const_data_ptr<int8_t>(),
+                      up.const_data_ptr<int8_t>(), down.const_data_ptr<int8_t>(),
+                      gate_scale.const_data_ptr<float>(), up_scale.const_data_ptr<float>(),
+                      down_scale.const_data_ptr<float>(), gate.size(0), gate.size(1), out),
+      InvalidArgument, out);
+  return out;
+}
+
+}  // namespace
+}  // namespace bibo
+
+EXECUTORCH_LIBRARY(bibo, "moe_experts.out", bibo::moe_experts_out);
+EXECUTORCH_LIBRARY(bibo, "moe_experts_int8.out", bibo::moe_experts_int8_out);
+
+// Counters for benchmarks and tests, read through ctypes: bytes of expert weights (and
+// scales) read, and experts run, since the last reset.
+extern "C" {
+__attribute__((visibility("default"))) uint64_t bibo_kernels_weight_bytes_read() {
+  return bibo::weight_bytes_read.load();
+}
+__attribute__((visibility("default"))) uint64_t bibo_kernels_experts_run() {
+  return bibo::experts_run.load();
+}
+__attribute__((visibility("default"))) void bibo_kernels_reset_counters() {
+  bibo::weight_bytes_read = 0;
+  bibo::experts_run = 0;
+}
+}

@@ -1,0 +1,86 @@
+"""``bibo::moe_experts`` and ``bibo::moe_experts_int8``: the routed SwiGLU experts, computed
+for the experts each token selected and no others.
+
+    out[t] = Σ_j [e < E] · weights[t, j] · down_e(silu(gate_e · x_t) ⊙ (up_e · x_t)),  e = indices[t, j]
+
+``indices``/``weights`` [S, k] are BiBo's routing (DESIGN §3), computed in the graph before
+the call, so the operator needs no router of its own; indices ≥ E name the parameter-free
+experts, which the graph adds itself, and are skipped. Weights are stacked per expert:
+gate/up [E, m, h], down [E, h, m]; the int8 form stores them as int8 with one float32 scale
+per row (symmetric, ``quantize_rows``).
+
+The implementations registered here are the reference semantics: ``torch.export`` records the
+operator as one node (its fake implementation gives the shape), eager PyTorch runs it densely,
+and ExecuTorch runs the C++ kernels of ``csrc/moe_experts.cpp`` through the ``.out`` variants,
+which ``to_executorch`` selects. Tests compare the kernels against these implementations.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_ROUTING = "Tensor x, Tensor indices, Tensor weights"
+_FLOAT = "Tensor gate, Tensor up, Tensor down"
+_INT8 = "Tensor gate, Tensor gate_scale, Tensor up, Tensor up_scale, Tensor down, Tensor down_scale"
+
+_library = torch.library.Library("bibo", "DEF")
+for _name, _weights in (("moe_experts", _FLOAT), ("moe_experts_int8", _INT8)):
+    _library.define(f"{_name}({_ROUTING}, {_weights}) -> Tensor")
+    _library.define(f"{_name}.out({_ROUTING}, {_weights}, *, Tensor(a!) out) -> Tensor(a!)")
+
+
+def selected_experts(x: Tensor, indices: Tensor, weights: Tensor, gate: Tensor, up: Tensor,
+                     down: Tensor) -> Tensor:
+    """The operator's meaning with float weights, written densely: every expert on every
+    token, weighted by the routing weight the token gave it (0 if it did not choose it; a
+    repeated choice adds its weights)."""
+    out = torch.zeros_like(x)
+    for e in range(gate.shape[0]):
+        weight = (weights * (indices == e)).sum(-1, keepdim=True)
+        hidden = F.silu(x @ gate[e].t()) * (x @ up[e].t())
+        out = out + weight * (hidden @ down[e].t())
+    return out
+
+
+def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
+    return q.float() * scale[..., None]
+
+
+def selected_experts_int8(x: Tensor, indices: Tensor, weights: Tensor, gate: Tensor,
+                          gate_scale: Tensor, up: Tensor, up_scale: Tensor, down: Tensor,
+                          down_scale: Tensor) -> Tensor:
+    """The int8 operator: the float operator on the dequantized weights."""
+    return selected_experts(x, indices, weights, dequantize_rows(gate, gate_scale),
+                            dequantize_rows(up, up_scale), dequantize_rows(down, down_scale))
+
+
+def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 with one scale per row (the last dimension is the row): w ≈ q · scale."""
+    scale = weight.abs().amax(-1).clamp(min=1e-12) / 127
+    q = torch.round(weight / scale[..., None]).clamp(-127, 127).to(torch.int8)
+    return q, scale.float()
+
+
+def _out_variant(fn):  # noqa: ANN001, ANN202 - wraps either implementation
+    def run(*args: Tensor, out: Tensor) -> Tensor:
+        result = fn(*args)
+        out.resize_(result.shape).copy_(result)
+        return out
+    return run
+
+
+def _fake(x: Tensor, *args: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _fake_out(x: Tensor, *args: Tensor, out: Tensor) -> Tensor:
+    return out
+
+
+for _name, _fn in (("moe_experts", selected_experts), ("moe_experts_int8", selected_experts_int8)):
+    _library.impl(_name, _fn, "CompositeExplicitAutograd")
+    _library.impl(f"{_name}.out", _out_variant(_fn), "CompositeExplicitAutograd")
+    _library.impl(_name, _fake, "Meta")
+    _library.impl(f"{_name}.out", _fake_out, "Meta")

@@ -1,0 +1,164 @@
+"""BiBo's ExecuTorch kernels (``bibo::moe_experts``, ``bibo::moe_experts_int8``) against the
+operators' PyTorch implementations, and those against plain per-token expert sums.
+
+The C++ kernels only run inside an ExecuTorch program, so each case exports a one-operator
+program (no delegate: the operator stays a kernel call) with a dynamic token count.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from executorch.exir import to_edge_transform_and_lower
+from executorch.runtime import Runtime
+from helpers import swiglu_reference
+from torch import Tensor, nn
+
+from bibo_export.kernels.library import KernelCounters, load_kernels, read_counters
+from bibo_export.kernels.moe_experts import dequantize_rows, quantize_rows
+
+pytestmark = pytest.mark.export
+
+EXPERTS, WIDTH, HIDDEN, MAX_TOKENS = 5, 72, 40, 64  # 72, 40: row and column tails of 4 and 8
+ROUTED = EXPERTS + 3  # indices ≥ EXPERTS are BiBo's parameter-free experts: skipped
+
+
+class ExpertsCall(nn.Module):
+    """The operator alone, on fixed random expert weights."""
+
+    def __init__(self, int8: bool, hidden: int = HIDDEN, width: int = WIDTH) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        weights = {"gate": torch.randn(EXPERTS, width, hidden) / hidden ** 0.5,
+                   "up": torch.randn(EXPERTS, width, hidden) / hidden ** 0.5,
+                   "down": torch.randn(EXPERTS, hidden, width) / width ** 0.5}
+        self.int8 = int8
+        for name, weight in weights.items():
+            if int8:
+                q, scale = quantize_rows(weight)
+                self.register_buffer(name, q)
+                self.register_buffer(f"{name}_scale", scale)
+            else:
+                self.register_buffer(name, weight)
+
+    def float_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        if not self.int8:
+            return self.gate, self.up, self.down
+        return tuple(dequantize_rows(getattr(self, n), getattr(self, f"{n}_scale"))
+                     for n in ("gate", "up", "down"))
+
+    def forward(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        if self.int8:
+            return torch.ops.bibo.moe_experts_int8(x, indices, weights, self.gate,
+                                                   self.gate_scale, self.up, self.up_scale,
+                                                   self.down, self.down_scale)
+        return torch.ops.bibo.moe_experts(x, indices, weights, self.gate, self.up, self.down)
+
+
+def program(module: ExpertsCall, top_k: int, path: Path):
+    """The module as an ExecuTorch program with a dynamic token count, loaded."""
+    load_kernels()
+    tokens = torch.export.Dim("tokens", min=1, max=MAX_TOKENS)
+    example = (torch.zeros(2, module.gate.shape[2]), torch.zeros(2, top_k, dtype=torch.long),
+               torch.zeros(2, top_k))
+    exported = torch.export.export(module, example,
+                                   dynamic_shapes=({0: tokens}, {0: tokens}, {0: tokens}))
+    path.write_bytes(to_edge_transform_and_lower(exported).to_executorch().buffer)
+    return Runtime.get().load_program(path).load_method("forward")
+
+
+def per_token_sum(x: Tensor, indices: Tensor, weights: Tensor, gate: Tensor, up: Tensor,
+                  down: Tensor) -> Tensor:
+    """The operator's definition read literally: token by token, choice by choice."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for e, w in zip(indices[t].tolist(), weights[t]):
+            if e < gate.shape[0]:
+                out[t] += w * swiglu_reference(x[t], gate[e], up[e], down[e])
+    return out
+
+
+def routing(tokens: int, top_k: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, HIDDEN, generator=generator)
+    indices = torch.randint(0, ROUTED, (tokens, top_k), generator=generator)
+    return x, indices, torch.rand(tokens, top_k, generator=generator)
+
+
+CASES = {  # name: (tokens, top_k, seed) or explicit indices
+    "decode": (1, 3, 1),
+    "prefill": (MAX_TOKENS, 3, 2),  # big enough to split rows over the threadpool
+    "k=1": (9, 1, 3),
+    "k=n": (6, ROUTED, 4),
+}
+
+
+def case_inputs(name: str) -> tuple[Tensor, Tensor, Tensor]:
+    if name == "repeated and parameter-free":
+        x, _, weights = routing(3, 3, 5)
+        # token 0 picks expert 2 twice, token 1 only parameter-free experts, token 2 mixes.
+        indices = torch.tensor([[2, 2, 0], [EXPERTS, EXPERTS + 1, EXPERTS + 2], [4, EXPERTS, 1]])
+        return x, indices, weights
+    return routing(*CASES[name])
+
+
+@pytest.fixture(scope="module", params=["fp32", "int8"])
+def kernel(request, tmp_path_factory):
+    """(reference module, {top_k: loaded program}) for one precision."""
+    module = ExpertsCall(int8=request.param == "int8")
+    folder = tmp_path_factory.mktemp(f"kernel-{request.param}")
+    methods = {k: program(module, k, folder / f"k{k}.pte") for k in {1, 3, ROUTED}}
+    return module, methods
+
+
+@pytest.mark.parametrize("case", [*CASES, "repeated and parameter-free"])
+def test_kernel_equals_the_operator_reference(kernel, case):
+    """fp32: the kernel equals the PyTorch operator (itself checked against the per-token sum)
+    to 1e-5; int8: the kernel equals the float computation on the int8 weights, so its only
+    error is the quantization both share."""
+    module, methods = kernel
+    x, indices, weights = case_inputs(case)
+    got = methods[indices.shape[1]].execute([x, indices, weights])[0]
+    expected = module(x, indices, weights)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(expected, per_token_sum(x, indices, weights,
+                                                       *module.float_weights()),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_int8_operator_stays_near_the_float_weights():
+    """The int8 rows (one scale each) keep the experts' output within 2 % of the float ones."""
+    x, indices, weights = routing(16, 3, 6)
+    float_out = ExpertsCall(int8=False)(x, indices, weights)
+    int8_out = ExpertsCall(int8=True)(x, indices, weights)
+    assert (int8_out - float_out).norm() <= 0.02 * float_out.norm()
+
+
+@pytest.mark.parametrize("case", ["decode", "prefill", "repeated and parameter-free"])
+def test_kernel_reads_each_chosen_expert_once(kernel, case):
+    """The kernel's own counters: one pass over each distinct chosen MLP expert's weights
+    (with its scales for int8) per call, however many tokens chose it; nothing else."""
+    module, methods = kernel
+    x, indices, weights = case_inputs(case)
+    chosen = {e for e in indices.flatten().tolist() if e < EXPERTS}
+    per_expert = sum(getattr(module, n)[0].numel() * getattr(module, n).element_size()
+                     for n in ("gate", "up", "down"))
+    if module.int8:
+        per_expert += 4 * (2 * WIDTH + HIDDEN)
+    read_counters(reset=True)
+    methods[indices.shape[1]].execute([x, indices, weights])
+    assert read_counters() == KernelCounters(len(chosen) * per_expert, len(chosen))
+
+
+def test_missing_compiler_is_a_one_line_error():
+    """make's check before the kernel build names the missing tool in one line."""
+    root = Path(__file__).resolve().parents[1]
+    for variable, tool in (("CXX", "no-such-c++"), ("CMAKE", "no-such-cmake")):
+        done = subprocess.run(["make", "--no-print-directory", "-s", "check-kernel-tools",
+                               f"{variable}={tool}"], cwd=root, capture_output=True, text=True)
+        assert done.returncode != 0
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and tool in errors[0], done.stderr
