@@ -40,6 +40,7 @@ from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from torch import nn
 
 from ..artifacts import ONNX_DATA_FILE, ONNX_FILE, ArtifactMetadata
+from ..kernels.moe_experts import quantize_rows
 from ..model import BiBoForCausalLM
 from ..model.attention import Attention
 from ..model.layers import SwiGLU
@@ -253,9 +254,9 @@ def quantize_embedding_tables(model: onnx.ModelProto) -> list[str]:
     with one scale per row: ``Gather(q, ids) → Cast → Mul(Gather(scales, ids))``.
 
     ORT's quantizers have no per-row form for Gather (one scale for the whole table); at a
-    vocabulary of 128k the table is a quarter of the model, so it gets its own symmetric
-    per-row quantization, the same scheme as ExecuTorch's ``embedding_byte``. Returns the
-    quantized tables' names.
+    vocabulary of 128k the table is a quarter of the model, so it gets symmetric per-row
+    quantization (``quantize_rows``), the same scheme as ExecuTorch's ``embedding_byte``.
+    Returns the quantized tables' names.
     """
     weights = own_weights(model)
     graph, done = model.graph, []
@@ -263,13 +264,10 @@ def quantize_embedding_tables(model: onnx.ModelProto) -> list[str]:
         table = weights.get(node.input[0]) if node.op_type == "Gather" else None
         if table is None or table.data_type != onnx.TensorProto.FLOAT or len(table.dims) != 2:
             continue
-        values = numpy_helper.to_array(table)
-        scales = np.abs(values).max(axis=1, keepdims=True) / 127.0
-        scales[scales == 0] = 1.0  # an all-zero row: any scale reproduces it
-        rows = np.clip(np.rint(values / scales), -127, 127).astype(np.int8)
+        rows, scales = quantize_rows(torch.from_numpy(numpy_helper.to_array(table)))
         name, ids, out = table.name, node.input[1], node.output[0]
-        table.CopyFrom(numpy_helper.from_array(rows, f"{name}_quantized"))
-        graph.initializer.append(numpy_helper.from_array(scales.astype(np.float32),
+        table.CopyFrom(numpy_helper.from_array(rows.numpy(), f"{name}_quantized"))
+        graph.initializer.append(numpy_helper.from_array(scales[:, None].numpy(),
                                                          f"{name}_scale"))
         lookup = [onnx.helper.make_node("Gather", [f"{name}_quantized", ids], [f"{out}_int8"],
                                         name=f"{node.name}_int8"),

@@ -1,7 +1,8 @@
 """``bibo::moe_experts`` and ``bibo::moe_experts_int8``: the routed SwiGLU experts, computed
 for the experts each token selected and no others.
 
-    out[t] = Σ_j [e < E] · weights[t, j] · down_e(silu(gate_e · x_t) ⊙ (up_e · x_t)),  e = indices[t, j]
+    out[t] = Σ_j [e < E] · weights[t, j] · down_e(silu(gate_e · x_t) ⊙ (up_e · x_t)),
+    e = indices[t, j]
 
 ``indices``/``weights`` [S, k] are BiBo's routing (DESIGN §3), computed in the graph before
 the call, so the operator needs no router of its own; indices ≥ E name the parameter-free
@@ -23,7 +24,8 @@ from torch import Tensor
 
 _ROUTING = "Tensor x, Tensor indices, Tensor weights"
 _FLOAT = "Tensor gate, Tensor up, Tensor down"
-_INT8 = "Tensor gate, Tensor gate_scale, Tensor up, Tensor up_scale, Tensor down, Tensor down_scale"
+_INT8 = ("Tensor gate, Tensor gate_scale, Tensor up, Tensor up_scale, Tensor down, "
+         "Tensor down_scale")
 
 _library = torch.library.Library("bibo", "DEF")
 for _name, _weights in (("moe_experts", _FLOAT), ("moe_experts_int8", _INT8)):
@@ -57,7 +59,8 @@ def selected_experts_int8(x: Tensor, indices: Tensor, weights: Tensor, gate: Ten
 
 
 def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 with one scale per row (the last dimension is the row): w ≈ q · scale."""
+    """Symmetric int8 with one scale per row (the last dimension is the row): w ≈ q · scale.
+    Also the ONNX recipe's int8 embedding tables (ExecuTorch's ``embedding_byte`` scheme)."""
     scale = weight.abs().amax(-1).clamp(min=1e-12) / 127
     q = torch.round(weight / scale[..., None]).clamp(-127, 127).to(torch.int8)
     return q, scale.float()

@@ -41,8 +41,8 @@ class TextRunner:
         config = GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=0.0,
                                   warming=True)
         # Each call is a new sequence. A plain (non-warming) generate keeps the runner's position
-        # for the next call; a warming one was seen to restart at 0 (executorch 1.4.1), but that is not
-        # its documented contract, so the reset stays.
+        # for the next call; a warming one was seen to restart at 0 (executorch 1.4.1), but that
+        # is not its documented contract, so the reset stays.
         self.runner.reset()
         try:
             self.runner.generate(prompt, config, token_callback=pieces.append)

@@ -32,6 +32,7 @@ using executorch::aten::ScalarType;
 using executorch::aten::Tensor;
 using executorch::runtime::Error;
 using executorch::runtime::KernelRuntimeContext;
+using executorch::runtime::tensors_have_same_shape;
 
 std::atomic<uint64_t> weight_bytes_read{0};
 std::atomic<uint64_t> experts_run{0};
@@ -204,14 +205,6 @@ void run_expert(const Matrix<T>& gate, const Matrix<T>& up, const Matrix<T>& dow
   experts_run += 1;
 }
 
-bool same_shape(const Tensor& a, const Tensor& b) {
-  if (a.dim() != b.dim()) return false;
-  for (ssize_t d = 0; d < a.dim(); ++d) {
-    if (a.size(d) != b.size(d)) return false;
-  }
-  return true;
-}
-
 // Shapes and types of one call; false (with a logged reason) if they do not fit together.
 bool check_arguments(const Tensor& x, const Tensor& indices, const Tensor& weights,
                      const Tensor& gate, const Tensor& up, const Tensor& down,
@@ -223,14 +216,14 @@ bool check_arguments(const Tensor& x, const Tensor& indices, const Tensor& weigh
           indices.size(0) == x.size(0),
       "bibo::moe_experts: indices must be int64 [S, k]");
   ET_LOG_MSG_AND_RETURN_IF_FALSE(
-      weights.scalar_type() == ScalarType::Float && same_shape(weights, indices),
+      weights.scalar_type() == ScalarType::Float && tensors_have_same_shape(weights, indices),
       "bibo::moe_experts: weights must be float32 [S, k] like indices");
   ET_LOG_MSG_AND_RETURN_IF_FALSE(
       gate.scalar_type() == weight_type && up.scalar_type() == weight_type &&
           down.scalar_type() == weight_type,
       "bibo::moe_experts: expert weights of the wrong type");
   ET_LOG_MSG_AND_RETURN_IF_FALSE(
-      gate.dim() == 3 && same_shape(gate, up) && down.dim() == 3 &&
+      gate.dim() == 3 && tensors_have_same_shape(gate, up) && down.dim() == 3 &&
           down.size(0) == gate.size(0) && gate.size(2) == x.size(1) &&
           down.size(1) == x.size(1) && down.size(2) == gate.size(1),
       "bibo::moe_experts: expert weights must be gate/up [E, m, h], down [E, h, m]");
