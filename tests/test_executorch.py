@@ -83,6 +83,21 @@ def test_experts_run_as_exported(sort_tiny_fp32, mlp_router_fp32):
         assert calls == (moe_layers if mode == "selected" else 0)
 
 
+def test_attention_and_norms_stay_inside_xnnpack(sort_tiny_fp32):
+    """What stays outside XNNPACK is routing and cache writes, not the layers' arithmetic: no
+    norm (the routers' logit normalisation is the only mean left), no copy of the KV cache to
+    repeat its heads, no slice of a dynamic-length tensor in attention."""
+    checkpoint, _, manifest = sort_tiny_fp32
+    config = BiBoConfig.from_file(checkpoint / "config.json")
+    moe_layers = config.num_hidden_layers - len(config.mlp_only_layers)
+    portable = manifest["ops"]["portable_by_op"]
+    assert portable.get("aten.mean.dim", 0) == moe_layers
+    assert "aten.expand_copy" not in portable
+    # The windows and states of each MoE layer's two causal convolutions slice (5 slices);
+    # RoPE's halves did too (4 per layer) until they became a product.
+    assert portable.get("aten.slice_copy.Tensor", 0) <= 5 * moe_layers
+
+
 def test_a_decode_step_reads_only_the_chosen_experts(sort_tiny_fp32):
     """Measured inside the kernel: one decode step reads, per MoE layer, exactly the MLP
     experts that eager routing chose for that token, and its logits meet the fp32 bar."""

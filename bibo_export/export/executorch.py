@@ -1,9 +1,10 @@
 """ExecuTorch export recipe: transform → quantize (int8) → export → lower → save, run by
 ``pipeline``; the artifact is a folder with ``model.pte`` and ``manifest.json``.
 
-* **transform**: the export form by module swaps (``UnfoldedSharedExpert``, and the experts as
-  ``SelectedExperts``, or ``FusedExperts`` with ``experts="fused"``), wrapped in
-  ``StatefulDecoder``: the KV cache and conv states are mutable buffers.
+* **transform**: the export form by module swaps (``UnfoldedSharedExpert``,
+  ``MatmulMeanRMSNorm``, ``MatmulRotary``, and the experts as ``SelectedExperts``, or
+  ``FusedExperts`` with ``experts="fused"``), wrapped in ``StatefulDecoder``: the KV cache and
+  conv states are mutable buffers.
 * **quantize**: torchao "8da8w" (int8 per-channel weights, int8 dynamic per-token activations)
   on every ``nn.Linear`` except the routers (found by type), whose discrete top-k flips would be
   unbounded errors, int8 weights with one scale per row on every ``nn.Embedding`` (at a 128k
@@ -48,12 +49,14 @@ from torchao.quantization.granularity import PerAxis
 from ..artifacts import EXPERT_MODES, PTE_FILE, ArtifactMetadata
 from ..kernels.library import load_kernels
 from ..model import BiBoForCausalLM
+from ..model.layers import RMSNorm, Rotary
 from ..model.moe import MLPExperts, SharedConvExpert
 from ..runtimes.executorch import METADATA_METHOD
 from .decoders import StatefulDecoder
 from .pipeline import ExportSettings, Recipe, Stage, run_export
-from .transforms import (FusedExperts, SelectedExperts, SelectedExpertsInt8,
-                         UnfoldedSharedExpert, export_form, router_names, swap_modules)
+from .transforms import (FusedExperts, MatmulMeanRMSNorm, MatmulRotary, SelectedExperts,
+                         SelectedExpertsInt8, UnfoldedSharedExpert, export_form, router_names,
+                         swap_modules)
 
 QUANTIZATION = ("8da8w (int8 per-channel weights, int8 dynamic per-token activations); "
                 "embedding int8 per row (embedding_byte); router float")
@@ -97,7 +100,8 @@ class ExecuTorchRecipe(Recipe):
 
     def transform(self, model: BiBoForCausalLM) -> ProgramBuild:
         experts = SelectedExperts if self.experts == "selected" else FusedExperts.of
-        model = export_form(model, {MLPExperts: experts, SharedConvExpert: UnfoldedSharedExpert})
+        model = export_form(model, {MLPExperts: experts, SharedConvExpert: UnfoldedSharedExpert,
+                                    RMSNorm: MatmulMeanRMSNorm, Rotary: MatmulRotary})
         decoder = StatefulDecoder(model, self.settings.batch_size, self.settings.max_length)
         return ProgramBuild(decoder.eval())
 

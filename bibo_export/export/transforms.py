@@ -19,6 +19,13 @@ handles better:
   ``nn.Linear`` over the window of the last K inputs, which 8da8w and ORT's MatMul
   quantization handle (ORT's ``ConvInteger`` took 150 µs per one-token call at `bench`).
 
+* ``RMSNorm`` → ``MatmulMeanRMSNorm`` (ExecuTorch): the mean of squares as a product with a
+  constant row of ones, which XNNPACK delegates; its ``mean.dim`` takes only 4-D inputs, so
+  every norm stayed a portable operator that split the delegates around it.
+* ``Rotary`` → ``MatmulRotary`` (ExecuTorch): RoPE's half rotation as a product with a constant
+  signed permutation, which XNNPACK delegates; it takes no slice of a tensor whose length is
+  dynamic, which the halves were.
+
 ``router_names`` finds the routers by their type, so that every int8 recipe keeps them float.
 """
 
@@ -32,7 +39,7 @@ from torch import Tensor, nn
 
 from ..kernels.moe_experts import quantize_rows
 from ..model import BiBoForCausalLM
-from ..model.layers import SwiGLU, causal_window
+from ..model.layers import RMSNorm, Rotary, SwiGLU, causal_window
 from ..model.moe import MLPExperts, Router, Selection, SharedConvExpert
 
 Swaps = dict[type[nn.Module], Callable[[nn.Module], nn.Module]]
@@ -209,3 +216,34 @@ class UnfoldedSharedExpert(nn.Module):
         T = u.shape[1]
         windows = torch.cat([padded[:, j:j + T] for j in range(self.kernel_size)], dim=-1)
         return self.down_proj(F.silu(self.conv(windows)) * self.up_proj(u)), state
+
+
+# ------------------------------------------------------------------------------ norms
+class MatmulMeanRMSNorm(RMSNorm):
+    """``RMSNorm`` whose mean of squares is (x²) · 1 / n, a Linear with a constant ones row
+    (exact in any dtype), the same value up to the order of the sum."""
+
+    def __init__(self, norm: RMSNorm) -> None:
+        super().__init__(norm.weight.shape[0], norm.eps)
+        self.weight = norm.weight
+        self.register_buffer("ones", torch.ones(1, norm.weight.shape[0]), persistent=False)
+
+    def mean_square(self, x32: Tensor) -> Tensor:
+        return F.linear(x32 * x32, self.ones.to(x32.dtype)) / self.ones.shape[1]
+
+
+class MatmulRotary(Rotary):
+    """``Rotary`` whose half rotation is x · Pᵀ with P the signed permutation that maps
+    [x₁, x₂] to [-x₂, x₁]: exact, each output is one input times ±1."""
+
+    def __init__(self, rotary: Rotary) -> None:
+        super().__init__(rotary.head_dim)
+        half = rotary.head_dim // 2
+        first, second = torch.arange(half), torch.arange(half, rotary.head_dim)
+        rotation = torch.zeros(rotary.head_dim, rotary.head_dim)
+        rotation[first, second] = -1.0
+        rotation[second, first] = 1.0
+        self.register_buffer("rotation", rotation, persistent=False)
+
+    def rotate_half(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.rotation.to(x.dtype))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import BiBoConfig
-from .layers import RMSNorm, apply_rotary, rotary_cos_sin
+from .layers import RMSNorm, Rotary, rotary_cos_sin
 
 
 @dataclass
@@ -34,27 +34,76 @@ class TokenPositions:
         """[B, T], False at padding; None without padding."""
         return None if self.pad is None else self.slots[None, :] >= self.pad[:, None]
 
-    def attention_mask(self, key_slots: Tensor) -> Tensor:
-        """Which keys each query sees: [T, K], or [B, 1, T, K] with padding. A query sees the
-        keys up to its own slot, never a padding key; a padding query sees itself only, which
-        keeps its (unused) output finite."""
-        causal = key_slots[None, :] <= self.slots[:, None]
-        if self.pad is None:
-            return causal
-        real_key = key_slots[None, None, :] >= self.pad[:, None, None]
-        itself = key_slots[None, None, :] == self.slots[None, :, None]
-        return (causal[None] & (real_key | itself))[:, None]
+    def attention_mask(self, key_slots: Tensor, dtype: torch.dtype) -> Tensor:
+        """Additive mask (0 where a query sees a key, -inf elsewhere): [T, K], or
+        [B, 1, 1, T, K] with padding (broadcast over KV heads and the queries of a group).
+        A query sees the keys up to its own slot, never a padding key; a padding query sees
+        itself only, which keeps its (unused) output finite."""
+        sees = key_slots[None, :] <= self.slots[:, None]
+        if self.pad is not None:
+            real_key = key_slots[None, None, :] >= self.pad[:, None, None]
+            itself = key_slots[None, None, :] == self.slots[None, :, None]
+            sees = (sees[None] & (real_key | itself))[:, None, None]
+        return torch.where(sees, torch.zeros((), dtype=dtype, device=sees.device),
+                           float("-inf"))
 
 
-def ssmax_query_scale(positions: Tensor, head_scale: Tensor) -> Tensor:
+@dataclass
+class AttentionInputs:
+    """What every layer's attention reads about a call's positions. It depends on the
+    positions only, so the model computes it once per call, not once per layer (an exported
+    graph then holds one copy)."""
+
+    positions: TokenPositions
+    cos: Tensor  # rotary tables [T, d], or [B, 1, T, d] for per-row positions
+    sin: Tensor
+    log_n: Tensor  # SSMax ln(max(N, 2)) per query [T], or [B, T]
+    mask: Tensor | None  # additive, see TokenPositions.attention_mask; None: plain causal
+
+    @classmethod
+    def of(cls, positions: TokenPositions, config: BiBoConfig, key_slots: Tensor | None,
+           dtype: torch.dtype) -> AttentionInputs:
+        """``key_slots``: the cache slots the keys sit in (None: this call's own tokens, from
+        the start of their sequences, which is plain causal attention when unpadded)."""
+        in_sequence = positions.in_sequence
+        cos, sin = rotary_cos_sin(in_sequence, config.head_dim, config.rope_theta)
+        if cos.dim() == 3:  # per-row positions: broadcast over heads
+            cos, sin = cos[:, None], sin[:, None]
+        log_n = torch.log(torch.clamp(in_sequence.float() + 1.0, min=2.0))
+        if key_slots is None and positions.pad is not None:
+            key_slots = positions.slots
+        mask = None if key_slots is None else positions.attention_mask(key_slots, dtype)
+        return cls(positions, cos, sin, log_n, mask)
+
+
+def ssmax_query_scale(log_n: Tensor, head_scale: Tensor) -> Tensor:
     """s_h · ln(max(N, 2)) with N = t + 1 keys seen by the query at position t: [H, T, 1], or
-    [B, H, T, 1] for per-row positions [B, T].
+    [B, H, T, 1] for per-row ``log_n`` [B, T] (``AttentionInputs.log_n``).
 
     Causal (DESIGN §4): N depends only on the query's own position, never on the call length,
     so cached decoding sees the same scale as a full forward.
     """
-    log_n = torch.log(torch.clamp(positions.float() + 1.0, min=2.0))
     return (head_scale.float()[:, None] * log_n[..., None, :])[..., None]
+
+
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """softmax(q kᵀ · scale + mask) v with grouped-query heads, as [B, T, H·d]: q [B, H, T, d],
+    k and v [B, G, K, d] (query head h reads KV head h // (H / G)), mask broadcast to
+    [B, G, H / G, T, K].
+
+    Each KV head's queries form one matrix, so the keys and values are read as they are: a
+    repeat of the KV heads would copy the whole cache in every layer of every decode step.
+    """
+    B, H, _, d = q.shape
+    G, K = k.shape[1], k.shape[2]
+    # Rows: (query head within the group, token). contiguous() then view, not reshape: the
+    # exported reshape of the transposed q gets a symbolic length XNNPACK cannot take.
+    grouped = q.contiguous().view(B * G, -1, d)
+    scores = torch.bmm(grouped, k.reshape(B * G, K, d).transpose(1, 2)) * scale
+    scores = scores.view(B, G, H // G, -1, K) + mask
+    probs = torch.softmax(scores, dim=-1).view(B * G, -1, K)
+    out = torch.bmm(probs, v.reshape(B * G, K, d)).view(B, G, H // G, -1, d)
+    return out.permute(0, 3, 1, 2, 4).reshape(B, -1, H * d)
 
 
 class Attention(nn.Module):
@@ -71,48 +120,47 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.rotary = Rotary(self.head_dim)
         self.ssmax_scale = (nn.Parameter(torch.full((self.num_heads,), config.ssmax_init))
                             if config.use_ssmax else None)
 
-    def forward(self, x: Tensor, positions: TokenPositions,
+    def forward(self, x: Tensor, inputs: AttentionInputs,
                 cache: dict[str, Tensor] | None) -> tuple[Tensor, dict[str, Tensor]]:
-        """x [B, T, h] at ``positions``; returns output and the updated cache.
+        """x [B, T, h] at ``inputs.positions``; returns output and the updated cache.
 
         Without a cache the keys are this call's tokens; with one, they are the whole static
         cache [B, G, max_len, d] and the mask hides slots after each query (and padding).
         """
-        B, T, _ = x.shape
+        B = x.shape[0]
         # Per-head norms before the transpose to [B, heads, T, d]: the same values, and the
         # norm stays a pattern ONNX Runtime fuses (a transpose inside it blocks the fusion).
-        q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        in_sequence = positions.in_sequence
-        cos, sin = rotary_cos_sin(in_sequence, self.head_dim, self.rope_theta)
-        if cos.dim() == 3:  # per-row positions: broadcast over heads
-            cos, sin = cos[:, None], sin[:, None]
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        # Shapes say -1 for the call length: a reshape to a symbolic length is one that
+        # ExecuTorch's XNNPACK backend cannot take.
+        q = self.q_norm(self.q_proj(x).view(B, -1, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, -1, self.num_kv_heads, self.head_dim))
+        k = k.transpose(1, 2)
+        v = self.v_proj(x).view(B, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.rotary(q, inputs.cos, inputs.sin)
+        k = self.rotary(k, inputs.cos, inputs.sin)
         if self.ssmax_scale is not None:
-            q = (q.float() * ssmax_query_scale(in_sequence, self.ssmax_scale)).to(q.dtype)
+            q = (q.float() * ssmax_query_scale(inputs.log_n, self.ssmax_scale)).to(q.dtype)
 
         new_cache: dict[str, Tensor] = {}
-        key_slots = positions.slots
         if cache is not None:
-            k = cache["key"].index_copy(2, positions.slots, k.to(cache["key"].dtype))
-            v = cache["value"].index_copy(2, positions.slots, v.to(cache["value"].dtype))
+            slots = inputs.positions.slots
+            k = cache["key"].index_copy(2, slots, k.to(cache["key"].dtype))
+            v = cache["value"].index_copy(2, slots, v.to(cache["value"].dtype))
             new_cache = {"key": k, "value": v}
-            key_slots = torch.arange(k.shape[2], device=x.device)
-        group = self.num_heads // self.num_kv_heads
-        k = k.to(q.dtype).repeat_interleave(group, dim=1)
-        v = v.to(q.dtype).repeat_interleave(group, dim=1)
+        k, v = k.to(q.dtype), v.to(q.dtype)
         scale = 1.0 / math.sqrt(self.head_dim)
-        if cache is None and positions.pad is None:
+        if inputs.mask is None:
             # A whole sequence from its start (training): plain causal attention. Without an
             # explicit mask CUDA runs its flash kernel, which skips the masked half.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            group = self.num_heads // self.num_kv_heads
+            out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, dim=1),
+                                                 v.repeat_interleave(group, dim=1),
+                                                 is_causal=True, scale=scale)
+            out = out.transpose(1, 2).reshape(B, -1, self.num_heads * self.head_dim)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, scale=scale,
-                                                 attn_mask=positions.attention_mask(key_slots))
-        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+            out = grouped_attention(q, k, v, inputs.mask, scale)
         return self.o_proj(out), new_cache

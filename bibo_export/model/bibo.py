@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import BiBoConfig, ExecutionOptions
-from .attention import Attention, TokenPositions
+from .attention import Attention, AttentionInputs, TokenPositions
 from .checkpoint import load_checkpoint, save_checkpoint
 from .layers import RMSNorm, SwiGLU
 from .moe import MLPExperts, MoE, RoutingStats
@@ -58,14 +58,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(config, execution) if self.is_moe else SwiGLU(config.hidden_size,
                                                                        config.intermediate_size)
 
-    def forward(self, x: Tensor, positions: TokenPositions, cache: LayerCache | None
+    def forward(self, x: Tensor, inputs: AttentionInputs, cache: LayerCache | None
                 ) -> tuple[Tensor, RoutingStats | None, LayerCache]:
-        attn, new_cache = self.self_attn(self.input_layernorm(x), positions, cache)
+        attn, new_cache = self.self_attn(self.input_layernorm(x), inputs, cache)
         x = x + attn
         u = self.post_attention_layernorm(x)
         if not self.is_moe:
             return x + self.mlp(u), None, new_cache
-        ffn, stats, conv_cache = self.mlp(u, cache, positions.is_token())
+        ffn, stats, conv_cache = self.mlp(u, cache, inputs.positions.is_token())
         return x + ffn, stats, {**new_cache, **conv_cache}
 
 
@@ -124,18 +124,20 @@ class BiBoForCausalLM(nn.Module):
         row then computes what its prompt computes alone (``TokenPositions``).
         """
         slots = torch.arange(input_ids.shape[1], device=input_ids.device) + start_pos
-        positions = TokenPositions(slots, pad)
         x = self.embed_tokens(input_ids)
+        key_slots = None if cache is None else torch.arange(cache[0]["key"].shape[2],
+                                                            device=x.device)
+        inputs = AttentionInputs.of(TokenPositions(slots, pad), self.config, key_slots, x.dtype)
         routing, new_cache = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
             if self.gradient_checkpointing and self.training:
                 # Statistics are returned, not accumulated, so the recomputation in backward
                 # cannot count tokens twice.
-                x, stats, layer_cache = checkpoint(layer, x, positions, layer_cache,
+                x, stats, layer_cache = checkpoint(layer, x, inputs, layer_cache,
                                                    use_reentrant=False)
             else:
-                x, stats, layer_cache = layer(x, positions, layer_cache)
+                x, stats, layer_cache = layer(x, inputs, layer_cache)
             new_cache.append(layer_cache)
             if stats is not None:
                 routing.append(stats)

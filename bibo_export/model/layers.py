@@ -19,8 +19,12 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         # x / sqrt(…) rather than x * rsqrt(…): the same value, written in the form ONNX
         # Runtime fuses into one SimplifiedLayerNormalization node (seven nodes otherwise).
-        normed = x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = x32 / torch.sqrt(self.mean_square(x32) + self.eps)
         return normed.to(x.dtype) * self.weight
+
+    def mean_square(self, x32: Tensor) -> Tensor:
+        """mean(x²) over the last dimension, keeping it: [..., 1]."""
+        return x32.pow(2).mean(-1, keepdim=True)
 
 
 def rotary_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -32,11 +36,22 @@ def rotary_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tens
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE over the full head dim; x is [B, heads, T, d]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+class Rotary(nn.Module):
+    """Rotate-half RoPE over the full head dim: x [B, heads, T, d] at its positions' cos/sin
+    tables (``rotary_cos_sin``). No parameters: a module so that exporters can swap how the
+    halves are rotated."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        return (x.float() * cos + self.rotate_half(x).float() * sin).to(x.dtype)
+
+    def rotate_half(self, x: Tensor) -> Tensor:
+        """[-x₂, x₁] for x = [x₁, x₂] split in halves along the last dimension."""
+        half = self.head_dim // 2
+        return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
 def causal_window(x: Tensor, state: Tensor | None, history: int) -> tuple[Tensor, Tensor]:

@@ -295,14 +295,15 @@ class MoE(nn.Module):
             u = u * is_token[..., None].to(u.dtype)
         states = {} if cache is None else cache
         logits, router_state = self.router(u, states.get("router_conv"))
-        selection = self.select(logits.reshape(B * T, -1))
-        flat = u.reshape(B * T, h)
+        # Shapes say -1 for the token count: see Attention.forward.
+        selection = self.select(logits.reshape(-1, logits.shape[-1]))
+        flat = u.reshape(-1, h)
         routed, dropped = self.experts(flat, selection)
         gates, n = selection.gates, self.config.num_routed_experts
         free = gates[:, n - 3, None].to(u.dtype) * flat + \
             gates[:, n - 1, None].to(u.dtype) * F.relu(flat).square()  # Identity, ReLU²; Zero adds 0
         shared, shared_state = self.shared_expert(u, states.get("shared_conv"))
-        out = (routed + free).view(B, T, h) + self.config.moe_shared_scaling * shared
+        out = (routed + free).view(B, -1, h) + self.config.moe_shared_scaling * shared
 
         stats = RoutingStats(
             expert_counts=torch.zeros_like(self.expert_counts).scatter_add(
