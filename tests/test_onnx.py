@@ -99,6 +99,18 @@ def test_export_folder_is_complete_and_described(fp32_exports):
     assert manifest["versions"]["onnxruntime"] and manifest["versions"]["torch"]
 
 
+def test_cache_inputs_are_written_in_their_layout(fp32_exports):
+    """Each key and value cache input is read by one ScatterElements, with no transpose of the
+    whole cache before it (index_copy's export form had two per layer and step)."""
+    _, folder = fp32_exports["sort-tiny"]
+    model = onnx.load(folder / "model.onnx", load_external_data=False)
+    caches = [i.name for i in model.graph.input if i.name.endswith((".key", ".value"))]
+    assert caches
+    for name in caches:
+        readers = [n.op_type for n in model.graph.node if name in n.input]
+        assert readers == ["ScatterElements"], (name, readers)
+
+
 def test_prompts_of_different_lengths_in_one_batch(fp32_exports):
     """Lengths 1, 7 and 16 in one left-padded batch, on eager and on ONNX Runtime, as a list and
     as an array with an attention mask: each row generates exactly what its prompt generates

@@ -43,13 +43,13 @@ from ..artifacts import ONNX_DATA_FILE, ONNX_FILE, ArtifactMetadata
 from ..kernels.moe_experts import quantize_rows
 from ..model import BiBoForCausalLM
 from ..model.attention import Attention
-from ..model.layers import SwiGLU
+from ..model.layers import CacheWrite, SwiGLU
 from ..model.moe import MLPExperts, Router, SharedConvExpert
 from ..runtimes.onnx import METADATA_KEY, OnnxRuntime
 from .decoders import FlatCacheDecoder, cache_names, flatten_cache
 from .pipeline import Recipe, Stage, run_export
-from .transforms import (SkipUnselectedExperts, UnfoldedSharedExpert, export_form,
-                         router_names)
+from .transforms import (ScatterCacheWrite, SkipUnselectedExperts, UnfoldedSharedExpert,
+                         export_form, router_names)
 
 OPSET = 18
 # The integer kernel ORT runs for the quantized MatMuls (after its own fusions).
@@ -92,7 +92,8 @@ class OnnxRecipe(Recipe):
 
     def transform(self, model: BiBoForCausalLM) -> FlatCacheDecoder:
         return FlatCacheDecoder(export_form(model, {MLPExperts: SkipUnselectedExperts,
-                                                    SharedConvExpert: UnfoldedSharedExpert})
+                                                    SharedConvExpert: UnfoldedSharedExpert,
+                                                    CacheWrite: lambda _: ScatterCacheWrite()})
                                 ).eval()
 
     def export(self, decoder: FlatCacheDecoder) -> OnnxGraph:

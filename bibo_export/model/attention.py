@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import BiBoConfig
-from .layers import RMSNorm, Rotary, rotary_cos_sin
+from .layers import CacheWrite, RMSNorm, Rotary, rotary_cos_sin
 
 
 @dataclass
@@ -121,6 +121,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.rotary = Rotary(self.head_dim)
+        self.cache_write = CacheWrite()
         self.ssmax_scale = (nn.Parameter(torch.full((self.num_heads,), config.ssmax_init))
                             if config.use_ssmax else None)
 
@@ -148,8 +149,8 @@ class Attention(nn.Module):
         new_cache: dict[str, Tensor] = {}
         if cache is not None:
             slots = inputs.positions.slots
-            k = cache["key"].index_copy(2, slots, k.to(cache["key"].dtype))
-            v = cache["value"].index_copy(2, slots, v.to(cache["value"].dtype))
+            k = self.cache_write(cache["key"], slots, k)
+            v = self.cache_write(cache["value"], slots, v)
             new_cache = {"key": k, "value": v}
         k, v = k.to(q.dtype), v.to(q.dtype)
         scale = 1.0 / math.sqrt(self.head_dim)

@@ -54,6 +54,14 @@ class Rotary(nn.Module):
         return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
+class CacheWrite(nn.Module):
+    """A call's keys or values [B, G, T, d] written into their ``slots`` [T] of the static
+    cache [B, G, max_len, d]. No parameters: a module so that exporters can swap the form."""
+
+    def forward(self, cache: Tensor, slots: Tensor, new: Tensor) -> Tensor:
+        return cache.index_copy(2, slots, new.to(cache.dtype))
+
+
 def causal_window(x: Tensor, state: Tensor | None, history: int) -> tuple[Tensor, Tensor]:
     """The input of a causal convolution over time: x [B, T, C] behind its ``history`` previous
     inputs (zeros at a sequence's start). Returns ([B, history + T, C], the new state, the last
