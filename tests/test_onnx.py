@@ -6,13 +6,15 @@ import shutil
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
 from bibo_export.artifacts import ArtifactMetadata
 from bibo_export.config import BiBoConfig
-from bibo_export.export.onnx import (export_onnx, integer_kernels, subgraphs,
-                                     weights_read_per_call)
+from bibo_export.export.onnx import (OnnxRecipe, experts_to_qmoe, export_onnx, integer_kernels,
+                                     qmoe_block_size, subgraphs, weights_read_per_call)
+from bibo_export.export.pipeline import ExportSettings
 from bibo_export.model import BiBoForCausalLM
 from bibo_export.runtimes import load
 from bibo_export.runtimes.eager import EagerRuntime
@@ -181,22 +183,112 @@ def test_int8_graph_runs_integer_expert_kernels_and_a_float_router(int8_export):
     graphs = list(subgraphs(model.graph))
     config = ArtifactMetadata.from_json(
         {p.key: p.value for p in model.metadata_props}[METADATA_KEY], folder).config
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    # sort-tiny's experts (h 256, m 256) fit QMoE's blocks: one node per MoE layer, no If left.
+    ops = [n.op_type for g in graphs for n in g.node]
+    assert ops.count("QMoE") == moe_layers and "If" not in ops
     int8_inputs = {name for g in graphs for n in g.node if n.op_type == "MatMulNBits"
                    for name in n.input}
-    experts = {m.group(0) + proj for m in map(EXPERT_WEIGHT.search, int8_inputs) if m
-               for proj in ("gate", "up", "down")}
-    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
-    assert len(experts) == 3 * moe_layers * config.num_mlp_experts
-    for part in ("self_attn.q_proj", "self_attn.o_proj", "lm_head"):
+    for part in ("self_attn.q_proj", "self_attn.o_proj", "lm_head", "shared_expert"):
         assert any(part in name for name in int8_inputs), part
     router = [n for n in model.graph.node if any(".router.weight" in i for i in n.input)]
     assert router and all(n.op_type == "Conv" for n in router)  # the float conv router
     assert not any("router" in name for name in int8_inputs)
     # What ORT runs after its own graph optimizations, If branches included.
     kernels = integer_kernels(folder / "model.onnx")
-    assert kernels.get("MatMulNBits", 0) >= 3 * moe_layers * config.num_mlp_experts
+    assert kernels.get("QMoE") == moe_layers and kernels.get("MatMulNBits", 0) >= moe_layers
     assert set(manifest["quantization"]["quantized_weights"]) >= {"experts", "attention",
                                                                  "lm_head", "embedding"}
+
+
+def test_int8_qmoe_weights_are_the_checkpoints_experts(int8_export):
+    """Each QMoE node's 8-bit weights, dequantized here, are its layer's experts from the
+    checkpoint to within one quantization step: gate and up rows interleaved in fc1, down in
+    fc2, experts in order. (ORT's symmetric scheme maps a block's largest magnitude to -128, so
+    an opposite value of that magnitude clips at 127: one step off; the rest round, ½ step.)"""
+    checkpoint, _, folder, _ = int8_export
+    model = onnx.load(folder / "model.onnx")
+    arrays = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    eager = BiBoForCausalLM.from_pretrained(checkpoint)
+    nodes = [n for n in model.graph.node if n.op_type == "QMoE"]
+    assert len(nodes) == len(eager.moe_layers)
+    for node, moe in zip(nodes, eager.moe_layers):
+        layer = re.search(r"layers\.(\d+)\.", node.name)[1]
+        assert moe is eager.layers[int(layer)].mlp
+        check_expert_weights(node, arrays, moe.experts, steps=1)
+
+
+def dequantize(weights: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[E, N, K] uint8 (zero point 128) with signed scales, [E, N, K / block] or one per row
+    [E, N] → (float weights, each weight's quantization step)."""
+    scales = scales if scales.ndim == 3 else scales[..., None]
+    scale = np.repeat(scales, weights.shape[2] // scales.shape[2], axis=2)
+    return (weights.astype(np.float32) - 128) * scale, np.abs(scale)
+
+
+def check_expert_weights(node: onnx.NodeProto, arrays: dict[str, np.ndarray], experts,
+                         steps: float) -> None:
+    """A QMoE node's weights, dequantized, are ``experts``' to within ``steps`` steps: gate and
+    up rows interleaved in fc1, down in fc2, experts in order."""
+    fc1, fc1_step = dequantize(arrays[node.input[2]], arrays[node.input[3]])
+    fc2, fc2_step = dequantize(arrays[node.input[5]], arrays[node.input[6]])
+    for got, step, want in ((fc1[:, 0::2], fc1_step[:, 0::2], experts.gate_proj),
+                            (fc1[:, 1::2], fc1_step[:, 1::2], experts.up_proj),
+                            (fc2, fc2_step, experts.down_proj)):
+        assert got.shape == want.shape
+        assert (np.abs(got - want.detach().numpy()) <= (steps + 1e-4) * step).all()
+
+
+def test_int8_experts_no_qmoe_block_fits_get_one_scale_per_row(fp32_exports, tmp_path):
+    """Experts of width 24 fit no QMoE block (a power of two ≥ 16): their QMoE node takes one
+    scale per row (symmetric, rounded: within half a step of the checkpoint's weights), no If
+    is left, and the export verifies."""
+    checkpoint, _ = fp32_exports["mlp-router"]
+    manifest = export_onnx(checkpoint, {"int8": tmp_path / "int8"}, max_length=MAX_LENGTH)["int8"]
+    model = onnx.load(tmp_path / "int8" / "model.onnx")
+    arrays = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    eager = BiBoForCausalLM.from_pretrained(checkpoint)
+    config = eager.config
+    nodes = [n for n in model.graph.node if n.op_type == "QMoE"]
+    assert len(nodes) == len(manifest["quantization"]["qmoe_experts"]) == len(eager.moe_layers)
+    for node, moe in zip(nodes, eager.moe_layers):
+        assert "block_size" not in {a.name for a in node.attribute}
+        scales = arrays[node.input[3]]
+        assert scales.shape == (config.num_mlp_experts, 2 * config.moe_intermediate_size)
+        check_expert_weights(node, arrays, moe.experts, steps=0.5)
+    assert "If" not in {n.op_type for n in model.graph.node}
+
+
+@pytest.mark.parametrize("width", [32, 24])  # blocks of 32; no block: one scale per row
+def test_qmoe_rewrite_alone_changes_logits_by_the_experts_rounding_only(width):
+    """The fp32 graph with only its experts rewritten to QMoE, against that fp32 graph: the one
+    difference left is the experts' 8-bit rounding (measured 5e-4 of the logits' range with
+    blocks; gate and up rows swapped gave 7e-3)."""
+    torch.manual_seed(0)
+    model = BiBoForCausalLM(tiny_config(hidden_size=64, moe_intermediate_size=width)).eval()
+    recipe = OnnxRecipe(ExportSettings(max_length=32, batch_size=None))
+    fp32 = recipe.export(recipe.transform(model))
+    onnx.load_external_data_for_model(fp32.model, fp32.weights_dir.name)
+    fused = recipe.fork(fp32)
+    assert len(experts_to_qmoe(fused)) == len(model.moe_layers)
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 12))
+    want, got = (prompt_logits(graph.model, ids) for graph in (fp32, fused))
+    assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()
+
+
+def prompt_logits(model: onnx.ModelProto, ids: np.ndarray) -> np.ndarray:
+    """Logits of an in-memory exported graph for prompts ``ids``, from an empty cache."""
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids, "start_pos": np.array(0), "pad": np.zeros(len(ids), np.int64)}
+    feeds.update((cache.name, np.zeros([len(ids), *cache.shape[1:]], np.float32))
+                 for cache in session.get_inputs()[3:])
+    return session.run(["logits"], feeds)[0]
+
+
+@pytest.mark.parametrize("width, hidden, block", [(512, 512, 128), (256, 96, 32), (24, 32, None),
+                                                  (1536, 1024, 128), (48, 64, 16)])
+def test_qmoe_block_is_the_largest_power_of_two_dividing_both_dims(width, hidden, block):
+    assert qmoe_block_size(width, hidden) == block
 
 
 def test_int8_holds_no_float_embedding_table(int8_export):

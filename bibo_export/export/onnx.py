@@ -15,15 +15,21 @@ token its precision (``text-tiny`` on 2,048 held-out positions, 2026-11-26: top-
 97.3 % with one scale per call, 99.0 % per row; ExecuTorch's 8da8w, per token, 99.6 %). The
 routers stay float: a routing flip is a discrete, unbounded error (DESIGN §6). The router nodes
 are the ones the exporter recorded as computed inside a ``Router`` module (found by type, not by
-name). ``nn.Linear`` on the MoE's flat 2-D tokens exports as ``Gemm``, which the quantizer skips,
-so those Gemms are rewritten to ``MatMul`` first; the quantizer enters the experts' ``If``
-subgraphs itself.
+name).
+
+The experts of each MoE layer become one ``com.microsoft.QMoE`` node (``experts_to_qmoe``):
+8-bit blocks of ORT's own quantization, int8 compute, the routing as inputs. Its CPU kernel
+runs only the experts a token gave a nonzero weight, as the ``If`` nodes did, in one node where
+the ``If`` chain was about ten per expert (`bench` int8, 2026-11-26: 1,275 → 735 nodes per
+decode step, prefill 0.6× the time). Experts whose dims fit no QMoE block get one scale per
+row.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -36,7 +42,9 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnx import numpy_helper
-from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                              DefaultWeightOnlyQuantizer,
+                                                              MatMulNBitsQuantizer)
 from torch import nn
 
 from ..artifacts import ONNX_DATA_FILE, ONNX_FILE, ArtifactMetadata
@@ -52,8 +60,8 @@ from .transforms import (ScatterCacheWrite, SkipUnselectedExperts, UnfoldedShare
                          export_form, router_names)
 
 OPSET = 18
-# The integer kernel ORT runs for the quantized MatMuls (after its own fusions).
-INTEGER_OPS = ("MatMulNBits",)
+# The integer kernels ORT runs for the quantized MatMuls (after its own fusions) and experts.
+INTEGER_OPS = ("MatMulNBits", "QMoE")
 # Weights per scale along each weight column: at 128 a weight costs 1.03 bytes; 32 measured no
 # more accurate on text-tiny and slower (2026-11-26).
 BLOCK_SIZE = 128
@@ -67,6 +75,7 @@ class OnnxGraph:
     model: onnx.ModelProto
     router_scopes: set[str]  # qualified names of the Router modules
     module_groups: dict[str, str]  # qualified module name → experts, attention, ...
+    top_k: int  # experts each token selects (routed, parameter-free ones included)
     quantization: dict[str, Any] | None = field(default=None)
     # Where the graph's weights are while they are external (model.onnx.data): the export
     # streams them to disk, so no second in-memory copy (3 GB at 750M parameters) is built.
@@ -87,7 +96,7 @@ class OnnxRecipe(Recipe):
     def fork(self, state: OnnxGraph) -> OnnxGraph:
         graph = onnx.ModelProto()
         graph.CopyFrom(state.model)  # quantization rewrites the graph in place
-        return OnnxGraph(graph, state.router_scopes, state.module_groups,
+        return OnnxGraph(graph, state.router_scopes, state.module_groups, state.top_k,
                          weights_dir=state.weights_dir)
 
     def transform(self, model: BiBoForCausalLM) -> FlatCacheDecoder:
@@ -115,7 +124,7 @@ class OnnxRecipe(Recipe):
         program.save(Path(weights.name) / ONNX_FILE, external_data=True)
         graph = onnx.load(Path(weights.name) / ONNX_FILE, load_external_data=False)
         return OnnxGraph(graph, router_names(decoder), module_groups(decoder),
-                         weights_dir=weights)
+                         model.config.num_experts_per_tok, weights_dir=weights)
 
     def save(self, state: OnnxGraph, folder: Path, metadata: ArtifactMetadata) -> list[str]:
         strip_debug_info(state.model)
@@ -168,32 +177,6 @@ def subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                 yield from subgraphs(attr.g)
 
 
-def gemms_to_matmuls(model: onnx.ModelProto) -> int:
-    """Rewrite ``Gemm(x, W, transB=1)`` with a constant W and no bias as ``MatMul(x, Wᵀ)``.
-
-    These are the expert Linears on 2-D tokens; the quantizer takes MatMul only.
-    Returns the number of rewritten nodes.
-    """
-    weights = own_weights(model)
-    count = 0
-    for graph in subgraphs(model.graph):
-        for node in graph.node:
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            plain = (attrs.get("alpha", 1.0) == 1.0 and attrs.get("transA", 0) == 0
-                     and attrs.get("transB", 0) == 1)  # beta is unused without a bias input
-            if node.op_type != "Gemm" or len(node.input) != 2 or node.input[1] not in weights \
-                    or not plain:
-                continue
-            weight = weights.pop(node.input[1])
-            name = weight.name.removesuffix(".weight") + ".weight_t"
-            weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight).T.copy(), name))
-            node.input[1] = name
-            node.op_type = "MatMul"
-            del node.attribute[:]
-            count += 1
-    return count
-
-
 def own_weights(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     """Top-level initializers read by exactly one node: safe to rename or transpose."""
     readers: dict[str, int] = {}
@@ -231,12 +214,12 @@ def router_nodes(state: OnnxGraph) -> list[str]:
 
 
 def quantize_int8(state: OnnxGraph) -> OnnxGraph:
-    """8-bit block-quantized weights with int8 compute on everything but the routers, and int8
-    embedding tables."""
+    """8-bit block-quantized weights with int8 compute on everything but the routers (the
+    experts as QMoE nodes), and int8 embedding tables."""
     model = state.model
     if state.weights_dir is not None:
         onnx.load_external_data_for_model(model, state.weights_dir.name)
-    rewritten = gemms_to_matmuls(model)
+    fused = experts_to_qmoe(state)
     name_linear_weights(model)
     tables = quantize_embedding_tables(model)
     excluded = router_nodes(state)
@@ -244,10 +227,162 @@ def quantize_int8(state: OnnxGraph) -> OnnxGraph:
                                      accuracy_level=4, nodes_to_exclude=excluded)
     quantizer.process()  # in place: no second copy of the weights
     quantized = quantizer.model.model
-    return OnnxGraph(quantized, state.router_scopes, state.module_groups,
-                     {"gemms_rewritten": rewritten, "float_router_nodes": excluded,
-                      "int8_embedding_tables": tables, "block_size": BLOCK_SIZE,
+    return OnnxGraph(quantized, state.router_scopes, state.module_groups, state.top_k,
+                     {"qmoe_experts": fused, "float_router_nodes": excluded, "int8_embedding_tables": tables,
+                      "block_size": BLOCK_SIZE,
                       "quantized_weights": quantized_weights(state, quantized)})
+
+
+# QMoE's form of BiBo's SwiGLU experts: ORT's swiglu is g · sigmoid(α g) · (u + β), so
+# silu(g) · u at α = 1, β = 0; its CPU kernel takes each expert's gate and up rows interleaved
+# (swiglu_fusion 1), and computes 8-bit blocks with int8 activations (accuracy_level 4).
+QMOE_ATTRIBUTES = dict(activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+                       activation_beta=0.0, expert_weight_bits=8, normalize_routing_weights=0,
+                       accuracy_level=4)
+QMOE_MIN_BLOCK = 16  # QMoE's blocks are powers of two ≥ 16 that divide both expert dims
+# QMoE's inputs, in order: (input, router_probs, fc1, fc1 scales, fc1 bias, fc2, fc2 scales,
+# fc2 bias, fc3 and its scales and bias, three zero points, router_weights).
+QMOE_ROUTER_WEIGHTS = 14
+
+
+def experts_to_qmoe(state: OnnxGraph) -> list[str]:
+    """Replace each experts module's chain of ``If`` nodes (one per expert) by one
+    ``com.microsoft.QMoE`` node with 8-bit expert weights; returns the modules' names.
+
+    QMoE takes the routing as two [S, E] inputs: ``router_probs``, of which it runs each token's
+    top k, and ``router_weights``, which mix their outputs. Both are the graph's gates (each
+    chosen MLP expert's weight, 0 elsewhere), so a token runs the experts BiBo's router chose;
+    where it chose parameter-free experts too, the rest of its k weigh 0, and the kernel skips
+    experts at weight 0 (see ``weights_read_per_call``).
+    """
+    graph, fused = state.model.graph, []
+    initializers = {init.name: init for init in graph.initializer}
+    for scope in [name for name, group in state.module_groups.items() if group == "experts"]:
+        nodes = [node for node in graph.node if scope in module_scopes(node)]
+        gate, up, down = expert_projections(scope, nodes, initializers)
+        block = qmoe_block_size(*gate.shape[1:])
+        flat, gates, output = experts_boundary(graph, nodes, initializers)
+        fc1, fc1_scales = quantize_experts(np.stack([gate, up], axis=2).reshape(
+            gate.shape[0], -1, gate.shape[2]), block)  # rows g₀, u₀, g₁, u₁, …
+        fc2, fc2_scales = quantize_experts(down, block)
+        weights = {f"{scope}.{name}": array for name, array in (
+            ("fc1", fc1), ("fc1_scales", fc1_scales), ("fc2", fc2), ("fc2_scales", fc2_scales))}
+        bounds = {f"{scope}.mlp_gates_{name}": np.array([value])  # gates[:, :E]
+                  for name, value in (("start", 0), ("end", gate.shape[0]), ("axis", 1))}
+        graph.initializer.extend(numpy_helper.from_array(array, name)
+                                 for name, array in {**weights, **bounds}.items())
+        fc1_inputs, fc2_inputs = list(weights)[:2], list(weights)[2:]
+        mlp_gates = f"{scope}.mlp_gates"
+        inputs = [flat, mlp_gates, *fc1_inputs, "", *fc2_inputs]
+        inputs += [""] * (QMOE_ROUTER_WEIGHTS - len(inputs)) + [mlp_gates]
+        replacement = [
+            onnx.helper.make_node("Slice", [gates, *bounds], [mlp_gates], name=mlp_gates),
+            onnx.helper.make_node("QMoE", inputs, [output], name=f"{scope}.qmoe",
+                                  domain="com.microsoft", k=min(state.top_k, gate.shape[0]),
+                                  **QMOE_ATTRIBUTES, **({"block_size": block} if block else {}))]
+        replace_nodes(graph, nodes, replacement)
+        fused.append(scope)
+    if fused:
+        if "com.microsoft" not in {opset.domain for opset in state.model.opset_import}:
+            state.model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+        drop_unread_initializers(state.model)
+    return fused
+
+
+def expert_projections(scope: str, nodes: list[onnx.NodeProto],
+                       initializers: dict[str, onnx.TensorProto]
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """gate, up [E, m, h] and down [E, h, m] of the experts module ``scope``, found by their
+    parameter names (``{scope}.ffns.{e}.{gate|up|down}_proj.weight``, [out, in])."""
+    pattern = re.compile(re.escape(scope) + r"\.ffns\.(\d+)\.(gate|up|down)_proj\.weight$")
+    found: dict[str, dict[int, np.ndarray]] = {"gate": {}, "up": {}, "down": {}}
+    for name in {name for node in nodes for name in reads(node)}:
+        match = pattern.match(name)
+        if match:
+            found[match[2]][int(match[1])] = numpy_helper.to_array(initializers[name])
+    count = len(found["gate"])
+    if not count or any(sorted(weights) != list(range(count)) for weights in found.values()):
+        raise RuntimeError(f"cannot find the expert weights of {scope} in the ONNX graph")
+    return tuple(np.stack([found[p][e] for e in range(count)])  # type: ignore[return-value]
+                 for p in ("gate", "up", "down"))
+
+
+def experts_boundary(graph: onnx.GraphProto, nodes: list[onnx.NodeProto],
+                     initializers: dict[str, onnx.TensorProto]) -> tuple[str, str, str]:
+    """(flat tokens, gates, output): the values an experts module's nodes read from the rest of
+    the graph and the one they give it. The gates are what its slice to the MLP experts reads."""
+    inside = {name for node in nodes for name in node.output}
+    outer = {name for node in nodes for name in reads(node)} - inside - set(initializers) - {""}
+    read_after = {name for node in graph.node if node.output[0] not in inside
+                  for name in reads(node)}
+    outputs = inside & (read_after | {o.name for o in graph.output})
+    slices = [node.input[0] for node in nodes if node.op_type == "Slice"]
+    if len(outer) != 2 or len(outputs) != 1 or len(slices) != 1 or slices[0] not in outer:
+        raise RuntimeError("cannot find the inputs and output of an experts module in the "
+                           f"ONNX graph: reads {sorted(outer)}, gives {sorted(outputs)}")
+    (flat,) = outer - {slices[0]}
+    return flat, slices[0], outputs.pop()
+
+
+def reads(node: onnx.NodeProto) -> set[str]:
+    """The values ``node`` reads, those its subgraphs read from outside them included."""
+    names = set(node.input)
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            inner = {name for n in attr.g.node for name in reads(n)}
+            made = {name for n in attr.g.node for name in n.output}
+            names |= inner - made - {init.name for init in attr.g.initializer}
+    return names
+
+
+def replace_nodes(graph: onnx.GraphProto, old: list[onnx.NodeProto],
+                  new: list[onnx.NodeProto]) -> None:
+    """``new`` in place of ``old``, where ``old`` computed ``new``'s last output: everything that
+    node depended on, so all ``old`` read, is computed before it."""
+    output = new[-1].output[0]
+    removed = {name for node in old for name in node.output}  # SSA: outputs name their node
+    nodes = []
+    for node in graph.node:
+        if output in node.output:
+            nodes.extend(new)
+        elif node.output[0] not in removed:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def drop_unread_initializers(model: onnx.ModelProto) -> None:
+    """Remove the top-level initializers no node reads (the float weights a rewrite replaced),
+    by index: comparing tensors to find them would compare their data."""
+    read = {name for graph in subgraphs(model.graph) for node in graph.node
+            for name in node.input}
+    initializers = model.graph.initializer
+    for index in reversed(range(len(initializers))):
+        if initializers[index].name not in read:
+            del initializers[index]
+
+
+def qmoe_block_size(width: int, hidden: int) -> int | None:
+    """The largest block QMoE can take for experts of this shape, at most ``BLOCK_SIZE``; None
+    where no block fits (the `reference` preset's width 684): one scale per row then."""
+    block = BLOCK_SIZE
+    while block >= QMOE_MIN_BLOCK and (width % block or hidden % block):
+        block //= 2
+    return block if block >= QMOE_MIN_BLOCK else None
+
+
+def quantize_experts(weights: np.ndarray, block: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """[E, N, K] float → ([E, N, K] uint8, zero point 128; scales [E, N, K / block]): ORT's own
+    symmetric 8-bit block quantization (MatMulNBits'), or with ``block`` None one scale per row,
+    [E, N] (``quantize_rows``, which ORT's quantizer cannot do: its blocks stop at 256)."""
+    if block is None:
+        rows, scales = quantize_rows(torch.from_numpy(weights))
+        return (rows.numpy().astype(np.int16) + 128).astype(np.uint8), scales.numpy()
+    quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
+        block_size=block, is_symmetric=True, bits=8))
+    blocks = [quantizer.qbits_block_quant(np.ascontiguousarray(w.T))[:2] for w in weights]
+    return (np.stack([q.reshape(q.shape[0], -1) for q, _ in blocks]),
+            np.stack([scales for _, scales in blocks]).astype(np.float32))
 
 
 def quantize_embedding_tables(model: onnx.ModelProto) -> list[str]:
@@ -286,12 +421,14 @@ def quantize_embedding_tables(model: onnx.ModelProto) -> list[str]:
 
 
 def quantized_weights(state: OnnxGraph, model: onnx.ModelProto) -> dict[str, list[str]]:
-    """8-bit weights (MatMulNBits' and the int8 tables) grouped by the kind of module they
+    """8-bit weights (MatMulNBits', QMoE's and the int8 tables) grouped by the kind of module they
     belong to."""
     names = [init.name for graph in subgraphs(model.graph) for init in graph.initializer
              if init.data_type == onnx.TensorProto.INT8 and init.name.endswith("_quantized")]
     names += [node.input[1] for graph in subgraphs(model.graph) for node in graph.node
               if node.op_type == "MatMulNBits"]
+    names += [node.input[i] for node in model.graph.node if node.op_type == "QMoE"
+              for i in (2, 5)]
     groups: dict[str, list[str]] = {}
     for name in names:
         # The outermost typed module: an expert's own SwiGLU counts as the experts.
@@ -367,15 +504,25 @@ def weights_read_per_call(folder: str | Path, input_ids: np.ndarray,
     step), the weights that the nodes ORT actually executed read, in bytes.
 
     Nodes inside an ``If`` branch that was not taken never run, so unselected experts are
-    absent. A Gather reads only the rows it looks up (one per token), not its whole table.
+    absent. A Gather reads only the rows it looks up (one per token), not its whole table. A
+    QMoE node reads the experts some token gave a nonzero weight (its CPU kernel skips the
+    others: with 2 of 4 weights zero a call took 0.6× the time, with none 0.14×; 2026-11-26),
+    which the profiled copy of the graph also outputs.
     """
     folder = Path(folder)
-    weights = node_weights(onnx.load(folder / ONNX_FILE, load_external_data=False))
+    model = onnx.load(folder / ONNX_FILE, load_external_data=False)
+    weights = node_weights(model)
+    qmoe = {node.name: node for node in model.graph.node if node.op_type == "QMoE"}
+    for node in qmoe.values():
+        model.graph.output.append(onnx.ValueInfoProto(name=node.input[QMOE_ROUTER_WEIGHTS]))
     with tempfile.TemporaryDirectory() as tmp:
+        onnx.save_model(model, Path(tmp) / ONNX_FILE)
+        if (folder / ONNX_DATA_FILE).exists():  # ORT refuses a link to outside the folder
+            shutil.copyfile(folder / ONNX_DATA_FILE, Path(tmp) / ONNX_DATA_FILE)
         options = ort.SessionOptions()
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
-        runtime = OnnxRuntime.from_path(folder, check=False, options=options)
+        runtime = ExpertCountingRuntime.from_path(tmp, check=False, options=options)
         runtime.generate(input_ids, max_new_tokens)
         events = json.loads(Path(runtime.session.end_profiling()).read_text())
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e["name"] == "model_run")
@@ -390,5 +537,25 @@ def weights_read_per_call(folder: str | Path, input_ids: np.ndarray,
                 table = event["args"]["input_type_shape"][0]
                 rows = int(np.prod(next(iter(event["args"]["output_type_shape"][0].values()))[:-1]))
                 size = size // next(iter(table.values()))[0] * rows
+            elif node in qmoe:  # every weight it reads is an expert's
+                ran = runtime.experts_run[call][list(qmoe).index(node)]
+                size = size * ran // node_experts(model, qmoe[node])
             calls[call][name] = size
     return calls
+
+
+class ExpertCountingRuntime(OnnxRuntime):
+    """``OnnxRuntime`` on a graph whose outputs end with its QMoE nodes' routing weights
+    ([S, E] each): records, per run, how many experts each QMoE node ran."""
+
+    def _run(self, input_ids: np.ndarray, position: int, pad: np.ndarray | None) -> np.ndarray:
+        logits = super()._run(input_ids, position, pad)
+        routing = self._cache[len(self.cache_inputs):]  # the extra outputs, after the cache
+        self.experts_run = getattr(self, "experts_run", [])
+        self.experts_run.append([int((r.numpy() != 0).any(0).sum()) for r in routing])
+        return logits
+
+
+def node_experts(model: onnx.ModelProto, node: onnx.NodeProto) -> int:
+    """E of a QMoE node: the leading dimension of its fc1 weights."""
+    return next(init.dims[0] for init in model.graph.initializer if init.name == node.input[2])
