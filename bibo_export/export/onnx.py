@@ -452,8 +452,8 @@ def quantize_embedding_tables(model: onnx.ModelProto) -> list[str]:
 
 
 def quantized_weights(state: OnnxGraph, model: onnx.ModelProto) -> dict[str, list[str]]:
-    """8-bit weights (MatMulNBits', QMoE's and the int8 tables) grouped by the kind of module they
-    belong to."""
+    """8-bit weights (MatMulNBits', QMoE's and the int8 tables) grouped by the kind of module
+    they belong to."""
     names = [init.name for graph in subgraphs(model.graph) for init in graph.initializer
              if init.data_type == onnx.TensorProto.INT8 and init.name.endswith("_quantized")]
     names += [node.input[1] for graph in subgraphs(model.graph) for node in graph.node
@@ -544,16 +544,20 @@ def weights_read_per_call(folder: str | Path, input_ids: np.ndarray,
     model = onnx.load(folder / ONNX_FILE, load_external_data=False)
     weights = node_weights(model)
     qmoe = {node.name: node for node in model.graph.node if node.op_type == "QMoE"}
-    for node in qmoe.values():
-        model.graph.output.append(onnx.ValueInfoProto(name=node.input[QMOE_ROUTER_WEIGHTS]))
     with tempfile.TemporaryDirectory() as tmp:
-        onnx.save_model(model, Path(tmp) / ONNX_FILE)
-        if (folder / ONNX_DATA_FILE).exists():  # ORT refuses a link to outside the folder
-            shutil.copyfile(folder / ONNX_DATA_FILE, Path(tmp) / ONNX_DATA_FILE)
+        source = folder
+        if qmoe:  # a copy of the graph that also outputs each QMoE node's routing weights
+            for node in qmoe.values():
+                model.graph.output.append(
+                    onnx.ValueInfoProto(name=node.input[QMOE_ROUTER_WEIGHTS]))
+            source = Path(tmp)
+            onnx.save_model(model, source / ONNX_FILE)
+            if (folder / ONNX_DATA_FILE).exists():  # ORT refuses a link to outside the folder
+                shutil.copyfile(folder / ONNX_DATA_FILE, source / ONNX_DATA_FILE)
         options = ort.SessionOptions()
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
-        runtime = ExpertCountingRuntime.from_path(tmp, check=False, options=options)
+        runtime = ExpertCountingRuntime.from_path(source, check=False, options=options)
         runtime.generate(input_ids, max_new_tokens)
         events = json.loads(Path(runtime.session.end_profiling()).read_text())
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e["name"] == "model_run")
@@ -579,10 +583,13 @@ class ExpertCountingRuntime(OnnxRuntime):
     """``OnnxRuntime`` on a graph whose outputs end with its QMoE nodes' routing weights
     ([S, E] each): records, per run, how many experts each QMoE node ran."""
 
+    def __init__(self, session: ort.InferenceSession, metadata: ArtifactMetadata) -> None:
+        super().__init__(session, metadata)
+        self.experts_run: list[list[int]] = []  # per run, per QMoE node
+
     def _run(self, input_ids: np.ndarray, position: int, pad: np.ndarray | None) -> np.ndarray:
         logits = super()._run(input_ids, position, pad)
         routing = self._cache[len(self.cache_inputs):]  # the extra outputs, after the cache
-        self.experts_run = getattr(self, "experts_run", [])
         self.experts_run.append([int((r.numpy() != 0).any(0).sum()) for r in routing])
         return logits
 
