@@ -11,8 +11,8 @@ TORCH_XLA_EXTRA ?=
 # torch_xla's backend for tests and the XLA CPU fallback; a TPU VM sets PJRT_DEVICE=TPU.
 PJRT_DEVICE ?= CPU
 PYTEST_ARGS ?=
-# Export tests run file by file on this many pytest-xdist workers: ExecuTorch lowering is
-# minutes of single-threaded Python, so two files lower at once on two cores.
+# Tests run file by file on this many pytest-xdist workers: much of their time is one thread busy
+# (ExecuTorch lowering is minutes of Python), so two files at once use both cores.
 TEST_WORKERS ?= 2
 # make train-tpu: chosen so that on 2 CPU cores through XLA's CPU backend it ends in < 15 min
 # with a sort-tiny that sorts its trained length; on a TPU raise STEPS/BATCH, set MESH.
@@ -144,7 +144,8 @@ test-export: $(STAMP) $(KERNELS) ## tests in the export env (model, export, runt
 		$(PYTEST_ARGS)
 
 test-xla: $(XLA_STAMP) ## tests in the XLA env (model under torch 2.9, XLA compilation)
-	PJRT_DEVICE=$(PJRT_DEVICE) $(VENV_XLA)/bin/python -m pytest -m "not export" --durations=10 \
+	PJRT_DEVICE=$(PJRT_DEVICE) $(VENV_XLA)/bin/python -m pytest -m "not export" -n $(TEST_WORKERS) \
+		--dist loadfile --durations=10 \
 		$(PYTEST_ARGS)
 
 train-tpu: $(XLA_STAMP) ## train through torch_xla (TPU if present, else XLA CPU) → runs/PRESET/final

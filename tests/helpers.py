@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,16 @@ def tiny_config(**overrides: Any) -> BiBoConfig:
     return BiBoConfig(**values)
 
 
+# sort-tiny cut to three layers (one dense, two MoE): every kind of layer the preset has, in half
+# its export time. Briefly trained, it learns the task as well as the preset's six layers (250
+# steps: held-out token accuracy 0.845 vs 0.823, 2026-11-27).
+SHORT_SORT_TINY = {"num_hidden_layers": 3}
+
+
+def short_sort_tiny() -> BiBoConfig:
+    return BiBoConfig.preset("sort-tiny", **SHORT_SORT_TINY)
+
+
 def swiglu_reference(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                      down: torch.Tensor) -> torch.Tensor:
     """One expert on one token, written out with plain matrix-vector products."""
@@ -30,7 +42,7 @@ def swiglu_reference(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
 
 
 def train_sort_tiny(out_dir, steps: int = 250, length: int = 6, lr: float = 3e-3):
-    """Briefly train the sort-tiny preset on the sorting task (eager CPU, seeded) and save it.
+    """Briefly train ``short_sort_tiny`` on the sorting task (eager CPU, seeded) and save it.
 
     Returns (final checkpoint folder, SortingTask). Int8 parity is only meaningful on a model
     that has learned something (DESIGN §7), so the export tests share one such model.
@@ -40,9 +52,14 @@ def train_sort_tiny(out_dir, steps: int = 250, length: int = 6, lr: float = 3e-3
 
     config = TrainConfig(preset="sort-tiny", data=f"sort:{length}", steps=steps, batch_size=32,
                          lr=lr, device="cpu", log_every=50, eval_every=steps,
-                         checkpoint_every=steps)
+                         checkpoint_every=steps, model_overrides=SHORT_SORT_TINY)
     final = train(config, out_dir)
     return final, SortingTask(lengths=(length,), batch_size=32, seed=config.seed)
+
+
+def run_records(run) -> list[dict[str, Any]]:
+    """The records a training run logged to its ``metrics.jsonl``, in order."""
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
 def task_accuracy(runtime, task) -> dict[str, float]:

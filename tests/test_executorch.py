@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import short_sort_tiny, tiny_config
 
 from bibo_export.artifacts import check_manifest
 from bibo_export.config import BiBoConfig
@@ -43,16 +43,15 @@ def export_random(tmp_path_factory, name: str, config: BiBoConfig, experts: str)
 @pytest.fixture(scope="module")
 def sort_tiny_fp32(tmp_path_factory):
     """The default program: the selected experts through BiBo's kernel."""
-    return export_random(tmp_path_factory, "sort-tiny", BiBoConfig.preset("sort-tiny"),
-                         "selected")
+    return export_random(tmp_path_factory, "sort-tiny", short_sort_tiny(), "selected")
 
 
 @pytest.fixture(scope="module")
 def mlp_router_fp32(tmp_path_factory):
-    """The second config (mlp router, other n and k) as the program without the kernel
-    library: all experts fused into XNNPACK linears."""
+    """The second config (mlp router, other n and k, a MoE layer before the dense one) as the
+    program without the kernel library: all experts fused into XNNPACK linears."""
     config = tiny_config(router_type="mlp", num_routed_experts=6, num_experts_per_tok=2,
-                         mlp_only_layers=[2])
+                         num_hidden_layers=2, mlp_only_layers=[1])
     return export_random(tmp_path_factory, "mlp-router", config, "fused")
 
 

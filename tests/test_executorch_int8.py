@@ -45,8 +45,8 @@ def test_int8_is_smaller(trained_int8):
 
 
 def test_int8_delegates_quantized_linears_and_keeps_router_float(trained_int8):
-    _, _, out, record = trained_int8
-    config = BiBoConfig.preset("sort-tiny")
+    checkpoint, _, out, record = trained_int8
+    config = BiBoConfig.from_file(checkpoint / "config.json")
     moe_layers = config.num_hidden_layers - len(config.mlp_only_layers)
     dense_layers = len(config.mlp_only_layers)
     # Every Linear but the router: attention 4, dense SwiGLU 3, the shared expert 3 per MoE

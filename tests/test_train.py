@@ -13,7 +13,7 @@ from bibo_export.train.checkpointing import checkpoint_dirs, load_training_check
 from bibo_export.train.data import make_data_source
 from bibo_export.train.run import RunFolder
 from bibo_export.train.trainer import TrainConfig, evaluate, requested_config, train
-from helpers import tiny_config
+from helpers import run_records, tiny_config
 
 
 @pytest.fixture
@@ -31,8 +31,7 @@ def run_config(model_file, **overrides):
 
 
 def losses(out):
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return {r["step"]: r["loss"] for r in run_records(out) if "loss" in r}
 
 
 def test_resume_continues_exactly(tmp_path, model_file):
@@ -159,8 +158,7 @@ def test_resume_keeps_the_saved_config_and_applies_only_what_was_asked(tmp_path,
 def test_capacity_is_an_execution_option_of_the_run(tmp_path, model_file, capacity_factor, drops):
     out = tmp_path / "run"
     final = train(run_config(model_file, steps=2, capacity_factor=capacity_factor), out)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert any(r.get("drop_rate", 0) > 0 for r in records) == drops
+    assert any(r.get("drop_rate", 0) > 0 for r in run_records(out)) == drops
     assert json.loads((out / "train_config.json").read_text())["capacity_factor"] == capacity_factor
     assert "capacity_factor" not in json.loads((final / "config.json").read_text())
 

@@ -1,0 +1,43 @@
+"""SPMD training through torch_xla on 4 virtual CPU devices: meshes reproduce the single-device
+losses and auxiliary losses."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import run_records, tiny_config
+
+pytestmark = pytest.mark.xla  # collected everywhere, selected only in .venv-xla (make test-xla)
+
+
+def train_subprocess(tmp_path, name, mesh=None):
+    """SPMD must be switched on before any XLA tensor exists, so each run is its own process.
+    The auxiliary balance loss is on: its f and P must cover every device's tokens."""
+    config = tmp_path / "tiny.json"
+    config.write_text(tiny_config(vocab_size=256, max_position_embeddings=64).to_json())
+    out = tmp_path / name
+    args = [sys.executable, "-m", "bibo_export.cli", "train", "--config", str(config),
+            "--data", "sort:4", "--steps", "5", "--batch-size", "8", "--log-every", "1",
+            "--eval-every", "100", "--checkpoint-every", "100", "--set", "aux_loss_coef=0.01",
+            "--out", str(out)]
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"}
+    result = subprocess.run(args + (["--mesh", mesh] if mesh else []), env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [(r["loss"], r["aux_loss"]) for r in run_records(out) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def single_device_losses(tmp_path_factory):
+    return train_subprocess(tmp_path_factory.mktemp("spmd"), "single")
+
+
+@pytest.mark.parametrize("mesh", ["fsdp=4", "data=2,fsdp=2", "fsdp=2,expert=2"])
+def test_spmd_mesh_reproduces_single_device_losses(tmp_path, mesh, single_device_losses):
+    losses = train_subprocess(tmp_path, "mesh", mesh)
+    assert len(losses) == len(single_device_losses) == 5
+    for got, want in zip(losses, single_device_losses):  # (loss, aux_loss) per step
+        assert abs(got[0] - want[0]) <= 1e-4 * abs(want[0]), (mesh, losses, single_device_losses)
+        assert abs(got[1] - want[1]) <= 1e-4 * abs(want[1]), (mesh, losses, single_device_losses)
