@@ -16,7 +16,8 @@ def train_subprocess(tmp_path, name, mesh=None):
     """SPMD must be switched on before any XLA tensor exists, so each run is its own process.
     The auxiliary balance loss is on: its f and P must cover every device's tokens."""
     config = tmp_path / "tiny.json"
-    config.write_text(tiny_config(vocab_size=256, max_position_embeddings=64).to_json())
+    config.write_text(tiny_config(vocab_size=256, max_position_embeddings=64,
+                                  num_hidden_layers=2).to_json())  # one dense, one MoE layer
     out = tmp_path / name
     args = [sys.executable, "-m", "bibo_export.cli", "train", "--config", str(config),
             "--data", "sort:4", "--steps", "5", "--batch-size", "8", "--log-every", "1",
