@@ -1,3 +1,4 @@
+import fcntl
 import importlib.util
 import os
 
@@ -39,7 +40,14 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def trained_sort_tiny(tmp_path_factory):
-    """(checkpoint folder, SortingTask) of a briefly trained sort-tiny, shared by the session."""
+    """(checkpoint folder, SortingTask) of a briefly trained sort-tiny, trained once per test
+    run: pytest-xdist's workers share it through the folder above their own temporary folders,
+    the first to ask training it under a lock while the others wait, then reuse it."""
     from helpers import train_sort_tiny
 
-    return train_sort_tiny(tmp_path_factory.mktemp("trained") / "sort-tiny")
+    shared = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        shared = shared.parent
+    with open(shared / "trained-sort-tiny.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return train_sort_tiny(shared / "trained-sort-tiny")

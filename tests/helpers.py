@@ -42,7 +42,9 @@ def swiglu_reference(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
 
 
 def train_sort_tiny(out_dir, steps: int = 250, length: int = 6, lr: float = 3e-3):
-    """Briefly train ``short_sort_tiny`` on the sorting task (eager CPU, seeded) and save it.
+    """Briefly train ``short_sort_tiny`` on the sorting task (eager CPU, seeded) and save it,
+    unless ``out_dir`` already holds its final checkpoint (complete once its config, written
+    last, is there).
 
     Returns (final checkpoint folder, SortingTask). Int8 parity is only meaningful on a model
     that has learned something (DESIGN §7), so the export tests share one such model.
@@ -53,7 +55,9 @@ def train_sort_tiny(out_dir, steps: int = 250, length: int = 6, lr: float = 3e-3
     config = TrainConfig(preset="sort-tiny", data=f"sort:{length}", steps=steps, batch_size=32,
                          lr=lr, device="cpu", log_every=50, eval_every=steps,
                          checkpoint_every=steps, model_overrides=SHORT_SORT_TINY)
-    final = train(config, out_dir)
+    final = Path(out_dir) / "final"
+    if not (final / "config.json").exists():
+        final = train(config, out_dir)
     return final, SortingTask(lengths=(length,), batch_size=32, seed=config.seed)
 
 
