@@ -14,6 +14,8 @@ PYTEST_ARGS ?=
 # Tests run file by file on this many pytest-xdist workers: much of their time is one thread busy
 # (ExecuTorch lowering is minutes of Python), so two files at once use both cores.
 TEST_WORKERS ?= 2
+# The XLA tests share the workers only on XLA's CPU backend: one process at a time holds a TPU.
+XLA_TEST_WORKERS ?= $(if $(filter CPU,$(PJRT_DEVICE)),$(TEST_WORKERS),0)
 # make train-tpu: chosen so that on 2 CPU cores through XLA's CPU backend it ends in < 15 min
 # with a sort-tiny that sorts its trained length; on a TPU raise STEPS/BATCH, set MESH.
 PRESET ?= sort-tiny
@@ -144,7 +146,7 @@ test-export: $(STAMP) $(KERNELS) ## tests in the export env (model, export, runt
 		$(PYTEST_ARGS)
 
 test-xla: $(XLA_STAMP) ## tests in the XLA env (model under torch 2.9, XLA compilation)
-	PJRT_DEVICE=$(PJRT_DEVICE) $(VENV_XLA)/bin/python -m pytest -m "not export" -n $(TEST_WORKERS) \
+	PJRT_DEVICE=$(PJRT_DEVICE) $(VENV_XLA)/bin/python -m pytest -m "not export" -n $(XLA_TEST_WORKERS) \
 		--dist loadfile --durations=10 \
 		$(PYTEST_ARGS)
 
