@@ -1,7 +1,7 @@
 """ONNX export recipe: transform → export → quantize (int8) → save, run by ``pipeline``.
 
-One graph serves prefill and decode: ``(input_ids [B, T], start_pos [], *cache) → (logits,
-*new cache)``, the KV cache and conv states explicit inputs/outputs of static length
+One graph serves prefill and decode: ``(input_ids [B, T], start_pos [], pad [B], *cache) →
+(logits, *new cache)``, the KV cache and conv states explicit inputs/outputs of static length
 ``max_length``. Experts run under ``torch.cond`` (ONNX ``If``), so a decode step runs only the
 experts some token selected. fp32 and int8 come from one trace.
 
@@ -190,11 +190,11 @@ def gemms_to_matmuls(model: onnx.ModelProto) -> int:
     count = 0
     for graph in subgraphs(model.graph):
         for node in graph.node:
+            if node.op_type != "Gemm" or len(node.input) != 2 or node.input[1] not in weights:
+                continue
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            plain = (attrs.get("alpha", 1.0) == 1.0 and attrs.get("transA", 0) == 0
-                     and attrs.get("transB", 0) == 1)  # beta is unused without a bias input
-            if node.op_type != "Gemm" or len(node.input) != 2 or node.input[1] not in weights \
-                    or not plain:
+            if (attrs.get("alpha", 1.0), attrs.get("transA", 0), attrs.get("transB", 0)) \
+                    != (1.0, 0, 1):  # beta is unused without a bias input
                 continue
             weight = weights.pop(node.input[1])
             name = weight.name.removesuffix(".weight") + ".weight_t"
