@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +16,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bibo_export.cli import main as cli_main
 from bibo_export.config import BiBoConfig
+
+# The command line's processes fork from a server that imported the package once: each still
+# starts clean (a process of its own, its own exit status and file descriptors 1 and 2), without
+# an interpreter start and `import torch` (about 2 s of a core each, over a hundred cases).
+CLI_PROCESSES = multiprocessing.get_context("forkserver")
+CLI_PROCESSES.set_forkserver_preload(["bibo_export.cli", "helpers"])
+CLI_TIMEOUT_S = 600
 
 
 def tiny_config(**overrides: Any) -> BiBoConfig:
@@ -33,6 +46,47 @@ SHORT_SORT_TINY = {"num_hidden_layers": 3}
 
 def short_sort_tiny() -> BiBoConfig:
     return BiBoConfig.preset("sort-tiny", **SHORT_SORT_TINY)
+
+
+def run_cli(*args: Any, fresh_interpreter: bool = False,
+            check: bool = False) -> subprocess.CompletedProcess:
+    """Run ``bibo-export ARGS`` in a new process and capture what it prints (as text); with
+    ``check``, fail the test unless it exits 0.
+
+    ``fresh_interpreter`` runs ``python -m bibo_export.cli`` instead of a forked process: for
+    what happens at import time (libraries that warn when imported) and at interpreter exit."""
+    result = (run_interpreter if fresh_interpreter else run_forked)([str(arg) for arg in args])
+    assert not check or result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def run_interpreter(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bibo_export.cli", *argv],
+                          capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+
+
+def run_forked(argv: list[str]) -> subprocess.CompletedProcess:
+    with tempfile.TemporaryDirectory() as folder:
+        stdout, stderr = Path(folder) / "stdout", Path(folder) / "stderr"
+        process = CLI_PROCESSES.Process(target=cli_process, args=(argv, stdout, stderr))
+        process.start()
+        process.join(CLI_TIMEOUT_S)
+        if process.exitcode is None:
+            process.kill()
+            raise TimeoutError(f"bibo-export {' '.join(argv)} ran over {CLI_TIMEOUT_S} s")
+        return subprocess.CompletedProcess(["bibo-export", *argv], process.exitcode,
+                                           stdout.read_text(), stderr.read_text())
+
+
+def cli_process(argv: list[str], stdout: Path, stderr: Path) -> None:
+    """The forked process of ``run_cli``: what ``python -m bibo_export.cli ARGV`` does, with its
+    output file descriptors sent to files (multiprocessing reports an escaped exception as a
+    traceback on stderr and exit status 1, as the interpreter would)."""
+    for fd, path in ((1, stdout), (2, stderr)):
+        file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(file, fd)
+        os.close(file)
+    sys.exit(cli_main(argv))
 
 
 def swiglu_reference(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,

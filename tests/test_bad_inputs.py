@@ -7,22 +7,16 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import run_cli, tiny_config
 
 from bibo_export.export.onnx import export_onnx
 from bibo_export.model import BiBoForCausalLM
 
 MAX_LENGTH = 32
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bibo_export.cli", *args],
-                          capture_output=True, text=True)
 
 
 def snapshot(path: Path) -> dict[str, str]:
@@ -55,7 +49,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     export_onnx(root / "ckpt", {"fp32": root / "onnx"}, max_length=MAX_LENGTH)
 
     run = root / "run"
-    result = cli("train", "--config", str(root / "model.json"), "--data", "sort:4", "--steps",
+    result = run_cli("train", "--config", str(root / "model.json"), "--data", "sort:4", "--steps",
                  "2", "--batch-size", "4", "--device", "cpu", "--out", str(run),
                  "--checkpoint-every", "1", "--eval-every", "2")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -67,7 +61,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
 
     (root / "corpus").mkdir()
     (root / "corpus" / "a.txt").write_text("a small corpus for bad inputs " * 2000)
-    result = cli("tokenizer", "train", "--data", f"text:{root / 'corpus'}", "--vocab-size",
+    result = run_cli("tokenizer", "train", "--data", f"text:{root / 'corpus'}", "--vocab-size",
                  "300", "--out", str(root / "tokenizer"))
     assert result.returncode == 0, result.stderr[-2000:]
     (root / "bad.json").write_text(json.dumps({"hidden_size": 64, "colour": "red"}))
@@ -217,7 +211,7 @@ def test_bad_input_is_one_line_and_writes_nothing(world, tmp_path, name):
     paths = {key: str(value) for key, value in world.items()} | {"out": str(tmp_path / "out")}
     watched = Path(output.format(**paths)) if output else None
     before = snapshot(watched) if watched else {}
-    result = cli(*(arg.format(**paths) for arg in args))
+    result = run_cli(*(arg.format(**paths) for arg in args))
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0, result.stdout[-2000:]
     assert len(lines) == 1 and message in lines[0], result.stderr[-3000:]
@@ -235,7 +229,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_its_last_good_checkpoint(
     """A learning rate this large turns the weights to inf after one step: the run must stop at
     the step whose loss is not finite, write no final/, and keep the checkpoint before it."""
     out = tmp_path / "run"
-    result = cli(*(arg.format(model=world["model"]) for arg in TRAIN), "--lr", "1e30",
+    result = run_cli(*(arg.format(model=world["model"]) for arg in TRAIN), "--lr", "1e30",
                  "--steps", "4", "--log-every", "1", "--checkpoint-every", "1", "--out", str(out))
     errors = [line for line in result.stderr.splitlines() if "error" in line]  # not the bar
     assert result.returncode != 0

@@ -1,19 +1,12 @@
 """The command line: resolved configs out, one-line errors for bad input."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from bibo_export.model import BiBoForCausalLM
-from helpers import tiny_config
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "bibo_export.cli", *args],
-                          capture_output=True, text=True)
+from helpers import run_cli, tiny_config
 
 
 def test_config_prints_resolved_json():
@@ -31,11 +24,12 @@ def test_info_describes_a_checkpoint(tmp_path):
 
 
 def test_bad_input_is_one_line_and_non_zero(tmp_path):
+    """Through ``python -m bibo_export.cli`` itself, the way the console script runs."""
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"hidden_size": 64, "colour": "red"}))
     for args, message in [(("config", "--config", str(bad)), "unknown BiBoConfig key(s): colour"),
                           (("info", str(tmp_path / "missing")), "checkpoint folder not found")]:
-        result = run_cli(*args)
+        result = run_cli(*args, fresh_interpreter=True)
         assert result.returncode == 2
         assert message in result.stderr
         assert "Traceback" not in result.stderr

@@ -21,7 +21,7 @@ from bibo_export.runtimes.eager import EagerRuntime
 from bibo_export.runtimes.onnx import METADATA_KEY
 from bibo_export.verdict import FP32_MAX_ABS, INT8_BARS, compare_logits, compare_tokens
 from helpers import (check_failed_export_keeps_previous, export_trained, renamed_router_model,
-                     short_sort_tiny, task_accuracy, tiny_config)
+                     run_cli, short_sort_tiny, task_accuracy, tiny_config)
 
 pytestmark = pytest.mark.export
 
@@ -393,15 +393,11 @@ def test_int8_keeps_the_router_float_by_identity(tmp_path):
 
 
 def test_cli_generate_on_an_onnx_folder(fp32_exports, tmp_path):
-    import subprocess
-    import sys
-
     checkpoint, folder = fp32_exports["mlp-router"]
 
     def generate(model):
-        return subprocess.run([sys.executable, "-m", "bibo_export.cli", "generate", "--model",
-                               str(model), "--prompt-ids", "3,1,2,5", "--max-new-tokens", "6"],
-                              capture_output=True, text=True)
+        return run_cli("generate", "--model", model, "--prompt-ids", "3,1,2,5",
+                       "--max-new-tokens", 6)
 
     ok, reference = generate(folder), generate(checkpoint)
     assert ok.returncode == reference.returncode == 0, ok.stderr

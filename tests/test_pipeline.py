@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
-from helpers import tiny_config
+from helpers import run_cli, tiny_config
 
 from bibo_export.artifacts import MANIFEST_FILE, ONNX_DATA_FILE, ONNX_FILE, write_manifest
 from bibo_export.export.onnx import save_model
@@ -26,16 +24,6 @@ EXPORTS = {("onnx", "fp32"): "onnx/fp32", ("onnx", "int8"): "onnx/int8",
            ("executorch", "fp32"): "executorch/fp32", ("executorch", "int8"): "executorch/int8"}
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bibo_export.cli", *args],
-                          capture_output=True, text=True)
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
@@ -43,21 +31,23 @@ def pipeline(tmp_path_factory):
                          num_experts_per_tok=2, max_position_embeddings=MAX_LENGTH)
     (root / "model.json").write_text(config.to_json())
     run, artifacts = root / "run", root / "artifacts"
-    ok(cli("train", "--config", str(root / "model.json"), "--data", "sort:4", "--steps", "8",
-           "--batch-size", "8", "--device", "cpu", "--out", str(run), "--log-every", "2",
-           "--eval-every", "4", "--checkpoint-every", "4"))
+    run_cli("train", "--config", root / "model.json", "--data", "sort:4", "--steps", 8,
+            "--batch-size", 8, "--device", "cpu", "--out", run, "--log-every", 2,
+            "--eval-every", 4, "--checkpoint-every", 4, check=True)
     checkpoint = run / "final"
-    length = ("--max-length", str(MAX_LENGTH))
-    ok(cli("export", "onnx", "--checkpoint", str(checkpoint), *length,  # one trace, two exports
-           "--out", str(artifacts / "onnx/fp32"), "--int8-out", str(artifacts / "onnx/int8")))
+    length = ("--max-length", MAX_LENGTH)
+    run_cli("export", "onnx", "--checkpoint", checkpoint, *length,  # one trace, two exports
+            "--out", artifacts / "onnx/fp32", "--int8-out", artifacts / "onnx/int8", check=True)
     for precision in ("fp32", "int8"):
-        ok(cli("export", "executorch", "--checkpoint", str(checkpoint), *length,
-               "--out", str(artifacts / EXPORTS["executorch", precision]),
-               *(["--int8"] if precision == "int8" else [])))
-    generated = ok(cli("generate", "--model", str(artifacts / EXPORTS["executorch", "int8"]),
-                       "--prompt-ids", "3,1,2,255", "--max-new-tokens", "2"))
-    result = cli("parity", "--checkpoint", str(checkpoint), "--report", str(artifacts),
-                 *(str(artifacts / name) for name in EXPORTS.values()))
+        run_cli("export", "executorch", "--checkpoint", checkpoint, *length,
+                "--out", artifacts / EXPORTS["executorch", precision],
+                *(["--int8"] if precision == "int8" else []), check=True)
+    # A fresh interpreter: the noise to filter comes from imports and from loading a program.
+    generated = run_cli("generate", "--model", artifacts / EXPORTS["executorch", "int8"],
+                        "--prompt-ids", "3,1,2,255", "--max-new-tokens", 2,
+                        fresh_interpreter=True, check=True)
+    result = run_cli("parity", "--checkpoint", checkpoint, "--report", artifacts,
+                     *(artifacts / name for name in EXPORTS.values()))
     return checkpoint, artifacts, result, generated
 
 
@@ -116,11 +106,12 @@ def perturbed_copy(source, destination, scale: float):
 def test_parity_fails_on_a_corrupted_export_and_names_the_bar(pipeline, tmp_path):
     checkpoint, artifacts, _, _ = pipeline
     corrupted = perturbed_copy(artifacts / "onnx/fp32", tmp_path / "corrupted", scale=0.05)
-    result = cli("parity", "--checkpoint", str(checkpoint), "--no-speed", str(corrupted))
+    result = run_cli("parity", "--checkpoint", str(checkpoint), "--no-speed", str(corrupted))
     assert result.returncode == 1
     assert "FAILED onnx fp32" in result.stderr and "max |Δ logits|" in result.stderr
     # The untouched export passes the same command.
-    ok(cli("parity", "--checkpoint", str(checkpoint), "--no-speed", str(artifacts / "onnx/fp32")))
+    run_cli("parity", "--checkpoint", checkpoint, "--no-speed", artifacts / "onnx/fp32",
+            check=True)
 
 
 def test_parity_rejects_a_modified_export_as_one_line(pipeline, tmp_path):
@@ -131,6 +122,6 @@ def test_parity_rejects_a_modified_export_as_one_line(pipeline, tmp_path):
     data = bytearray((damaged / ONNX_DATA_FILE).read_bytes())
     data[len(data) // 2] ^= 0xFF
     (damaged / ONNX_DATA_FILE).write_bytes(bytes(data))
-    result = cli("parity", "--checkpoint", str(checkpoint), str(damaged))
+    result = run_cli("parity", "--checkpoint", str(checkpoint), str(damaged))
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "manifest" in result.stderr

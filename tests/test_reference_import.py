@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +14,11 @@ from safetensors.torch import load_file, save_file
 
 from bibo_export.model import BiBoForCausalLM
 from bibo_export.model.reference import INDEX_FILE, import_reference
+from helpers import run_cli
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference-bibo"
 NAMES = ["mlp_ssmax0", "conv_ssmax0", "mlp_ssmax1", "conv_ssmax1"]
 TOL = 1e-4  # DESIGN §7
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bibo_export.cli", *args],
-                          capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +29,7 @@ def fixtures() -> Path:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_imported_checkpoint_computes_the_originals_logits(fixtures, tmp_path, name):
-    result = cli("import", "reference", str(fixtures / name), "--out", str(tmp_path / name))
+    result = run_cli("import", "reference", str(fixtures / name), "--out", str(tmp_path / name))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"imported {fixtures / name} -> ")
     model = BiBoForCausalLM.from_pretrained(tmp_path / name).eval()
@@ -120,7 +114,7 @@ def test_a_mutated_checkpoint_is_one_line_and_writes_nothing(fixtures, tmp_path,
     source = shutil.copytree(fixtures / "mlp_ssmax0", tmp_path / "source")
     mutate, message = MUTATIONS[mutation]
     mutate(source)
-    result = cli("import", "reference", str(source), "--out", str(tmp_path / "out"))
+    result = run_cli("import", "reference", str(source), "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, \
         result.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from bibo_export.runtimes.eager import EagerRuntime
 from bibo_export.runtimes.llm_runner import TextRunner
 from bibo_export.tokenizer import TextTokenizer
 from bibo_export.train.run import RunFolder
+from helpers import run_cli
 
 pytestmark = pytest.mark.export
 
@@ -37,24 +37,17 @@ MODEL = ("hidden_size=64", "intermediate_size=128", "num_hidden_layers=2",
          "moe_intermediate_size=64", "num_routed_experts=4", "max_position_embeddings=64")
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "bibo_export.cli", *map(str, args)],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory):
     """(run folder, exports by name) of a text-tiny variant trained briefly on the corpus."""
     root = tmp_path_factory.mktemp("text")
-    cli("tokenizer", "train", "--data", f"text:{CORPUS}", "--vocab-size", 512, "--out",
-        root / "tokenizer")
+    run_cli("tokenizer", "train", "--data", f"text:{CORPUS}", "--vocab-size", 512, "--out",
+            root / "tokenizer", check=True)
     overrides = [arg for item in MODEL for arg in ("--set", item)]
-    cli("train", "--preset", "text-tiny", *overrides, "--data", f"text:{CORPUS}", "--tokenizer",
-        root / "tokenizer" / "tokenizer.json", "--device", "cpu", "--steps", 80,
-        "--batch-size", 8, "--sequence-length", 64, "--checkpoint-every", 40, "--out",
-        root / "run")
+    run_cli("train", "--preset", "text-tiny", *overrides, "--data", f"text:{CORPUS}",
+            "--tokenizer", root / "tokenizer" / "tokenizer.json", "--device", "cpu", "--steps", 80,
+            "--batch-size", 8, "--sequence-length", 64, "--checkpoint-every", 40, "--out",
+            root / "run", check=True)
     final = root / "run" / "final"
     exports = {"onnx fp32": root / "onnx-fp32", "executorch fp32": root / "et-fp32",
                "executorch int8": root / "et-int8"}
@@ -102,8 +95,8 @@ def test_generate_prints_the_same_greedy_text_on_every_runtime(text_model):
     expected = json.dumps(PROMPT + eager_greedy_text(run.final), ensure_ascii=False)
     assert len(expected) > len(PROMPT) + 4  # something was generated
     for name, model in [("eager fp32", run.final), *exports.items()]:
-        out = cli("generate", "--model", model, "--prompt", PROMPT, "--max-new-tokens",
-                  NEW_TOKENS).stdout
+        out = run_cli("generate", "--model", model, "--prompt", PROMPT, "--max-new-tokens",
+                      NEW_TOKENS, check=True).stdout
         assert out == f"{name}: {expected}\n", name
 
 

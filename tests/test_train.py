@@ -1,8 +1,6 @@
 """Training on eager CPU: exact resume, crash-safe checkpoints, learning, clear errors."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from bibo_export.train.checkpointing import checkpoint_dirs, load_training_check
 from bibo_export.train.data import make_data_source
 from bibo_export.train.run import RunFolder
 from bibo_export.train.trainer import TrainConfig, evaluate, requested_config, train
-from helpers import run_records, tiny_config
+from helpers import run_cli, run_records, tiny_config
 
 
 @pytest.fixture
@@ -104,11 +102,6 @@ def test_text_and_token_file_sources(tmp_path):
     assert sum(1 for _ in packed.eval_batches()) >= 1
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "bibo_export.cli", "train", *args],
-                          capture_output=True, text=True)
-
-
 @pytest.mark.parametrize("args, message", [
     (["--preset", "huge"], "invalid choice: 'huge'"),
     (["--mesh", "fsdp=two", "--device", "cpu"], "bad mesh spec 'fsdp=two'"),
@@ -116,7 +109,7 @@ def cli(*args):
     (["--resume", "--device", "cpu"], "nothing to resume"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):
-    result = cli("--out", str(tmp_path / "run"), *args)
+    result = run_cli("train", "--out", tmp_path / "run", *args)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
