@@ -255,10 +255,9 @@ def decode_weight_bytes(build: ProgramBuild) -> dict[str, int]:
             # FusedExperts holds its weights in child Linears, the selected forms directly.
             if name in expert_modules or name.rpartition(".")[0] in expert_modules:
                 expert += size
-    moe_layers = len(model.moe_layers)
-    per_expert = expert / (moe_layers * config.num_mlp_experts)
+    # A token reads `chosen` of each MoE layer's equally sized experts (none without MoE layers).
     chosen = min(config.num_experts_per_tok, config.num_mlp_experts)
-    minimum = total - expert + round(moe_layers * chosen * per_expert)
+    minimum = total - expert + round(expert * chosen / config.num_mlp_experts)
     fused = any(isinstance(module, FusedExperts) for module in model.modules())
     return {"touched": total if fused else minimum, "active_minimum": minimum,
             "outside_routed_experts": total - expert}
