@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from bibo_export.cli import main as cli_main
 from bibo_export.config import BiBoConfig
+from bibo_export.model import BiBoForCausalLM
 
 # The command line's processes fork from a server that imported the package once: each still
 # starts clean (a process of its own, its own exit status and file descriptors 1 and 2), without
@@ -150,7 +151,6 @@ def held_out_logits(runtime, task) -> np.ndarray:
 def renamed_router_model(config: BiBoConfig, seed: int = 0):
     """A model whose routers sit under another attribute name (``gating``), reached through a
     property: what an innocent refactor of the MoE could do. Exporters must still find them."""
-    from bibo_export.model import BiBoForCausalLM
     from bibo_export.model.moe import MoE
 
     class RenamedRouterMoE(MoE):
@@ -166,6 +166,13 @@ def renamed_router_model(config: BiBoConfig, seed: int = 0):
     return model
 
 
+def dense_checkpoint(folder: Path) -> Path:
+    """Save the smallest BiBo to ``folder``: one layer, dense (no MoE layer), random weights."""
+    torch.manual_seed(0)
+    BiBoForCausalLM(tiny_config(num_hidden_layers=1, mlp_only_layers=[0])).save_pretrained(folder)
+    return folder
+
+
 def check_failed_export_keeps_previous(export, checkpoint, folder, tmp_path) -> None:
     """Export ``checkpoint`` over a copy of the export ``folder``, verified against a perturbed
     reference: ``export(outs, reference)`` must raise and leave the copy byte for byte as it
@@ -176,7 +183,6 @@ def check_failed_export_keeps_previous(export, checkpoint, folder, tmp_path) -> 
     import pytest
 
     from bibo_export.export.pipeline import ExportVerificationError
-    from bibo_export.model import BiBoForCausalLM
 
     previous = shutil.copytree(folder, tmp_path / "previous")
     before = {p.name: p.read_bytes() for p in previous.iterdir()}
