@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-from executorch.exir import (EdgeProgramManager, ExecutorchBackendConfig,
+from executorch.exir import (EdgeCompileConfig, EdgeProgramManager, ExecutorchBackendConfig,
                              to_edge_transform_and_lower)
 from executorch.exir.dialects.edge._ops import EdgeOpOverload
 from executorch.exir.lowered_backend_module import get_lowered_backend_modules
@@ -119,8 +119,13 @@ class ExecuTorchRecipe(Recipe):
     def lower(self, build: ProgramBuild, metadata: ArtifactMetadata) -> ProgramBuild:
         """Delegate to XNNPACK what it takes; ``metadata`` becomes a constant method."""
         encoded = torch.tensor(list(metadata.to_json().encode()), dtype=torch.uint8)
+        # Without the edge IR verifier, which re-checks every op after each pass: lowering took
+        # 2-18 % less time in five paired runs and wrote byte-identical programs (sort-tiny
+        # variants, fp32 and int8, 2026-11-27), and our verify stage runs each program against
+        # eager before it is published. ExecuTorch's own LLM exporter lowers without it too.
         edge = to_edge_transform_and_lower(
             build.exported, partitioner=[XnnpackPartitioner()],
+            compile_config=EdgeCompileConfig(_check_ir_validity=False),
             constant_methods={METADATA_METHOD: encoded, **runner_metadata(metadata)})
         build.ops = count_ops(edge)
         # XNNPACK's blobs now hold the weights: release the module and the exported program
