@@ -36,12 +36,10 @@ def pipeline(tmp_path_factory):
             "--eval-every", 4, "--checkpoint-every", 4, check=True)
     checkpoint = run / "final"
     length = ("--max-length", MAX_LENGTH)
-    run_cli("export", "onnx", "--checkpoint", checkpoint, *length,  # one trace, two exports
-            "--out", artifacts / "onnx/fp32", "--int8-out", artifacts / "onnx/int8", check=True)
-    for precision in ("fp32", "int8"):
-        run_cli("export", "executorch", "--checkpoint", checkpoint, *length,
-                "--out", artifacts / EXPORTS["executorch", precision],
-                *(["--int8"] if precision == "int8" else []), check=True)
+    for runtime in ("onnx", "executorch"):  # one call, two exports sharing their first stages
+        run_cli("export", runtime, "--checkpoint", checkpoint, *length,
+                "--out", artifacts / EXPORTS[runtime, "fp32"],
+                "--int8-out", artifacts / EXPORTS[runtime, "int8"], check=True)
     # A fresh interpreter: the noise to filter comes from imports and from loading a program.
     generated = run_cli("generate", "--model", artifacts / EXPORTS["executorch", "int8"],
                         "--prompt-ids", "3,1,2,255", "--max-new-tokens", 2,
