@@ -49,10 +49,9 @@ def world(tmp_path_factory) -> dict[str, Path]:
     export_onnx(root / "ckpt", {"fp32": root / "onnx"}, max_length=MAX_LENGTH)
 
     run = root / "run"
-    result = run_cli("train", "--config", str(root / "model.json"), "--data", "sort:4", "--steps",
-                 "2", "--batch-size", "4", "--device", "cpu", "--out", str(run),
-                 "--checkpoint-every", "1", "--eval-every", "2")
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_cli("train", "--config", root / "model.json", "--data", "sort:4", "--steps", 2,
+            "--batch-size", 4, "--device", "cpu", "--out", run, "--checkpoint-every", 1,
+            "--eval-every", 2, check=True)
     hostile = root / "hostile-run"
     subprocess.run(["cp", "-r", str(run), str(hostile)], check=True)
     latest = sorted((hostile / "checkpoints").iterdir())[-1]
@@ -61,9 +60,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
 
     (root / "corpus").mkdir()
     (root / "corpus" / "a.txt").write_text("a small corpus for bad inputs " * 2000)
-    result = run_cli("tokenizer", "train", "--data", f"text:{root / 'corpus'}", "--vocab-size",
-                 "300", "--out", str(root / "tokenizer"))
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_cli("tokenizer", "train", "--data", f"text:{root / 'corpus'}", "--vocab-size", 300,
+            "--out", root / "tokenizer", check=True)
     (root / "bad.json").write_text(json.dumps({"hidden_size": 64, "colour": "red"}))
     (root / "odd.json").write_text(json.dumps({**config.to_dict(), "hidden_size": 250}))
     (root / "notjson.json").write_text("{hidden_size: 64")
@@ -230,7 +228,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_its_last_good_checkpoint(
     the step whose loss is not finite, write no final/, and keep the checkpoint before it."""
     out = tmp_path / "run"
     result = run_cli(*(arg.format(model=world["model"]) for arg in TRAIN), "--lr", "1e30",
-                 "--steps", "4", "--log-every", "1", "--checkpoint-every", "1", "--out", str(out))
+                     "--steps", "4", "--log-every", "1", "--checkpoint-every", "1", "--out", out)
     errors = [line for line in result.stderr.splitlines() if "error" in line]  # not the bar
     assert result.returncode != 0
     assert len(errors) == 1 and "training diverged at step 2" in errors[0], result.stderr[-3000:]

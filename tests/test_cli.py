@@ -24,7 +24,7 @@ def test_info_describes_a_checkpoint(tmp_path):
 
 
 def test_bad_input_is_one_line_and_non_zero(tmp_path):
-    """Through ``python -m bibo_export.cli`` itself, the way the console script runs."""
+    """In a fresh interpreter (``python -m bibo_export.cli``), as a user's command runs."""
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"hidden_size": 64, "colour": "red"}))
     for args, message in [(("config", "--config", str(bad)), "unknown BiBoConfig key(s): colour"),
