@@ -218,7 +218,7 @@ def test_manifest_lists_the_program_with_its_verification(mlp_router_fp32):
 def test_failed_verification_publishes_nothing(mlp_router_fp32, tmp_path, tmp_path_factory):
     """A program whose check against eager fails (a perturbed reference) is not published:
     the export raises, and the previous folder stays byte for byte as it was. The smallest model
-    exports over the mlp-router program: the same stages, lowered in 13 s instead of 22."""
+    exports over the mlp-router program: the same stages in less time."""
     out = mlp_router_fp32[1]
     checkpoint = dense_checkpoint(tmp_path_factory.mktemp("dense"))
     check_failed_export_keeps_previous(
