@@ -49,21 +49,22 @@ def short_sort_tiny() -> BiBoConfig:
     return BiBoConfig.preset("sort-tiny", **SHORT_SORT_TINY)
 
 
-def run_cli(*args: Any, fresh_interpreter: bool = False,
+def run_cli(*args: Any, fresh_interpreter: bool = False, env: dict[str, str] | None = None,
             check: bool = False) -> subprocess.CompletedProcess:
     """Run ``bibo-export ARGS`` in a new process and capture what it prints (as text); with
     ``check``, fail the test unless it exits 0.
 
     ``fresh_interpreter`` runs ``python -m bibo_export.cli`` instead of a forked process: for
-    what happens at import time (libraries that warn when imported) and at interpreter exit."""
-    result = (run_interpreter if fresh_interpreter else run_forked)([str(arg) for arg in args])
+    what happens at import time (libraries that warn when imported) and at interpreter exit,
+    and for an ``env`` (variables read at import time, such as torch_xla's, need one)."""
+    argv = [str(arg) for arg in args]
+    if fresh_interpreter or env is not None:
+        result = subprocess.run([sys.executable, "-m", "bibo_export.cli", *argv], env=env,
+                                capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    else:
+        result = run_forked(argv)
     assert not check or result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def run_interpreter(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bibo_export.cli", *argv],
-                          capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
 
 
 def run_forked(argv: list[str]) -> subprocess.CompletedProcess:
@@ -74,6 +75,7 @@ def run_forked(argv: list[str]) -> subprocess.CompletedProcess:
         process.join(CLI_TIMEOUT_S)
         if process.exitcode is None:
             process.kill()
+            process.join()
             raise TimeoutError(f"bibo-export {' '.join(argv)} ran over {CLI_TIMEOUT_S} s")
         return subprocess.CompletedProcess(["bibo-export", *argv], process.exitcode,
                                            stdout.read_text(), stderr.read_text())
