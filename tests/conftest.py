@@ -1,5 +1,7 @@
+import contextlib
 import fcntl
 import importlib.util
+import json
 import os
 
 # Under pytest-xdist the workers share the cores: give each its share of threads (torch, ORT,
@@ -39,15 +41,48 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def trained_sort_tiny(tmp_path_factory):
+def shared_tmp(tmp_path_factory):
+    """A folder all of the run's pytest-xdist workers see: the one above their own."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
+
+
+@contextlib.contextmanager
+def exclusive(lock_file):
+    """Hold ``lock_file``'s lock: what is made under it is made by one worker, once."""
+    with open(lock_file, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.fixture(scope="session")
+def trained_sort_tiny(shared_tmp):
     """(checkpoint folder, SortingTask) of a briefly trained sort-tiny, trained once per test
-    run: pytest-xdist's workers share it through the folder above their own temporary folders,
-    the first to ask training it under a lock while the others wait, then reuse it."""
+    run: the first worker to ask trains it while the others wait, then they reuse it."""
     from helpers import train_sort_tiny
 
-    shared = tmp_path_factory.getbasetemp()
-    if "PYTEST_XDIST_WORKER" in os.environ:
-        shared = shared.parent
-    with open(shared / "trained-sort-tiny.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return train_sort_tiny(shared / "trained-sort-tiny")
+    with exclusive(shared_tmp / "trained-sort-tiny.lock"):
+        return train_sort_tiny(shared_tmp / "trained-sort-tiny")
+
+
+@pytest.fixture(scope="session")
+def trained_export(trained_sort_tiny, shared_tmp):
+    """``export(runtime, precision)`` → (checkpoint, task, folder, manifest): the trained
+    sort-tiny exported through the command line at ``TRAINED_MAX_LENGTH``, each export made
+    once per test run and shared by every test (and worker) that reads it. Tests copy an export
+    before they change anything in it."""
+    from helpers import TRAINED_MAX_LENGTH, run_cli, trained_export_command
+
+    checkpoint, task = trained_sort_tiny
+    root = shared_tmp / "trained-exports"
+
+    def export(runtime, precision):
+        folder = root / runtime / precision
+        command, args = trained_export_command(runtime, precision, root)
+        with exclusive(shared_tmp / f"trained-export-{command}.lock"):
+            if not (folder / "manifest.json").exists():  # written last, when verified
+                run_cli("export", runtime, "--checkpoint", checkpoint, "--max-length",
+                        TRAINED_MAX_LENGTH, *args, check=True)
+        return checkpoint, task, folder, json.loads((folder / "manifest.json").read_text())
+
+    return export

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,9 @@ def tiny_config(**overrides: Any) -> BiBoConfig:
 # its export time. Briefly trained, it learns the task as well as the preset's six layers (250
 # steps: held-out token accuracy 0.845 vs 0.823, 2026-11-27).
 SHORT_SORT_TINY = {"num_hidden_layers": 3}
+# The maximum length of the trained sort-tiny's exports: a 12-token prompt and 32 generated
+# tokens, with room to spare.
+TRAINED_MAX_LENGTH = 48
 
 
 def short_sort_tiny() -> BiBoConfig:
@@ -98,24 +100,85 @@ def swiglu_reference(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     return down @ (F.silu(gate @ x) * (up @ x))
 
 
-def train_sort_tiny(out_dir, steps: int = 250, length: int = 6, lr: float = 3e-3):
-    """Briefly train ``short_sort_tiny`` on the sorting task (eager CPU, seeded) and save it,
-    unless ``out_dir`` already holds its final checkpoint (complete once its config, written
-    last, is there).
+def train_sort_tiny(out_dir: Path, steps: int = 250, length: int = 6, lr: float = 3e-3):
+    """Briefly train the 3-layer sort-tiny on the sorting task through the command line (eager
+    CPU, seeded), unless ``out_dir`` already holds its final checkpoint (complete once its
+    config, written last, is there).
 
     Returns (final checkpoint folder, SortingTask). Int8 parity is only meaningful on a model
     that has learned something (DESIGN §7), so the export tests share one such model.
     """
     from bibo_export.tasks.sorting import SortingTask
-    from bibo_export.train.trainer import TrainConfig, train  # torch_xla-free, but heavier
+    from bibo_export.train.trainer import TrainConfig  # torch_xla-free, but heavier
 
-    config = TrainConfig(preset="sort-tiny", data=f"sort:{length}", steps=steps, batch_size=32,
-                         lr=lr, device="cpu", log_every=50, eval_every=steps,
-                         checkpoint_every=steps, model_overrides=SHORT_SORT_TINY)
-    final = Path(out_dir) / "final"
+    final = out_dir / "final"
     if not (final / "config.json").exists():
-        final = train(config, out_dir)
-    return final, SortingTask(lengths=(length,), batch_size=32, seed=config.seed)
+        overrides = [arg for key, value in SHORT_SORT_TINY.items()
+                     for arg in ("--set", f"{key}={value}")]
+        run_cli("train", "--preset", "sort-tiny", *overrides, "--data", f"sort:{length}",
+                "--steps", steps, "--batch-size", 32, "--lr", lr, "--device", "cpu",
+                "--log-every", 50, "--eval-every", steps, "--checkpoint-every", steps,
+                "--out", out_dir, check=True)
+    return final, SortingTask(lengths=(length,), batch_size=32, seed=TrainConfig.seed)
+
+
+def trained_export_command(runtime: str, precision: str, root: Path) -> tuple[str, list[Any]]:
+    """How the trained sort-tiny's ``runtime`` / ``precision`` export is made: (the name of the
+    command that makes it, the arguments of ``bibo-export export RUNTIME`` that follow the
+    checkpoint). ONNX writes fp32 and int8 in one command, which traces once; ExecuTorch lowers
+    each precision in a command of its own, so that two workers can lower two at once."""
+    if runtime == "onnx":
+        return "onnx", ["--out", root / "onnx" / "fp32", "--int8-out", root / "onnx" / "int8"]
+    flags = {"fp32": [], "int8": ["--int8"], "bf16": ["--dtype", "bf16"]}[precision]
+    return f"{runtime}-{precision}", [*flags, "--out", root / runtime / precision]
+
+
+# Two correct fp32 programs differ in the last bits (about 1e-6 of the logits), so where a
+# token's k-th and (k+1)-th selection scores are closer than that they may choose different
+# experts: an unbounded difference that says nothing about either. Parity prompts keep clear.
+ROUTING_TIE = 1e-5
+
+
+def routing_margin(model: BiBoForCausalLM, ids: np.ndarray) -> float:
+    """The smallest gap between the k-th and the (k+1)-th selection score (z̃ + b) of any token
+    of ``ids`` [B, T] in any MoE layer of ``model`` (inf where k = n)."""
+    from bibo_export.model.moe import normalize_logits
+
+    config, gaps = model.config, [float("inf")]
+
+    def measure(moe):
+        def hook(_router, _inputs, output):
+            scores = normalize_logits(output[0], config.router_lambda) + moe.expert_bias
+            scores = scores.reshape(-1, scores.shape[-1])
+            if scores.shape[-1] > config.num_experts_per_tok:
+                top = scores.topk(config.num_experts_per_tok + 1, dim=-1).values
+                gaps.append(float((top[:, -2] - top[:, -1]).min()))
+        return hook
+
+    handles = [moe.router.register_forward_hook(measure(moe)) for moe in model.moe_layers]
+    try:
+        with torch.no_grad():
+            model(torch.from_numpy(ids))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return min(gaps)
+
+
+def untied_prompt(model: BiBoForCausalLM, length: int, seed: int, new_tokens: int = 0,
+                  batch: int = 1) -> np.ndarray:
+    """Seeded random token ids [batch, length], drawn again until neither the prompt nor its
+    greedy continuation of ``new_tokens`` (what a parity test compares) has a token within
+    ``ROUTING_TIE`` of a routing tie under ``model``."""
+    from bibo_export.runtimes.eager import EagerRuntime
+
+    rng, eager = np.random.default_rng(seed), EagerRuntime(model)
+    for _ in range(20):
+        ids = rng.integers(0, model.config.vocab_size, (batch, length))
+        sequence = eager.generate(ids, new_tokens) if new_tokens else ids
+        if routing_margin(model, sequence) >= ROUTING_TIE:
+            return ids
+    raise AssertionError(f"20 random prompts of seed {seed} all sit on a routing tie")
 
 
 def run_records(run) -> list[dict[str, Any]]:
@@ -129,16 +192,6 @@ def task_accuracy(runtime, task) -> dict[str, float]:
 
     whole = any_batch(runtime)
     return task.accuracy([whole.logits(ids).argmax(-1) for ids, _ in task.held_out()])
-
-
-def export_trained(export: Callable, trained, precision: str, tmp_path_factory,
-                   max_length: int) -> tuple:
-    """Export the session's trained sort-tiny (``trained_sort_tiny``) at one precision with
-    ``export`` (``export_onnx`` or ``export_executorch``): (checkpoint, task, folder, manifest)."""
-    checkpoint, task = trained
-    out = tmp_path_factory.mktemp(f"trained-{precision}") / precision
-    manifest = export(checkpoint, {precision: out}, max_length=max_length)[precision]
-    return checkpoint, task, out, manifest
 
 
 def held_out_logits(runtime, task) -> np.ndarray:

@@ -1,8 +1,8 @@
 """ExecuTorch export, fp32: parity against eager (DESIGN §7), cache resets, errors.
 
-Each program is exported once per module (fixtures); exports are slow, tests are not. The int8
-program of a trained model is in test_executorch_int8.py, so the two lowerings can run on
-different pytest-xdist workers.
+Each program is exported once (fixtures); exports are slow, tests are not. The trained
+sort-tiny's program is the session's (``trained_export``), shared with the pipeline test; its
+int8 program is tested in test_executorch_int8.py.
 """
 
 from __future__ import annotations
@@ -21,41 +21,41 @@ from bibo_export.runtimes import load
 from bibo_export.runtimes.base import RowByRow
 from bibo_export.runtimes.eager import EagerRuntime
 from bibo_export.verdict import FP32_MAX_ABS, compare_logits
-from helpers import (check_failed_export_keeps_previous, dense_checkpoint, renamed_router_model,
-                     short_sort_tiny, tiny_config)
+from helpers import (TRAINED_MAX_LENGTH, check_failed_export_keeps_previous, dense_checkpoint,
+                     renamed_router_model, tiny_config, untied_prompt)
 
 pytestmark = pytest.mark.export
 
-MAX_LENGTH = 48  # a 12-token prompt + 32 generated tokens, with room to spare
+MAX_LENGTH = TRAINED_MAX_LENGTH  # the trained program's, and the random one's
 NEW_TOKENS = 32
 
 
-def export_random(tmp_path_factory, name: str, config: BiBoConfig, experts: str):
-    torch.manual_seed(0)
-    checkpoint = tmp_path_factory.mktemp(name) / "checkpoint"
-    BiBoForCausalLM(config).save_pretrained(checkpoint)
-    out = checkpoint.parent / "fp32"
-    manifest = et_export.export_executorch(checkpoint, {"fp32": out}, max_length=MAX_LENGTH,
-                                           experts=experts)
-    return checkpoint, out, manifest["fp32"]
-
-
 @pytest.fixture(scope="module")
-def sort_tiny_fp32(tmp_path_factory):
-    """The default program: the selected experts through BiBo's kernel."""
-    return export_random(tmp_path_factory, "sort-tiny", short_sort_tiny(), "selected")
+def sort_tiny_fp32(trained_export):
+    """The default program (the selected experts through BiBo's kernel) of the session's trained
+    sort-tiny: (checkpoint, folder, manifest)."""
+    checkpoint, _, folder, manifest = trained_export("executorch", "fp32")
+    return checkpoint, folder, manifest
 
 
 @pytest.fixture(scope="module")
 def mlp_router_fp32(tmp_path_factory):
-    """The second config (mlp router, other n and k, a MoE layer before the dense one) as the
-    program without the kernel library: all experts fused into XNNPACK linears."""
+    """A random second config (mlp router, other n and k, a MoE layer before the dense one) as
+    the program without the kernel library: all experts fused into XNNPACK linears."""
     config = tiny_config(router_type="mlp", num_routed_experts=6, num_experts_per_tok=2,
                          num_hidden_layers=2, mlp_only_layers=[1])
-    return export_random(tmp_path_factory, "mlp-router", config, "fused")
+    torch.manual_seed(0)
+    checkpoint = tmp_path_factory.mktemp("mlp-router") / "checkpoint"
+    BiBoForCausalLM(config).save_pretrained(checkpoint)
+    out = checkpoint.parent / "fp32"
+    manifest = et_export.export_executorch(checkpoint, {"fp32": out}, max_length=MAX_LENGTH,
+                                           experts="fused")
+    return checkpoint, out, manifest["fp32"]
 
 
-def prompt(vocab_size: int, length: int = 12, seed: int = 1) -> np.ndarray:
+def prompt(vocab_size: int, length: int, seed: int) -> np.ndarray:
+    """Seeded random token ids [1, length], for what is not compared with eager (``untied_prompt``
+    is)."""
     return np.random.default_rng(seed).integers(0, vocab_size, (1, length))
 
 
@@ -64,7 +64,7 @@ def prompt(vocab_size: int, length: int = 12, seed: int = 1) -> np.ndarray:
 def test_fp32_logits_and_greedy_tokens_match_eager(exported, request):
     checkpoint, out, _ = request.getfixturevalue(exported)
     runtime, eager = load(out), EagerRuntime.from_path(checkpoint)
-    ids = prompt(runtime.config.vocab_size)
+    ids = untied_prompt(eager.model, 12, seed=1, new_tokens=NEW_TOKENS)
     delta = compare_logits(runtime.logits(ids), eager.logits(ids))
     assert delta["max_abs"] <= FP32_MAX_ABS["executorch"]
     np.testing.assert_array_equal(runtime.generate(ids, NEW_TOKENS),
@@ -102,7 +102,7 @@ def test_a_decode_step_reads_only_the_chosen_experts(sort_tiny_fp32):
     experts that eager routing chose for that token, and its logits meet the fp32 bar."""
     checkpoint, out, _ = sort_tiny_fp32
     program, eager = load(out), BiBoForCausalLM.from_pretrained(checkpoint).inference_copy()
-    ids = prompt(eager.config.vocab_size, 13)
+    ids = untied_prompt(eager, 13, seed=1)
     cache = eager.new_cache(1, MAX_LENGTH)
     with torch.no_grad():
         cache = eager(torch.from_numpy(ids[:, :-1]), cache=cache, start_pos=0).cache
@@ -125,7 +125,7 @@ def test_decode_steps_match_full_forward(sort_tiny_fp32):
     checkpoint, out, _ = sort_tiny_fp32
     runtime = load(out)
     model = BiBoForCausalLM.from_pretrained(checkpoint).inference_copy()
-    ids = prompt(runtime.config.vocab_size, length=8)
+    ids = untied_prompt(model, 8, seed=1, new_tokens=8)
     tokens = runtime.generate(ids, 8)
     with torch.no_grad():
         full = model(torch.from_numpy(tokens)).logits.numpy()
@@ -139,7 +139,7 @@ def test_a_prompt_that_fills_the_cache(sort_tiny_fp32):
     """A max_length - 2 token prefill and a decode step at the last cached position."""
     checkpoint, out, _ = sort_tiny_fp32
     runtime, eager = load(out), EagerRuntime.from_path(checkpoint)
-    ids = prompt(runtime.config.vocab_size, length=MAX_LENGTH - 2, seed=4)
+    ids = untied_prompt(eager.model, MAX_LENGTH - 2, seed=4, new_tokens=2)
     delta = compare_logits(runtime.logits(ids), eager.logits(ids))
     assert delta["max_abs"] <= FP32_MAX_ABS["executorch"]
     np.testing.assert_array_equal(runtime.generate(ids, 2), eager.generate(ids, 2))
@@ -161,7 +161,7 @@ def test_prompts_of_different_lengths_run_row_by_row(sort_tiny_fp32):
     each row generates what eager generates for that prompt alone."""
     checkpoint, out, _ = sort_tiny_fp32
     runtime, eager = RowByRow(load(out)), EagerRuntime.from_path(checkpoint)
-    prompts = [prompt(256, n, seed=n)[0] for n in (1, 7, 16)]
+    prompts = [untied_prompt(eager.model, n, seed=n, new_tokens=8)[0] for n in (1, 7, 16)]
     for got, want in zip(runtime.generate(prompts, 8), eager.generate(prompts, 8)):
         np.testing.assert_array_equal(got, want)
 

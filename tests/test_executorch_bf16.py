@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from bibo_export.export.executorch import export_executorch
 from bibo_export.runtimes import load
 from bibo_export.runtimes.eager import EagerRuntime
 from bibo_export.verdict import BF16_BARS, compare_logits, judge
-from helpers import export_trained, held_out_logits
+from helpers import held_out_logits
 
 pytestmark = pytest.mark.export
 
-MAX_LENGTH = 48
-
 
 @pytest.fixture(scope="module")
-def bf16_export(trained_sort_tiny, tmp_path_factory):
-    return export_trained(export_executorch, trained_sort_tiny, "bf16", tmp_path_factory,
-                          MAX_LENGTH)
+def bf16_export(trained_export):
+    return trained_export("executorch", "bf16")
 
 
 def test_bf16_meets_its_bars_against_eager_fp32(bf16_export):

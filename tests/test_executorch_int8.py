@@ -5,23 +5,19 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import export_trained, held_out_logits, task_accuracy
+from helpers import held_out_logits, task_accuracy
 
 from bibo_export.config import BiBoConfig
-from bibo_export.export import executorch as et_export
 from bibo_export.runtimes import load
 from bibo_export.runtimes.eager import EagerRuntime
 from bibo_export.verdict import INT8_BARS, compare_logits
 
 pytestmark = pytest.mark.export
 
-MAX_LENGTH = 48
-
 
 @pytest.fixture(scope="module")
-def trained_int8(trained_sort_tiny, tmp_path_factory):
-    return export_trained(et_export.export_executorch, trained_sort_tiny, "int8",
-                          tmp_path_factory, MAX_LENGTH)
+def trained_int8(trained_export):
+    return trained_export("executorch", "int8")
 
 
 def test_int8_parity_on_trained_model(trained_int8):

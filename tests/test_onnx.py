@@ -20,8 +20,9 @@ from bibo_export.runtimes import load
 from bibo_export.runtimes.eager import EagerRuntime
 from bibo_export.runtimes.onnx import METADATA_KEY
 from bibo_export.verdict import FP32_MAX_ABS, INT8_BARS, compare_logits, compare_tokens
-from helpers import (check_failed_export_keeps_previous, dense_checkpoint, export_trained,
-                     renamed_router_model, run_cli, short_sort_tiny, task_accuracy, tiny_config)
+from helpers import (TRAINED_MAX_LENGTH, check_failed_export_keeps_previous, dense_checkpoint,
+                     renamed_router_model, run_cli, task_accuracy, tiny_config,
+                     untied_prompt)
 
 pytestmark = pytest.mark.export
 
@@ -46,25 +47,42 @@ def save_random(path, config: BiBoConfig, seed: int):
 
 
 @pytest.fixture(scope="module")
-def fp32_exports(tmp_path_factory):
-    """fp32 exports of a random-init (short) sort-tiny and of a small config with other choices
-    (mlp router, n=6, k=2, K=2): {name: (checkpoint, export folder)}."""
-    root = tmp_path_factory.mktemp("onnx-fp32")
-    configs = {"sort-tiny": short_sort_tiny(),
-               "mlp-router": tiny_config(router_type="mlp", num_routed_experts=6,
-                                         num_experts_per_tok=2, kernel_size=2,
-                                         num_hidden_layers=2, mlp_only_layers=[1])}
-    exports = {}
-    for seed, (name, config) in enumerate(configs.items()):
-        checkpoint = save_random(root / f"{name}-ckpt", config, seed)
-        export_onnx(checkpoint, {"fp32": root / name}, max_length=MAX_LENGTH)
-        exports[name] = (checkpoint, root / name)
-    return exports
+def mlp_router(tmp_path_factory):
+    """A random small config with other choices (mlp router, n=6, k=2, K=2, experts of width
+    24), exported to fp32 and int8 from one trace: (checkpoint, {precision: folder})."""
+    root = tmp_path_factory.mktemp("mlp-router")
+    config = tiny_config(router_type="mlp", num_routed_experts=6, num_experts_per_tok=2,
+                         kernel_size=2, num_hidden_layers=2, mlp_only_layers=[1])
+    checkpoint = save_random(root / "checkpoint", config, seed=1)
+    folders = {precision: root / precision for precision in ("fp32", "int8")}
+    export_onnx(checkpoint, folders, max_length=MAX_LENGTH)
+    return checkpoint, folders
 
 
 @pytest.fixture(scope="module")
-def int8_export(trained_sort_tiny, tmp_path_factory):
-    return export_trained(export_onnx, trained_sort_tiny, "int8", tmp_path_factory, MAX_LENGTH)
+def fp32_exports(trained_export, mlp_router):
+    """fp32 exports of the session's trained sort-tiny and of the mlp-router config:
+    {name: (checkpoint, export folder)}."""
+    checkpoint, _, folder, _ = trained_export("onnx", "fp32")
+    return {"sort-tiny": (checkpoint, folder),
+            "mlp-router": (mlp_router[0], mlp_router[1]["fp32"])}
+
+
+@pytest.fixture(scope="module")
+def int8_export(trained_export):
+    return trained_export("onnx", "int8")
+
+
+@pytest.fixture(scope="module")
+def renamed_router_int8(tmp_path_factory):
+    """An int8 export of a model object whose routers were renamed (``renamed_router_model``):
+    (the model, its weights and module types before the export, the folder, the manifest)."""
+    model = renamed_router_model(tiny_config(router_type="mlp", num_hidden_layers=2))
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    kinds = [type(module) for module in model.modules()]
+    folder = tmp_path_factory.mktemp("renamed-router") / "int8"
+    manifest = export_onnx(model, {"int8": folder}, max_length=MAX_LENGTH)["int8"]
+    return model, before, kinds, folder, manifest
 
 
 # ------------------------------------------------------------------------------ fp32 parity
@@ -72,12 +90,11 @@ def int8_export(trained_sort_tiny, tmp_path_factory):
 def test_fp32_logits_and_greedy_generation_match_eager(fp32_exports, name):
     checkpoint, folder = fp32_exports[name]
     onnx_rt, eager = load(folder), load(checkpoint)
-    vocab = eager.config.vocab_size
-    prompts = np.random.default_rng(1).integers(0, vocab, (3, 24), dtype=np.int64)
+    prompts = untied_prompt(eager.model, 24, seed=1, batch=3)
     logits = compare_logits(onnx_rt.logits(prompts), eager.logits(prompts))
     assert logits["max_abs"] <= FP32_MAX_ABS["onnx"], logits
-    generation = compare_tokens(onnx_rt.generate(prompts[:, :8], 32),
-                                eager.generate(prompts[:, :8], 32))
+    starts = untied_prompt(eager.model, 8, seed=2, new_tokens=32, batch=3)
+    generation = compare_tokens(onnx_rt.generate(starts, 32), eager.generate(starts, 32))
     assert generation["greedy_match"], generation
 
 
@@ -92,7 +109,7 @@ def test_export_folder_is_complete_and_described(fp32_exports):
     props = {p.key: p.value for p in model.metadata_props}
     metadata = ArtifactMetadata.from_json(props[METADATA_KEY], folder)
     assert metadata.config == BiBoForCausalLM.from_pretrained(checkpoint).config
-    assert (metadata.max_length, metadata.precision) == (MAX_LENGTH, "fp32")
+    assert (metadata.max_length, metadata.precision) == (TRAINED_MAX_LENGTH, "fp32")
     names = [i.name for i in model.graph.input]
     assert names[:2] == ["input_ids", "start_pos"] and "layers.1.router_conv" in names
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -120,8 +137,7 @@ def test_prompts_of_different_lengths_in_one_batch(fp32_exports):
     alone, and its logits match the prompt's own to the ONNX fp32 bar."""
     checkpoint, folder = fp32_exports["sort-tiny"]
     onnx_rt, eager = load(folder), load(checkpoint)
-    rng = np.random.default_rng(3)
-    prompts = [rng.integers(0, 255, n) for n in (1, 7, 16)]
+    prompts = [untied_prompt(eager.model, n, seed=3 + n, new_tokens=8)[0] for n in (1, 7, 16)]
     alone_tokens = [eager.generate(p[None], 8)[0] for p in prompts]
     alone_logits = [eager.logits(p[None])[0] for p in prompts]
     padded = np.stack([np.concatenate([np.full(16 - len(p), 7), p]) for p in prompts])
@@ -238,13 +254,14 @@ def check_expert_weights(node: onnx.NodeProto, arrays: dict[str, np.ndarray], ex
         assert (np.abs(got - want.detach().numpy()) <= 1.0001 * step).all()
 
 
-def test_int8_experts_qmoe_cannot_block_keep_their_if_nodes(fp32_exports, tmp_path):
+def test_int8_experts_qmoe_cannot_block_keep_their_if_nodes(mlp_router):
     """Experts of width 24 fit no QMoE block (a power of two ≥ 16): they stay one If per expert
     with MatMulNBits inside, and the export verifies."""
-    checkpoint, _ = fp32_exports["mlp-router"]
-    manifest = export_onnx(checkpoint, {"int8": tmp_path / "int8"}, max_length=MAX_LENGTH)["int8"]
+    checkpoint, folders = mlp_router
+    manifest = json.loads((folders["int8"] / "manifest.json").read_text())
     assert manifest["quantization"]["qmoe_experts"] == []
-    model = onnx.load(tmp_path / "int8" / "model.onnx", load_external_data=False)
+    assert manifest["verification"]["passed"]
+    model = onnx.load(folders["int8"] / "model.onnx", load_external_data=False)
     config = BiBoForCausalLM.from_pretrained(checkpoint).config
     ifs = [n for n in model.graph.node if n.op_type == "If"]
     moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
@@ -301,7 +318,7 @@ def test_int8_holds_no_float_embedding_table(int8_export):
 
 def test_int8_files_are_at_most_035_of_fp32(int8_export, fp32_exports):
     _, _, folder, manifest = int8_export
-    fp32_folder = fp32_exports["sort-tiny"][1]  # same architecture, random weights
+    fp32_folder = fp32_exports["sort-tiny"][1]  # the same model in fp32
     size = lambda f: sum(p.stat().st_size for p in f.iterdir() if p.name.startswith("model"))
     assert size(folder) <= 0.35 * size(fp32_folder), (size(folder), size(fp32_folder))
 
@@ -311,7 +328,7 @@ def test_int8_files_are_at_most_035_of_fp32(int8_export, fp32_exports):
     (np.array([[1, 256]]), 0, "outside the vocabulary"),
     (np.array([[-1, 2]]), 0, "outside the vocabulary"),
     (np.zeros((1, 0), np.int64), 0, "empty"),
-    (np.ones((1, 60), np.int64), 10, "exceeds the maximum length 64"),
+    (np.ones((1, 40), np.int64), 10, f"exceeds the maximum length {TRAINED_MAX_LENGTH}"),
     (np.array([1, 2, 3]), 0, "shape"),
     (np.array([[1.0, 2.0]]), 0, "integers"),
     (5, 0, "numpy array"),
@@ -346,18 +363,15 @@ def test_damaged_export_is_reported(fp32_exports, tmp_path, damage, message):
     assert "\n" not in str(err.value)
 
 
-def test_exporting_a_model_object_leaves_it_untouched(tmp_path):
+def test_exporting_a_model_object_leaves_it_untouched(renamed_router_int8):
     """The pipeline transforms its own copy in place: the caller's model keeps its modules
     and weights, and the export computes what it computes."""
-    torch.manual_seed(0)
-    model = BiBoForCausalLM(tiny_config(num_hidden_layers=2)).eval()
-    before = {name: value.clone() for name, value in model.state_dict().items()}
-    kinds = [type(module) for module in model.modules()]
-    export_onnx(model, {"fp32": tmp_path / "fp32"}, max_length=16)
+    model, before, kinds, _, manifest = renamed_router_int8
     assert [type(module) for module in model.modules()] == kinds
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[name], value) for name, value in before.items())
+    assert manifest["verification"]["passed"]
 
 
 def test_export_rejects_bad_arguments(tmp_path, fp32_exports):
@@ -382,13 +396,12 @@ def test_failed_verification_publishes_nothing(fp32_exports, tmp_path, tmp_path_
         checkpoint, folder, tmp_path)
 
 
-def test_int8_keeps_the_router_float_by_identity(tmp_path):
+def test_int8_keeps_the_router_float_by_identity(renamed_router_int8):
     """Renamed and reached through a property, the router is still found (by its type) and
     kept float: the int8 graph reads its weight in a float MatMul."""
-    model = renamed_router_model(tiny_config(router_type="mlp", num_hidden_layers=2))
-    manifest = export_onnx(model, {"int8": tmp_path / "int8"}, max_length=MAX_LENGTH)["int8"]
+    _, _, _, folder, manifest = renamed_router_int8
     assert manifest["quantization"]["float_router_nodes"]
-    graph = onnx.load(tmp_path / "int8" / "model.onnx", load_external_data=False).graph
+    graph = onnx.load(folder / "model.onnx", load_external_data=False).graph
     gating = [n for n in graph.node if any(".gating." in name for name in n.input)]
     assert gating and all(n.op_type == "MatMul" for n in gating), [n.op_type for n in gating]
     assert not [i.name for i in graph.initializer if ".gating." in i.name and "quantized" in i.name]
