@@ -47,10 +47,6 @@ SHORT_SORT_TINY = {"num_hidden_layers": 3}
 TRAINED_MAX_LENGTH = 48
 
 
-def short_sort_tiny() -> BiBoConfig:
-    return BiBoConfig.preset("sort-tiny", **SHORT_SORT_TINY)
-
-
 def run_cli(*args: Any, fresh_interpreter: bool = False, env: dict[str, str] | None = None,
             check: bool = False) -> subprocess.CompletedProcess:
     """Run ``bibo-export ARGS`` in a new process and capture what it prints (as text); with

@@ -25,11 +25,11 @@ EXPORTS = [("onnx", "fp32"), ("onnx", "int8"), ("executorch", "fp32"), ("executo
 
 
 @pytest.fixture(scope="module")
-def pipeline(trained_export, tmp_path_factory):
+def pipeline(trained_sort_tiny, trained_export, tmp_path_factory):
     """(checkpoint, {(runtime, precision): export folder}, parity's result and report folder,
     generate's result)."""
+    checkpoint = trained_sort_tiny[0]
     folders = {key: trained_export(*key)[2] for key in EXPORTS}
-    checkpoint = trained_export(*EXPORTS[0])[0]
     # A fresh interpreter: the noise to filter comes from imports and from loading a program.
     generated = run_cli("generate", "--model", folders["executorch", "int8"],
                         "--prompt-ids", "3,1,2,255", "--max-new-tokens", 2,
