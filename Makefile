@@ -212,7 +212,7 @@ bench-train: $(STAMP) $(XLA_STAMP) ## train-step tokens/s, static vs dynamic dis
 	@if $(VENV)/bin/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 		for shape in "bench 16x512" "reference 4x1024" "reference 8x2048"; do set -- $$shape; \
 			$(VENV)/bin/python -m bench.train --backend cuda --presets $$1 --shapes $$2 \
-				--steps $(CUDA_BENCH_STEPS) --dispatches index \
+				--steps $(CUDA_BENCH_STEPS) --dispatches index grouped \
 				--compile-modes default reduce-overhead || exit 1; done; \
 	else echo "bench-train: no CUDA device, CUDA rows skipped"; fi
 

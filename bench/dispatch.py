@@ -3,8 +3,9 @@
     python -m bench.dispatch --backend eager   # eager CPU, S = 256, 1024, 4096
     python -m bench.dispatch --backend xla     # XLA (CPU backend here), per-step time, compiles
 
-Formulations: index and einsum (capacity_factor 1.25), dense (every expert on every token) and
-the reference-style dynamic loop (bench.baselines), the baseline of every ratio.
+Formulations: index and einsum (capacity_factor 1.25), grouped (dropless grouped matmuls; eager
+only), dense (every expert on every token) and the reference-style dynamic loop
+(bench.baselines), the baseline of every ratio.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from bibo_export.config import BiBoConfig, ExecutionOptions
 from bibo_export.model.moe import MoE
 from bibo_export.timing import median_seconds
 
-FORMULATIONS = ("loop", "index", "einsum", "dense")
+FORMULATIONS = ("loop", "index", "einsum", "grouped", "dense")
+# torch_xla 2.9 segfaults on torch._grouped_mm.
+XLA_FORMULATIONS = tuple(f for f in FORMULATIONS if f != "grouped")
 CAPACITY_FACTOR = 1.25
 
 
@@ -68,7 +71,7 @@ def run_xla(tokens: int, steps: int) -> list[dict]:
     device = torch_xla.device()
     backend = f"xla-{xr.device_type().lower()}"
     rows, baseline = [], None
-    for formulation in FORMULATIONS:
+    for formulation in XLA_FORMULATIONS:
         layer = make_layer(formulation, device)
         met.clear_all()
         times, compiles = [], []

@@ -5,8 +5,9 @@
     python -m bench.train --backend cuda    # torch.compile + bf16 autocast on a CUDA GPU
 
 Each row: median step time after warm-up, tokens/s, the time of the first (compiling) steps and
-XLA compilations, for `index` dispatch (capacity 1.25) and for the reference-style dynamic loop
-(bench.baselines), whose routing-dependent shapes recompile on XLA. CUDA rows add the model
+XLA compilations, for `index` dispatch (capacity 1.25), for `grouped` (dropless grouped matmuls;
+CUDA and eager CPU) and for the reference-style dynamic loop (bench.baselines), whose
+routing-dependent shapes recompile on XLA. CUDA rows add the model
 FLOP utilisation (``train_flops_per_token``), peak memory and torch.compile's graph count.
 """
 
@@ -87,8 +88,11 @@ def finish(backend: Backend) -> None:
 
 def build_step(preset: str, dispatch: str, backend: Backend) -> tuple[TrainStep, BiBoConfig]:
     torch.manual_seed(0)
+    # index: capacity 1.25 (the training default); grouped never drops.
+    execution = (ExecutionOptions(dispatch="grouped") if dispatch == "grouped"
+                 else ExecutionOptions(capacity_factor=1.25))
     with torch.device("cuda" if backend.device.type == "cuda" else "cpu"):
-        model = BiBoForCausalLM(BiBoConfig.preset(preset), ExecutionOptions(capacity_factor=1.25))
+        model = BiBoForCausalLM(BiBoConfig.preset(preset), execution)
     if dispatch == "loop":
         for moe in model.moe_layers:
             moe.experts.__class__ = LoopExperts  # same weights, reference-style dispatch
@@ -171,12 +175,13 @@ def main() -> None:
                         help="steps for the loop baseline (default --steps); on XLA each of its "
                              "steps recompiles, so more steps only repeat the same cost")
     parser.add_argument("--dispatches", nargs="+", default=["loop", "index"],
-                        choices=["loop", "index"],
+                        choices=["loop", "index", "grouped"],
                         help="loop: the dynamic baseline (on XLA it recompiles every step; on "
-                             "CUDA it runs uncompiled)")
+                             "CUDA it runs uncompiled); grouped: dropless grouped matmuls "
+                             "(CUDA bf16, eager CPU; not XLA)")
     parser.add_argument("--compile-modes", nargs="+", default=["default"],
                         choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-                        help="CUDA: torch.compile modes to compare (index dispatch)")
+                        help="CUDA: torch.compile modes to compare (compiled dispatches)")
     args = parser.parse_args()
     loop_steps = args.loop_steps or args.steps
     if min(args.steps, loop_steps) < 3:
@@ -188,6 +193,11 @@ def main() -> None:
     shapes = CUDA_SHAPES if args.backend == "cuda" else SHAPES
     backend = select_backend("cpu" if args.backend == "eager" else args.backend)
     modes = args.compile_modes if args.backend == "cuda" else ["default"]
+    for dispatch in set(args.dispatches) - {"loop"}:
+        try:
+            backend.check_dispatch(dispatch)
+        except ValueError as err:
+            parser.error(str(err))
     print(f"== train benchmark ({args.backend}): train step tokens/s, index vs dynamic loop")
     for preset in args.presets or list(shapes):  # a results section per preset and shape
         for batch, length in args.shapes or shapes.get(preset, SHAPES["bench"]):

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 ROUTER_TYPES = ("mlp", "conv")
-DISPATCH_MODES = ("index", "einsum", "dense")
+DISPATCH_MODES = ("index", "einsum", "grouped", "dense")
 # Checkpoints written before ExecutionOptions existed carry these in config.json.
 LEGACY_EXECUTION_KEYS = {"capacity_factor": "capacity_factor", "moe_dispatch": "dispatch"}
 
@@ -185,7 +185,9 @@ class ExecutionOptions:
 
     ``capacity_factor``: slots per parameterised expert are ceil(factor · S · k / n); ``None``
     never drops (inference always uses ``None``). ``dispatch``: ``index`` (gather/scatter),
-    ``einsum`` (one-hot masks) or ``dense`` (every expert on every token, the oracle).
+    ``einsum`` (one-hot masks), ``grouped`` (assignments sorted by expert, grouped matmuls; the
+    fastest on CUDA) or ``dense`` (every expert on every token, the oracle). ``grouped`` and
+    ``dense`` never drop, whatever the capacity factor.
     """
 
     capacity_factor: float | None = None

@@ -1,4 +1,5 @@
-"""Capacity dispatch (index, einsum) against the dense formulation and a per-token loop."""
+"""Capacity dispatch (index, einsum) and the dropless grouped matmuls against the dense
+formulation and a per-token loop."""
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from helpers import swiglu_reference, tiny_config
 TOL = 1e-5
 
 
-def make_moes(config, modes=("dense", "index", "einsum")):
+def make_moes(config, modes=("dense", "index", "einsum", "grouped")):
     """One MoE per dispatch mode, all with the same weights and a non-zero router bias."""
     torch.manual_seed(0)
     moes = {}
@@ -29,9 +30,13 @@ def make_moes(config, modes=("dense", "index", "einsum")):
 
 @pytest.mark.parametrize("router_type", ["mlp", "conv"])
 @pytest.mark.parametrize("n, k", [(4, 2), (8, 3), (16, 6)])
-def test_no_drop_dispatch_equals_dense(router_type, n, k):
+# Widths that torch._grouped_mm takes as they are (multiples of 8) and that it needs padded.
+@pytest.mark.parametrize("hidden, width", [(32, 24), (36, 21)])
+def test_no_drop_dispatch_equals_dense(router_type, n, k, hidden, width):
     config = tiny_config(router_type=router_type, num_routed_experts=n, num_experts_per_tok=k,
-                         kernel_size=3 if router_type == "mlp" else 4)
+                         kernel_size=3 if router_type == "mlp" else 4, hidden_size=hidden,
+                         num_attention_heads=2, num_key_value_heads=2,
+                         moe_intermediate_size=width)
     moes = make_moes(config)
     u = torch.randn(3, 7, config.hidden_size)
     results = {}
@@ -41,7 +46,7 @@ def test_no_drop_dispatch_equals_dense(router_type, n, k):
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         results[mode] = (out, x.grad, {n: p.grad for n, p in moe.named_parameters()}, stats)
     dense_out, dense_dx, dense_grads, dense_stats = results["dense"]
-    for mode in ("index", "einsum"):
+    for mode in ("index", "einsum", "grouped"):
         out, dx, grads, stats = results[mode]
         assert (out - dense_out).abs().max() <= TOL, mode
         assert (dx - dense_dx).abs().max() <= TOL, mode
@@ -50,6 +55,24 @@ def test_no_drop_dispatch_equals_dense(router_type, n, k):
         assert stats.dropped.item() == 0
         assert torch.equal(stats.expert_counts, dense_stats.expert_counts)
     assert dense_stats.expert_counts.sum().item() == 3 * 7 * k
+
+
+def test_grouped_dispatch_under_bf16_autocast_matches_fp32_dense():
+    """The CUDA training path: bf16 autocast, which ``torch._grouped_mm`` does not apply by
+    itself. Within bf16's rounding of the fp32 oracle, gradients included."""
+    config = tiny_config(num_routed_experts=16, num_experts_per_tok=6, moe_intermediate_size=21)
+    moes = make_moes(config, modes=("dense", "grouped"))
+    u = torch.randn(4, 9, config.hidden_size)
+    results = {}
+    for mode, moe in moes.items():
+        x = u.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "grouped"):
+            out, _, _ = moe(x, None)
+        out.float().square().sum().backward()
+        results[mode] = out.float(), x.grad, moe.experts.down_proj.grad
+    for got, want in zip(results["grouped"], results["dense"], strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
 
 
 def priority_keep(indices, num_mlp, capacity):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bibo_export.model import BiBoForCausalLM
-from bibo_export.train.backend import select_backend
+from bibo_export.train.backend import Backend, select_backend
 from bibo_export.train.checkpointing import checkpoint_dirs, load_training_checkpoint
 from bibo_export.train.data import make_data_source
 from bibo_export.train.run import RunFolder
@@ -154,6 +154,22 @@ def test_capacity_is_an_execution_option_of_the_run(tmp_path, model_file, capaci
     assert any(r.get("drop_rate", 0) > 0 for r in run_records(out)) == drops
     assert json.loads((out / "train_config.json").read_text())["capacity_factor"] == capacity_factor
     assert "capacity_factor" not in json.loads((final / "config.json").read_text())
+
+
+def test_grouped_dispatch_trains_on_the_cpu_without_drops(tmp_path, model_file):
+    out = tmp_path / "run"
+    train(run_config(model_file, steps=2, moe_dispatch="grouped", capacity_factor=0.25), out)
+    records = [r for r in run_records(out) if "drop_rate" in r]
+    assert records and all(r["drop_rate"] == 0 for r in records)
+
+
+@pytest.mark.parametrize("name, bf16", [("xla-cpu", False), ("xla-tpu", True), ("cuda", False)])
+def test_grouped_dispatch_is_refused_where_grouped_mm_cannot_run(name, bf16):
+    backend = Backend(name, torch.device("cpu"), bf16)
+    with pytest.raises(ValueError, match=f"grouped runs on CUDA in bf16.*not on {name}"):
+        backend.check_dispatch("grouped")
+    backend.check_dispatch("index")
+    Backend("cuda", torch.device("cpu"), bf16=True).check_dispatch("grouped")
 
 
 def test_legacy_checkpoint_config_still_loads(tmp_path):

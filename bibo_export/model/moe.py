@@ -6,6 +6,8 @@ formulations compute the same function at different costs:
 
 * ``index``: gather tokens into an [E, C, h] buffer with index_add, bmm, scatter back (linear in S);
 * ``einsum``: one-hot dispatch/combine masks [S, E, C] and matmuls (quadratic in S; TPU-classic);
+* ``grouped``: sort assignments by expert, one grouped matmul per projection; never drops
+  (CUDA's ``torch._grouped_mm``, also on CPU; not on XLA);
 * ``dense``: every MLP expert on every token, no capacity (the oracle).
 """
 
@@ -182,8 +184,10 @@ class MLPExperts(nn.Module):
     def forward(self, flat: Tensor, selection: Selection) -> tuple[Tensor, Tensor]:
         """The experts' weighted sum [S, h] and the number of dropped assignments."""
         num_experts = self.gate_proj.shape[0]
-        if self.execution.dispatch == "dense":
+        if self.execution.dispatch in ("dense", "grouped"):  # neither ever drops
             dropped = flat.new_zeros((), dtype=torch.float32)
+            if self.execution.dispatch == "grouped":
+                return dispatch_grouped(flat, self, selection.indices, selection.weights), dropped
             return dispatch_dense(flat, self, selection.gates[:, :num_experts]), dropped
         num_tokens, top_k = selection.indices.shape
         capacity = self.execution.expert_capacity(num_tokens, top_k, selection.gates.shape[1])
@@ -240,6 +244,51 @@ def dispatch_einsum(u: Tensor, experts: MLPExperts, expert: Tensor, position: Te
                            expert_mask * weight.to(u.dtype).view(top_k, num_tokens, 1), slot_mask)
     out = experts.apply_to_slots(torch.einsum("sec,sh->ech", dispatch, u))
     return torch.einsum("sec,ech->sh", combine, out)
+
+
+# torch._grouped_mm wants every row stride a multiple of 16 bytes: 8 elements of bf16.
+GROUPED_MM_ALIGNMENT = 8
+
+
+def grouped_matmul(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+    """Rows of x [A, in] in consecutive groups (ending at ``offsets`` [E], int32) times their
+    group's weight [E, out, in]ᵀ → [A, out]. Rows past the last group come out undefined:
+    the caller masks them. In the autocast dtype where autocast is on (``_grouped_mm`` has no
+    autocast rule), with both dimensions zero-padded to the alignment the kernel requires."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    out_features, in_features = weight.shape[1:]
+    pad_in = -in_features % GROUPED_MM_ALIGNMENT
+    pad_out = -out_features % GROUPED_MM_ALIGNMENT
+    x = F.pad(x.to(dtype), (0, pad_in))
+    weight = F.pad(weight.to(dtype), (0, pad_in, 0, pad_out))
+    with without_autocast(device):
+        out = torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+    return out[:, :out_features]
+
+
+def dispatch_grouped(u: Tensor, experts: MLPExperts, indices: Tensor, weights: Tensor) -> Tensor:
+    """Dropless: sort the S·k assignments by expert, run each projection as one grouped matmul
+    over the MLP experts' groups, mix back. No capacity slots, so no padding FLOPs and no drops;
+    the parameter-free experts' assignments sort last and are masked out."""
+    num_tokens, top_k = indices.shape
+    num_experts = experts.gate_proj.shape[0]
+    expert = indices.reshape(-1)  # token-major: assignment a belongs to token a // k
+    order = torch.argsort(expert, stable=True)
+    group_sizes = (expert[:, None] == torch.arange(num_experts, device=u.device)).sum(0)
+    offsets = group_sizes.cumsum(0).to(torch.int32)
+    routed = (torch.arange(expert.shape[0], device=u.device) < offsets[-1])[:, None]
+    # Masked before and after: the kernel leaves the rows past the last group undefined, in its
+    # output and in its input gradient, and torch.where passes neither on.
+    x = torch.where(routed, u.index_select(0, order // top_k), 0)
+    hidden = F.silu(grouped_matmul(x, experts.gate_proj, offsets)) * \
+        grouped_matmul(x, experts.up_proj, offsets)
+    out = torch.where(routed, grouped_matmul(hidden, experts.down_proj, offsets), 0)
+    out = out.to(u.dtype) * weights.reshape(-1)[order, None].to(u.dtype)
+    # Back to token-major order (the inverse permutation), then each token's k contributions.
+    unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0],
+                                                                     device=u.device))
+    return out.index_select(0, unsort).view(num_tokens, top_k, -1).sum(1)
 
 
 def dispatch_dense(u: Tensor, experts: MLPExperts, gates: Tensor) -> Tensor:

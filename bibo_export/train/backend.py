@@ -46,6 +46,17 @@ class Backend:
             step.micro_batch = torch.compile(step.micro_batch, mode=self.compile_mode)
         return step
 
+    def check_dispatch(self, dispatch: str) -> None:
+        """Refuse an MoE dispatch this backend cannot run, before any model is built."""
+        if dispatch != "grouped":
+            return
+        # torch._grouped_mm: torch_xla 2.9 crashes on it (a segfault, not an error), and on CUDA
+        # it takes bf16 only. Eager CPU runs it in either precision.
+        if self.is_xla or (self.name == "cuda" and not self.bf16):
+            precision = "bf16" if self.bf16 else "fp32"
+            raise ValueError(f"--moe-dispatch grouped runs on CUDA in bf16 and on the eager CPU, "
+                             f"not on {self.name} in {precision}: use --moe-dispatch index")
+
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.name == "cuda":
             # In place: parameters, buffers and the state dict keep their names.

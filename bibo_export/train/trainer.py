@@ -215,6 +215,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
 
     parallel = Parallelism.from_spec(config.mesh, config.device)  # before any device exists
     backend = select_backend(config.device, config.precision)
+    backend.check_dispatch(config.moe_dispatch)
     tokenizer = run.read_tokenizer(config.tokenizer, fresh=latest is None) \
         if config.tokenizer else None
     if tokenizer is not None and latest is None:
