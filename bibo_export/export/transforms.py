@@ -43,7 +43,8 @@ from torch import Tensor, nn
 
 from ..kernels.moe_experts import quantize_rows
 from ..model import BiBoForCausalLM
-from ..model.layers import CacheWrite, RMSNorm, Rotary, SwiGLU, causal_window
+from ..model.layers import (CacheWrite, RMSNorm, Rotary, SwiGLU, causal_window, causal_windows,
+                            conv_weight_as_linear)
 from ..model.moe import MLPExperts, Router, Selection, SharedConvExpert
 
 Swaps = dict[type[nn.Module], Callable[[nn.Module], nn.Module]]
@@ -210,15 +211,14 @@ class UnfoldedSharedExpert(nn.Module):
         width, hidden, kernel = shared.conv.weight.shape
         self.kernel_size = kernel
         self.conv = nn.Linear(kernel * hidden, width, bias=False)
-        with torch.no_grad():  # window feature j*h + c holds input channel c at offset j
-            self.conv.weight.copy_(shared.conv.weight.permute(0, 2, 1).reshape(width, -1))
+        with torch.no_grad():
+            self.conv.weight.copy_(conv_weight_as_linear(shared.conv.weight))
         self.up_proj = shared.up_proj
         self.down_proj = shared.down_proj
 
     def forward(self, u: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
         padded, state = causal_window(u, state, self.kernel_size - 1)
-        T = u.shape[1]
-        windows = torch.cat([padded[:, j:j + T] for j in range(self.kernel_size)], dim=-1)
+        windows = causal_windows(padded, self.kernel_size)
         return self.down_proj(F.silu(self.conv(windows)) * self.up_proj(u)), state
 
 

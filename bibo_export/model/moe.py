@@ -90,7 +90,7 @@ class ConvRouter(nn.Conv1d, Router):
 
     def forward(self, u: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         with without_autocast(u.device.type):
-            return causal_conv1d(u.float(), self.weight.float(), state)
+            return causal_conv1d(u.float(), self.weight.float(), state, as_matmul=self.training)
 
 
 def normalize_logits(logits: Tensor, router_lambda: float) -> Tensor:
@@ -209,7 +209,7 @@ class SharedConvExpert(nn.Module):
         self.down_proj = nn.Linear(width, hidden_size, bias=False)
 
     def forward(self, u: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
-        conv, state = causal_conv1d(u, self.conv.weight, state)
+        conv, state = causal_conv1d(u, self.conv.weight, state, as_matmul=self.training)
         return self.down_proj(F.silu(conv) * self.up_proj(u)), state
 
 
