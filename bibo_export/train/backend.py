@@ -50,8 +50,9 @@ class Backend:
         """Refuse an MoE dispatch this backend cannot run, before any model is built."""
         if dispatch != "grouped":
             return
-        # torch._grouped_mm: torch_xla 2.9 crashes on it (a segfault, not an error), and on CUDA
-        # it takes bf16 only. Eager CPU runs it in either precision.
+        # torch._grouped_mm: torch_xla 2.9 crashes on it (a segfault, not an error), and its
+        # traced form, which CUDA training compiles, takes bf16 only (torch 2.13's meta check).
+        # Eager CPU runs it in either precision.
         if self.is_xla or (self.name == "cuda" and not self.bf16):
             precision = "bf16" if self.bf16 else "fp32"
             raise ValueError(f"--moe-dispatch grouped runs on CUDA in bf16 and on the eager CPU, "
