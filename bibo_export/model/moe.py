@@ -246,7 +246,8 @@ def dispatch_einsum(u: Tensor, experts: MLPExperts, expert: Tensor, position: Te
     return torch.einsum("sec,ech->sh", combine, out)
 
 
-# torch._grouped_mm wants every row stride a multiple of 16 bytes: 8 elements of bf16.
+# torch._grouped_mm wants every row stride a multiple of 16 bytes: 8 elements of bf16. Its
+# backward multiplies by the output's gradient, so the output's width must be aligned too.
 GROUPED_MM_ALIGNMENT = 8
 
 
