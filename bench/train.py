@@ -23,7 +23,7 @@ from bench.baselines import LoopExperts
 from bench.common import machine, table, update_results
 from bibo_export.config import BiBoConfig, ExecutionOptions
 from bibo_export.model import BiBoForCausalLM
-from bibo_export.train.backend import Backend, select_backend
+from bibo_export.train.backend import COMPILE_MODES, Backend, select_backend
 from bibo_export.train.optim import build_optimizer, warmup_cosine
 from bibo_export.train.step import TrainStep
 
@@ -180,7 +180,7 @@ def main() -> None:
                              "CUDA it runs uncompiled); grouped: dropless grouped matmuls "
                              "(CUDA bf16, eager CPU; not XLA)")
     parser.add_argument("--compile-modes", nargs="+", default=["default"],
-                        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                        choices=COMPILE_MODES,
                         help="CUDA: torch.compile modes to compare (compiled dispatches)")
     args = parser.parse_args()
     loop_steps = args.loop_steps or args.steps
@@ -204,7 +204,7 @@ def main() -> None:
             rows = []
             for dispatch in args.dispatches:
                 for mode in (["default"] if dispatch == "loop" else modes):
-                    backend.compile_mode = None if mode == "default" else mode
+                    backend.use_compile_mode(mode)
                     steps = loop_steps if dispatch == "loop" else args.steps
                     rows.append(measure(preset, dispatch, backend, steps, batch, length))
                     print(f"  {preset:9s} {batch}x{length} {dispatch:5s} {mode:15s} "

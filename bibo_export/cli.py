@@ -22,6 +22,7 @@ from .report import markdown_table, sorting_examples, text_examples, write_repor
 from .runtimes import load
 from .tasks.sorting import SortingTask, parse_sort_spec
 from .tokenizer import END_OF_TEXT, TextTokenizer, train_tokenizer
+from .train.backend import COMPILE_MODES
 from .train.run import RunFolder
 from .train.trainer import TrainConfig, requested_config, train
 
@@ -239,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "vocabulary 257); vocab_size follows it unless set")
     p.add_argument("--device", choices=["auto", "xla", "cpu", "cuda"])
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--compile-mode", dest="compile_mode", choices=COMPILE_MODES,
+                   help="torch.compile's mode with --device cuda (default: torch's default); "
+                        "reduce-overhead replays each step as CUDA graphs")
     p.add_argument("--mesh", help="SPMD mesh, e.g. fsdp=4 or data=2,fsdp=2,expert=2")
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int)

@@ -172,6 +172,21 @@ def test_grouped_dispatch_is_refused_where_grouped_mm_cannot_run(name, bf16):
     Backend("cuda", torch.device("cpu"), bf16=True).check_dispatch("grouped")
 
 
+def test_compile_mode_is_cuda_only_and_checked():
+    cuda = Backend("cuda", torch.device("cpu"), bf16=True)
+    cuda.use_compile_mode("reduce-overhead")
+    assert cuda.compile_mode == "reduce-overhead"
+    cuda.use_compile_mode("default")
+    assert cuda.compile_mode is None  # torch.compile's own default
+    with pytest.raises(ValueError, match="unknown compile mode 'fast'"):
+        cuda.use_compile_mode("fast")
+    for name in ("cpu", "xla-cpu"):
+        backend = Backend(name, torch.device("cpu"), bf16=False)
+        backend.use_compile_mode("default")
+        with pytest.raises(ValueError, match=f"applies to --device cuda .*not {name}"):
+            backend.use_compile_mode("reduce-overhead")
+
+
 def test_legacy_checkpoint_config_still_loads(tmp_path):
     """config.json written before capacity and dispatch moved out of the model config."""
     torch.manual_seed(0)

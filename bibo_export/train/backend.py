@@ -20,6 +20,9 @@ import torch
 from .step import TrainStep
 
 DEVICES = ("auto", "xla", "cpu", "cuda")
+# torch.compile's modes for CUDA training ("default" is torch's own): reduce-overhead replays
+# the step as CUDA graphs, which removes the host's launch overhead from short steps.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -57,6 +60,16 @@ class Backend:
             precision = "bf16" if self.bf16 else "fp32"
             raise ValueError(f"--moe-dispatch grouped runs on CUDA in bf16 and on the eager CPU, "
                              f"not on {self.name} in {precision}: use --moe-dispatch index")
+
+    def use_compile_mode(self, mode: str) -> None:
+        """torch.compile's mode for this backend's compiled model and micro-batch (CUDA only)."""
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {mode!r}; choose one of "
+                             f"{', '.join(COMPILE_MODES)}")
+        if mode != "default" and self.name != "cuda":
+            raise ValueError(f"--compile-mode {mode} applies to --device cuda (torch.compile), "
+                             f"not {self.name}")
+        self.compile_mode = None if mode == "default" else mode
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.name == "cuda":

@@ -31,7 +31,7 @@ from .step import TrainStep
 # What a resumed run may change: the schedule's length, logging and checkpoint cadence, and
 # where it runs. Anything else would make the resumed run a different run.
 RESUMABLE = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-             "device", "mesh")
+             "device", "mesh", "compile_mode")
 
 
 class TrainingDiverged(ValueError):
@@ -43,7 +43,7 @@ class TrainConfig:
     preset: str = "sort-tiny"
     model_config: str | None = None  # a BiBoConfig JSON file; overrides preset
     capacity_factor: float | None = 1.25  # ExecutionOptions: None never drops
-    moe_dispatch: str = "index"  # ExecutionOptions: index | einsum | dense
+    moe_dispatch: str = "index"  # ExecutionOptions: index | einsum | grouped | dense
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # BiBoConfig fields
     data: str = "sort:8"  # sort[:LENGTHS] | text:PATH | bin:PATH[:uint16|uint32]
     tokenizer: str | None = None  # a tokenizer.json for text: data (else its raw bytes)
@@ -60,6 +60,7 @@ class TrainConfig:
     seed: int = 48
     device: str = "auto"
     precision: str = "auto"  # bf16 on TPU/CUDA, fp32 elsewhere
+    compile_mode: str = "default"  # torch.compile's mode on CUDA (backend.COMPILE_MODES)
     mesh: str | None = None  # e.g. "fsdp=4" or "data=2,fsdp=2,expert=2" (torch_xla SPMD)
     log_every: int = 10
     eval_every: int = 200
@@ -216,6 +217,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
     parallel = Parallelism.from_spec(config.mesh, config.device)  # before any device exists
     backend = select_backend(config.device, config.precision)
     backend.check_dispatch(config.moe_dispatch)
+    backend.use_compile_mode(config.compile_mode)
     tokenizer = run.read_tokenizer(config.tokenizer, fresh=latest is None) \
         if config.tokenizer else None
     if tokenizer is not None and latest is None:
