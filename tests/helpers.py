@@ -135,30 +135,43 @@ def trained_export_command(runtime: str, precision: str, root: Path) -> tuple[st
 ROUTING_TIE = 1e-5
 
 
-def routing_margin(model: BiBoForCausalLM, ids: np.ndarray) -> float:
-    """The smallest gap between the k-th and the (k+1)-th selection score (z̃ + b) of any token
-    of ``ids`` [B, T] in any MoE layer of ``model`` (inf where k = n)."""
+def selection_scores(model: BiBoForCausalLM, ids: np.ndarray) -> list[torch.Tensor]:
+    """Per MoE layer of ``model``, the selection scores z̃ + b that its top-k chose from, for
+    every token of ``ids`` [B, T]: [B·T, n] each, captured by hooks on the routers."""
     from bibo_export.model.moe import normalize_logits
 
-    config, gaps = model.config, [float("inf")]
+    scores = []
 
-    def measure(moe):
+    def capture(moe):
         def hook(_router, _inputs, output):
-            scores = normalize_logits(output[0], config.router_lambda) + moe.expert_bias
-            scores = scores.reshape(-1, scores.shape[-1])
-            if scores.shape[-1] > config.num_experts_per_tok:
-                top = scores.topk(config.num_experts_per_tok + 1, dim=-1).values
-                gaps.append(float((top[:, -2] - top[:, -1]).min()))
+            z = normalize_logits(output[0], model.config.router_lambda) + moe.expert_bias
+            scores.append(z.reshape(-1, z.shape[-1]))
         return hook
 
-    handles = [moe.router.register_forward_hook(measure(moe)) for moe in model.moe_layers]
+    handles = [moe.router.register_forward_hook(capture(moe)) for moe in model.moe_layers]
     try:
         with torch.no_grad():
             model(torch.from_numpy(ids))
     finally:
         for handle in handles:
             handle.remove()
-    return min(gaps)
+    return scores
+
+
+def tie_gaps(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Per token, the gap between its k-th and (k+1)-th selection score (inf where k = n)."""
+    if scores.shape[-1] <= top_k:
+        return torch.full(scores.shape[:1], float("inf"))
+    top = scores.topk(top_k + 1, dim=-1).values
+    return top[:, -2] - top[:, -1]
+
+
+def routing_margin(model: BiBoForCausalLM, ids: np.ndarray) -> float:
+    """The smallest gap between the k-th and the (k+1)-th selection score (z̃ + b) of any token
+    of ``ids`` [B, T] in any MoE layer of ``model`` (inf where k = n)."""
+    gaps = [tie_gaps(scores, model.config.num_experts_per_tok).min()
+            for scores in selection_scores(model, ids)]
+    return float(min(gaps, default=float("inf")))
 
 
 def untied_prompt(model: BiBoForCausalLM, length: int, seed: int, new_tokens: int = 0,

@@ -13,7 +13,8 @@ import torch
 from bibo_export.artifacts import ArtifactMetadata
 from bibo_export.config import BiBoConfig
 from bibo_export.export.onnx import (OnnxRecipe, experts_to_qmoe, export_onnx, integer_kernels,
-                                     qmoe_block_size, subgraphs, weights_read_per_call)
+                                     qmoe_block_size, subgraphs, tensor_bytes,
+                                     weights_read_per_call)
 from bibo_export.export.pipeline import ExportSettings
 from bibo_export.model import BiBoForCausalLM
 from bibo_export.runtimes import load
@@ -21,8 +22,8 @@ from bibo_export.runtimes.eager import EagerRuntime
 from bibo_export.runtimes.onnx import METADATA_KEY
 from bibo_export.verdict import FP32_MAX_ABS, INT8_BARS, compare_logits, compare_tokens
 from helpers import (TRAINED_MAX_LENGTH, check_failed_export_keeps_previous, dense_checkpoint,
-                     renamed_router_model, run_cli, task_accuracy, tiny_config,
-                     untied_prompt)
+                     renamed_router_model, run_cli, selection_scores, task_accuracy, tie_gaps,
+                     tiny_config, untied_prompt)
 
 pytestmark = pytest.mark.export
 
@@ -179,6 +180,49 @@ def test_decode_runs_only_the_selected_experts(fp32_exports):
     assert ran == expected[1:]
     all_experts = {(layer, e) for layer in moe_layers for e in range(num_mlp)}
     assert all(step < all_experts for step in ran)
+
+
+# int8 moves the selection scores by a few hundredths on the trained sort-tiny: steps whose
+# k-th and (k+1)-th scores are this far apart route the same in eager and in the int8 graph.
+INT8_SAFE_ROUTING_GAP = 0.05
+
+
+def test_int8_decode_reads_the_qmoe_experts_eager_routing_chose(int8_export):
+    """``weights_read_per_call``'s QMoE branch (what `make bench-onnx` reports as bytes per
+    token): in each decode step each QMoE node reads its weights' share of the MLP experts that
+    eager routing chose for that token, on the int8 program's own tokens, at steps clear of
+    any routing tie."""
+    checkpoint, _, folder, _ = int8_export
+    model = BiBoForCausalLM.from_pretrained(checkpoint).inference_copy()
+    config, new_tokens = model.config, 8
+    graph = onnx.load(folder / "model.onnx", load_external_data=False).graph
+    initializers = {init.name: init for init in graph.initializer}
+    qmoe_nodes = [node for node in graph.node if node.op_type == "QMoE"]  # in layer order
+    assert len(qmoe_nodes) == len(model.moe_layers)
+    # weight name → (its MoE layer's position, its bytes)
+    qmoe_weights = {name: (layer, tensor_bytes(initializers[name]))
+                    for layer, node in enumerate(qmoe_nodes)
+                    for name in node.input if name in initializers}
+    for seed in range(20):
+        prompt = np.random.default_rng(seed).integers(0, config.vocab_size, (1, 6))
+        tokens = load(folder).generate(prompt, new_tokens)
+        decode_steps = range(prompt.shape[1], tokens.shape[1] - 1)  # a token fed back in
+        scores = [layer[decode_steps] for layer in selection_scores(model, tokens)]
+        if min(tie_gaps(s, config.num_experts_per_tok).min() for s in scores) \
+                >= INT8_SAFE_ROUTING_GAP:
+            break
+    else:
+        pytest.fail("no prompt of 20 decodes clear of routing ties")
+    calls = weights_read_per_call(folder, prompt, new_tokens)[1:]
+    assert len(calls) == len(decode_steps)
+    mlp_experts = config.num_mlp_experts
+    for step, call in enumerate(calls):
+        chosen = [int((layer[step].topk(config.num_experts_per_tok).indices < mlp_experts).sum())
+                  for layer in scores]
+        read = {name: size for name, size in call.items() if name in qmoe_weights}
+        expected = {name: size * chosen[layer] // mlp_experts
+                    for name, (layer, size) in qmoe_weights.items()}
+        assert read == expected, (step, chosen)
 
 
 # ------------------------------------------------------------------------------ int8
