@@ -199,7 +199,7 @@ bench-executorch: $(STAMP) $(KERNELS) ## ExecuTorch fp32/int8 vs eager → bench
 	$(VENV)/bin/python -m bench.executorch
 
 bench-train: $(STAMP) $(XLA_STAMP) ## train-step tokens/s, static vs dynamic dispatch → bench/results/train.json
-	$(VENV)/bin/python -m bench.train --backend eager --steps $(BENCH_STEPS)
+	$(VENV)/bin/python -m bench.train --backend eager --steps $(BENCH_STEPS) --dispatches loop index grouped
 	@# On XLA every loop step recompiles (200–290 s each on 2 cores), so the loop baseline gets
 	@# the minimum 3 steps, and only for sort-tiny: at the bench preset its recompiles
 	@# exhaust LLVM's memory and abort the process.
