@@ -203,9 +203,10 @@ def test_int8_decode_reads_the_qmoe_experts_eager_routing_chose(int8_export):
     qmoe_weights = {name: (layer, tensor_bytes(initializers[name]))
                     for layer, node in enumerate(qmoe_nodes)
                     for name in node.input if name in initializers}
+    int8 = load(folder)
     for seed in range(20):
         prompt = np.random.default_rng(seed).integers(0, config.vocab_size, (1, 6))
-        tokens = load(folder).generate(prompt, new_tokens)
+        tokens = int8.generate(prompt, new_tokens)
         decode_steps = range(prompt.shape[1], tokens.shape[1] - 1)  # a token fed back in
         scores = [layer[decode_steps] for layer in selection_scores(model, tokens)]
         if min(tie_gaps(s, config.num_experts_per_tok).min() for s in scores) \

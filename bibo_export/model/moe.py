@@ -261,8 +261,10 @@ def grouped_matmul(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
     out_features, in_features = weight.shape[1:]
     pad_in = -in_features % GROUPED_MM_ALIGNMENT
     pad_out = -out_features % GROUPED_MM_ALIGNMENT
-    x = F.pad(x.to(dtype), (0, pad_in))
-    weight = F.pad(weight.to(dtype), (0, pad_in, 0, pad_out))
+    x, weight = x.to(dtype), weight.to(dtype)
+    if pad_in or pad_out:  # F.pad copies even when it adds nothing
+        x = F.pad(x, (0, pad_in))
+        weight = F.pad(weight, (0, pad_in, 0, pad_out))
     with without_autocast(device):
         out = torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
     return out[:, :out_features]
