@@ -13,13 +13,12 @@ import torch
 from bibo_export.artifacts import ArtifactMetadata
 from bibo_export.config import BiBoConfig
 from bibo_export.export.onnx import (OnnxRecipe, experts_to_qmoe, export_onnx, integer_kernels,
-                                     qmoe_block_size, subgraphs, tensor_bytes,
-                                     weights_read_per_call)
+                                     qmoe_block_size, tensor_bytes, weights_read_per_call)
 from bibo_export.export.pipeline import ExportSettings
 from bibo_export.model import BiBoForCausalLM
 from bibo_export.runtimes import load
 from bibo_export.runtimes.eager import EagerRuntime
-from bibo_export.runtimes.onnx import METADATA_KEY
+from bibo_export.runtimes.onnx import METADATA_KEY, cache_written_in_place, subgraphs
 from bibo_export.verdict import FP32_MAX_ABS, INT8_BARS, compare_logits, compare_tokens
 from helpers import (TRAINED_MAX_LENGTH, check_failed_export_keeps_previous, dense_checkpoint,
                      renamed_router_model, run_cli, selection_scores, task_accuracy, tie_gaps,
@@ -130,6 +129,35 @@ def test_cache_inputs_are_written_in_their_layout(fp32_exports):
     for name in caches:
         readers = [n.op_type for n in model.graph.node if name in n.input]
         assert [op for op in readers if op != "Shape"] == ["ScatterElements"], (name, readers)
+    # so the runtime writes them in place: a decode step keeps the same cache buffers
+    runtime = load(folder)
+    assert runtime.in_place == set(caches)
+    runtime.logits(np.array([[1, 2, 3]]))
+    before = {i.name: value.data_ptr() for i, value in zip(runtime.cache_inputs, runtime._cache)}
+    runtime._decode(np.array([[4]]), 3, None)
+    after = {i.name: value.data_ptr() for i, value in zip(runtime.cache_inputs, runtime._cache)}
+    assert [name for name in caches if after[name] != before[name]] == []
+
+
+def cache_graph(extra_reader: str | None) -> onnx.GraphProto:
+    """cache → ScatterElements → present.cache, and optionally one more node reading cache."""
+    info = onnx.helper.make_tensor_value_info
+    nodes = [onnx.helper.make_node("ScatterElements", ["cache", "slots", "new"],
+                                   ["present.cache"], axis=2),
+             onnx.helper.make_node("Shape", ["cache"], ["dims"])]
+    outputs = [info("present.cache", onnx.TensorProto.FLOAT, None)]
+    if extra_reader:
+        nodes.append(onnx.helper.make_node(extra_reader, ["cache"], ["old"]))
+        outputs.append(info("old", onnx.TensorProto.FLOAT, None))
+    inputs = [info(name, onnx.TensorProto.FLOAT, None) for name in ("cache", "new")]
+    inputs.append(info("slots", onnx.TensorProto.INT64, None))
+    return onnx.helper.make_graph(nodes, "cache", inputs, outputs)
+
+
+@pytest.mark.parametrize("extra_reader, in_place", [(None, {"cache"}), ("Identity", set()),
+                                                    ("Neg", set())])
+def test_a_cache_read_after_its_write_is_not_written_in_place(extra_reader, in_place):
+    assert cache_written_in_place(cache_graph(extra_reader)) == in_place
 
 
 def test_prompts_of_different_lengths_in_one_batch(fp32_exports):

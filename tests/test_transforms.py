@@ -1,12 +1,15 @@
-"""The export forms of the norm, of RoPE (ExecuTorch) and of the cache write (ONNX) compute what
-the model's modules compute (the model's own modules are the oracle)."""
+"""The export forms of the norm, of RoPE (ExecuTorch), of the cache write and of attention
+(ONNX) compute what the model's modules compute (the model's own modules are the oracle)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bibo_export.export.transforms import MatmulMeanRMSNorm, MatmulRotary, ScatterCacheWrite
+from bibo_export.config import BiBoConfig
+from bibo_export.export.transforms import (MatmulMeanRMSNorm, MatmulRotary, ScatterCacheWrite,
+                                           SdpaGroupedAttention)
+from bibo_export.model.attention import AttentionInputs, GroupedAttention, TokenPositions
 from bibo_export.model.layers import CacheWrite, RMSNorm, Rotary, rotary_cos_sin
 
 pytestmark = pytest.mark.export
@@ -47,3 +50,21 @@ def test_scatter_cache_write_equals_index_copy_exactly(slots):
     got = ScatterCacheWrite()(cache, slots, new)
     assert got.dtype == cache.dtype and torch.equal(got, want)
     assert torch.equal(cache, before)  # a new tensor: the graph's cache input stays as it was
+
+
+@pytest.mark.parametrize("pad, cache", [(None, True), ([0, 3], True), ([0, 3], False)])
+@pytest.mark.parametrize("kv_heads", [1, 2, 8])
+def test_sdpa_attention_equals_grouped_attention(pad, kv_heads, cache):
+    """4 queries at slots 5–8 over a static cache of 12 slots or over their own tokens; with
+    ``pad``, the per-row mask of a left-padded batch."""
+    torch.manual_seed(0)
+    heads, head_dim, keys = 8, 16, 12 if cache else 4
+    q = torch.randn(2, heads, 4, head_dim)
+    k, v = torch.randn(2, 2, kv_heads, keys, head_dim).unbind(0)
+    positions = TokenPositions(torch.arange(5, 9), None if pad is None else torch.tensor(pad))
+    inputs = AttentionInputs.of(positions, BiBoConfig.preset("sort-tiny"),
+                                torch.arange(keys) if cache else None, torch.float32)
+    want = GroupedAttention()(q, k, v, inputs.mask, 0.25)
+    got = SdpaGroupedAttention()(q, k, v, inputs.mask, 0.25)
+    assert got.shape == (2, 4, heads * head_dim)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

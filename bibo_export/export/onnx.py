@@ -3,7 +3,8 @@
 One graph serves prefill and decode: ``(input_ids [B, T], start_pos [], pad [B], *cache) →
 (logits, *new cache)``, the KV cache and conv states explicit inputs/outputs of static length
 ``max_length``. Experts run under ``torch.cond`` (ONNX ``If``), so a decode step runs only the
-experts some token selected. fp32 and int8 come from one trace.
+experts some token selected. fp32 and int8 come from one trace. Opset 23, for its ``Attention``
+operator (``SdpaGroupedAttention``) and because ORT fuses RoPE into ``RotaryEmbedding`` there.
 
 int8 is ORT's ``MatMulNBits`` (8-bit weights in blocks of ``BLOCK_SIZE`` along the input, one
 fp32 scale per block; ``accuracy_level`` 4: int8 compute, each row of the activations quantized
@@ -34,7 +35,6 @@ import json
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,16 +52,16 @@ from torch import nn
 from ..artifacts import ONNX_DATA_FILE, ONNX_FILE, ArtifactMetadata
 from ..kernels.moe_experts import quantize_rows
 from ..model import BiBoForCausalLM
-from ..model.attention import Attention
+from ..model.attention import Attention, GroupedAttention
 from ..model.layers import CacheWrite, SwiGLU
 from ..model.moe import MLPExperts, Router, SharedConvExpert
-from ..runtimes.onnx import METADATA_KEY, OnnxRuntime
+from ..runtimes.onnx import METADATA_KEY, PRESENT, OnnxRuntime, subgraphs
 from .decoders import FlatCacheDecoder, cache_names, flatten_cache
 from .pipeline import Recipe, Stage, run_export
-from .transforms import (ScatterCacheWrite, SkipUnselectedExperts, UnfoldedSharedExpert,
-                         export_form, router_names)
+from .transforms import (ScatterCacheWrite, SdpaGroupedAttention,
+                         SkipUnselectedExperts, UnfoldedSharedExpert, export_form, router_names)
 
-OPSET = 18
+OPSET = 23
 # The integer kernels ORT runs for the quantized MatMuls (after its own fusions) and experts.
 INTEGER_OPS = ("MatMulNBits", "QMoE")
 # Weights per scale along each weight column: at 128 a weight costs 1.03 bytes; 32 measured no
@@ -104,7 +104,9 @@ class OnnxRecipe(Recipe):
     def transform(self, model: BiBoForCausalLM) -> FlatCacheDecoder:
         return FlatCacheDecoder(export_form(model, {MLPExperts: SkipUnselectedExperts,
                                                     SharedConvExpert: UnfoldedSharedExpert,
-                                                    CacheWrite: lambda _: ScatterCacheWrite()})
+                                                    CacheWrite: lambda _: ScatterCacheWrite(),
+                                                    GroupedAttention:
+                                                        lambda _: SdpaGroupedAttention()})
                                 ).eval()
 
     def export(self, decoder: FlatCacheDecoder) -> OnnxGraph:
@@ -120,7 +122,7 @@ class OnnxRecipe(Recipe):
         program = torch.onnx.export(
             decoder, (ids, torch.tensor(0), pad, *cache), dynamo=True, opset_version=OPSET,
             input_names=["input_ids", "start_pos", "pad", *names],
-            output_names=["logits", *(f"present.{name}" for name in names)],
+            output_names=["logits", *(PRESENT + name for name in names)],
             dynamic_shapes=shapes, verbose=False)
         weights = tempfile.TemporaryDirectory(prefix="bibo-onnx-")
         program.save(Path(weights.name) / ONNX_FILE, external_data=True)
@@ -170,15 +172,6 @@ def export_onnx(source: str | Path | BiBoForCausalLM, outs: dict[str, str | Path
 
 
 # ------------------------------------------------------------------------------ quantize
-def subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """``graph`` and every graph nested in its nodes (If branches), depth first."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from subgraphs(attr.g)
-
-
 def gemms_to_matmuls(model: onnx.ModelProto) -> int:
     """Rewrite ``Gemm(x, W, transB=1)`` with a constant W and no bias as ``MatMul(x, Wᵀ)``.
 
@@ -583,8 +576,9 @@ class ExpertCountingRuntime(OnnxRuntime):
     """``OnnxRuntime`` on a graph whose outputs end with its QMoE nodes' routing weights
     ([S, E] each): records, per run, how many experts each QMoE node ran."""
 
-    def __init__(self, session: ort.InferenceSession, metadata: ArtifactMetadata) -> None:
-        super().__init__(session, metadata)
+    def __init__(self, session: ort.InferenceSession, metadata: ArtifactMetadata,
+                 in_place: frozenset[str] = frozenset()) -> None:
+        super().__init__(session, metadata, in_place)
         self.experts_run: list[list[int]] = []  # per run, per QMoE node
 
     def _run(self, input_ids: np.ndarray, position: int, pad: np.ndarray | None) -> np.ndarray:

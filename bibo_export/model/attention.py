@@ -106,6 +106,14 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: floa
     return out.permute(0, 3, 1, 2, 4).reshape(B, -1, H * d)
 
 
+class GroupedAttention(nn.Module):
+    """``grouped_attention`` over a cache or a padded call. No parameters: a module so that
+    exporters can swap the form."""
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+        return grouped_attention(q, k, v, mask, scale)
+
+
 class Attention(nn.Module):
     def __init__(self, config: BiBoConfig) -> None:
         super().__init__()
@@ -122,6 +130,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.rotary = Rotary(self.head_dim)
         self.cache_write = CacheWrite()
+        self.attend = GroupedAttention()
         self.ssmax_scale = (nn.Parameter(torch.full((self.num_heads,), config.ssmax_init))
                             if config.use_ssmax else None)
 
@@ -163,5 +172,5 @@ class Attention(nn.Module):
                                                  is_causal=True, scale=scale)
             out = out.transpose(1, 2).reshape(B, -1, self.num_heads * self.head_dim)
         else:
-            out = grouped_attention(q, k, v, inputs.mask, scale)
+            out = self.attend(q, k, v, inputs.mask, scale)
         return self.o_proj(out), new_cache
