@@ -18,7 +18,8 @@ from bibo_export.export.pipeline import ExportSettings
 from bibo_export.model import BiBoForCausalLM
 from bibo_export.runtimes import load
 from bibo_export.runtimes.eager import EagerRuntime
-from bibo_export.runtimes.onnx import METADATA_KEY, cache_written_in_place, subgraphs
+from bibo_export.runtimes.onnx import (METADATA_KEY, PRESENT, cache_written_in_place,
+                                       subgraphs)
 from bibo_export.verdict import FP32_MAX_ABS, INT8_BARS, compare_logits, compare_tokens
 from helpers import (TRAINED_MAX_LENGTH, check_failed_export_keeps_previous, dense_checkpoint,
                      renamed_router_model, run_cli, selection_scores, task_accuracy, tie_gaps,
@@ -121,7 +122,8 @@ def test_export_folder_is_complete_and_described(fp32_exports):
 def test_cache_inputs_are_written_in_their_layout(fp32_exports):
     """Each key and value cache input is read by one ScatterElements, with no transpose of the
     whole cache before it (index_copy's export form had two per layer and step). A Shape node
-    may read one for its dims (the cache length), which copies nothing."""
+    may read one for its dims (the cache length), which copies nothing. Each layer's
+    ``Attention`` reads the new cache up to the call's last slot only."""
     _, folder = fp32_exports["sort-tiny"]
     model = onnx.load(folder / "model.onnx", load_external_data=False)
     caches = [i.name for i in model.graph.input if i.name.endswith((".key", ".value"))]
@@ -129,6 +131,15 @@ def test_cache_inputs_are_written_in_their_layout(fp32_exports):
     for name in caches:
         readers = [n.op_type for n in model.graph.node if name in n.input]
         assert [op for op in readers if op != "Shape"] == ["ScatterElements"], (name, readers)
+    # attention reads them trimmed to the slots the call's queries can see
+    produced = {output: node for node in model.graph.node for output in node.output}
+    attention = [n for n in model.graph.node if n.op_type == "Attention"]
+    assert len(attention) == len(caches) // 2
+    for node in attention:
+        trims = [produced[name] for name in node.input[1:4]]
+        assert [n.op_type for n in trims] == ["Slice"] * 3, node.input
+        assert {n.input[2] for n in trims} == {"attention.visible_slots"}
+        assert {n.input[0] for n in trims[:2]} <= {PRESENT + name for name in caches}
     # so the runtime writes them in place: a decode step keeps the same cache buffers
     runtime = load(folder)
     assert runtime.in_place == set(caches)

@@ -5,6 +5,7 @@ One graph serves prefill and decode: ``(input_ids [B, T], start_pos [], pad [B],
 ``max_length``. Experts run under ``torch.cond`` (ONNX ``If``), so a decode step runs only the
 experts some token selected. fp32 and int8 come from one trace. Opset 23, for its ``Attention``
 operator (``SdpaGroupedAttention``) and because ORT fuses RoPE into ``RotaryEmbedding`` there.
+Each ``Attention`` reads the cache only up to the call's last slot (``trim_attention``).
 
 int8 is ORT's ``MatMulNBits`` (8-bit weights in blocks of ``BLOCK_SIZE`` along the input, one
 fp32 scale per block; ``accuracy_level`` 4: int8 compute, each row of the activations quantized
@@ -90,7 +91,8 @@ class OnnxRecipe(Recipe):
     versions_of = ("onnx", "onnxscript", "onnxruntime")
 
     def shared_stages(self) -> list[Stage]:
-        return [("transform", self.transform), ("export", self.export)]
+        return [("transform", self.transform), ("export", self.export),
+                ("trim attention", trim_attention)]
 
     def output_stages(self, metadata: ArtifactMetadata) -> list[Stage]:
         return [("quantize", quantize_int8)] if metadata.precision == "int8" else []
@@ -169,6 +171,35 @@ def export_onnx(source: str | Path | BiBoForCausalLM, outs: dict[str, str | Path
     """Export to one folder per precision (model.onnx, model.onnx.data, manifest.json), e.g.
     ``{"fp32": "artifacts/onnx/fp32", "int8": "artifacts/onnx/int8"}``, from one trace."""
     return run_export(OnnxRecipe, source, outs, max_length, reference=reference)
+
+
+# ------------------------------------------------------------------------------ attention
+def trim_attention(state: OnnxGraph) -> OnnxGraph:
+    """Each ``Attention`` over the cache reads only its first ``start_pos + T`` slots, those
+    some query of the call can see: its keys, values and mask are sliced to them. The slots
+    after are masked for every query, so the result is the same, but a decode step no longer
+    reads the whole static cache in every layer (at the CLI's default maximum length, 2,048
+    slots, about as many bytes as the `bench` model's int8 weights)."""
+    graph = state.model.graph
+    end, constants = "attention.visible_slots", "attention.slice"
+    graph.initializer.extend([numpy_helper.from_array(np.array([0]), f"{constants}.start"),
+                              numpy_helper.from_array(np.array([2]), f"{constants}.slots"),
+                              numpy_helper.from_array(np.array([-1]), f"{constants}.keys")])
+    count = [onnx.helper.make_node("Shape", ["input_ids"], [f"{end}.call"], start=1, end=2),
+             onnx.helper.make_node("Add", ["start_pos", f"{end}.call"], [end])]
+    nodes, caches = list(count), {output.name for output in graph.output}
+    for node in graph.node:
+        if node.op_type == "Attention" and node.input[1] in caches:
+            for index, axis in ((1, "slots"), (2, "slots"), (3, "keys"))[:len(node.input) - 1]:
+                trimmed = f"{node.input[index]}.visible.{node.name}"
+                nodes.append(onnx.helper.make_node(
+                    "Slice", [node.input[index], f"{constants}.start", end,
+                              f"{constants}.{axis}"], [trimmed], name=trimmed))
+                node.input[index] = trimmed
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return state
 
 
 # ------------------------------------------------------------------------------ quantize
