@@ -187,9 +187,9 @@ def trim_attention(state: OnnxGraph) -> OnnxGraph:
                               numpy_helper.from_array(np.array([-1]), f"{constants}.keys")])
     count = [onnx.helper.make_node("Shape", ["input_ids"], [f"{end}.call"], start=1, end=2),
              onnx.helper.make_node("Add", ["start_pos", f"{end}.call"], [end])]
-    nodes, caches = list(count), {output.name for output in graph.output}
+    nodes, outputs = list(count), {output.name for output in graph.output}
     for node in graph.node:
-        if node.op_type == "Attention" and node.input[1] in caches:
+        if node.op_type == "Attention" and node.input[1] in outputs:  # the new cache
             for index, axis in ((1, "slots"), (2, "slots"), (3, "keys"))[:len(node.input) - 1]:
                 trimmed = f"{node.input[index]}.visible.{node.name}"
                 nodes.append(onnx.helper.make_node(
