@@ -2,8 +2,9 @@
 
     python -m bench.onnx [--threads 1] [--prompt 128] [--new-tokens 32]
 
-Measures prefill latency (B=1, T=--prompt), decode tokens/s (B=1, through the cache), artifact
-sizes, the weight bytes each decode step actually reads (ORT's profiler: nodes in untaken
+Measures prefill latency (B=1, T=--prompt), decode tokens/s (B=1, through the cache), the same
+for int8 exported at the CLI's default maximum length (``--long-max-length``: a longer static
+cache, which a decode step must not pay for), artifact sizes, the weight bytes each decode step actually reads (ORT's profiler: nodes in untaken
 ``If`` branches never run) against the active-parameter minimum, and a memory-bandwidth
 roofline measured on this machine in the same run. Writes bench/results/onnx.json.
 """
@@ -61,6 +62,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--long-max-length", type=int, default=2048,
+                        help="also time int8 exported at this maximum length (0: skip)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     options = ort.SessionOptions()
@@ -86,6 +89,12 @@ def main() -> None:
         sizes = {"eager fp32": folder_bytes(tmp / "checkpoint", "model"),
                  "ort fp32": folder_bytes(tmp / "fp32", "model"),
                  "ort int8": folder_bytes(tmp / "int8", "model")}
+        if args.long_max_length > max_length:
+            long_name = f"ort int8, max length {args.long_max_length}"
+            export_onnx(tmp / "checkpoint", {"int8": tmp / "int8-long"},
+                        max_length=args.long_max_length)
+            runtimes[long_name] = OnnxRuntime.from_path(tmp / "int8-long", options=options)
+            sizes[long_name] = folder_bytes(tmp / "int8-long", "model")
         decode_prompt = prompt[:, :16]
         read = {name: weights_read_per_call(tmp / name.split()[1], decode_prompt, 9)[1:]
                 for name in ("ort fp32", "ort int8")}
@@ -94,7 +103,7 @@ def main() -> None:
                    "int8": active_parameter_bytes(model, 1)}
         rows = []
         for name, runtime in runtimes.items():
-            precision = name.split()[1]
+            precision = name.split()[1].rstrip(",")
             prefill = median_seconds(lambda: runtime.logits(prompt), args.repeats)
             tokens_per_s = time_runtime(runtime, decode_prompt, args.new_tokens,
                                         args.repeats)["decode_tok_s"]
