@@ -4,9 +4,10 @@
 
 Measures prefill latency (B=1, T=--prompt), decode tokens/s (B=1, through the cache), the same
 for int8 exported at the CLI's default maximum length (``--long-max-length``: a longer static
-cache, which a decode step must not pay for), artifact sizes, the weight bytes each decode step actually reads (ORT's profiler: nodes in untaken
-``If`` branches never run) against the active-parameter minimum, and a memory-bandwidth
-roofline measured on this machine in the same run. Writes bench/results/onnx.json.
+cache, which a decode step must not pay for), artifact sizes, the weight bytes each decode step
+actually reads (ORT's profiler: nodes in untaken ``If`` branches never run) against the
+active-parameter minimum, and a memory-bandwidth roofline measured on this machine in the same
+run. Writes bench/results/onnx.json.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def main() -> None:
                  "ort fp32": folder_bytes(tmp / "fp32", "model"),
                  "ort int8": folder_bytes(tmp / "int8", "model")}
         if args.long_max_length > max_length:
-            long_name = f"ort int8, max length {args.long_max_length}"
+            long_name = f"ort int8 (max length {args.long_max_length})"
             export_onnx(tmp / "checkpoint", {"int8": tmp / "int8-long"},
                         max_length=args.long_max_length)
             runtimes[long_name] = OnnxRuntime.from_path(tmp / "int8-long", options=options)
@@ -103,7 +104,7 @@ def main() -> None:
                    "int8": active_parameter_bytes(model, 1)}
         rows = []
         for name, runtime in runtimes.items():
-            precision = name.split()[1].rstrip(",")
+            precision = name.split()[1]  # "ort int8 (max length N)" → int8
             prefill = median_seconds(lambda: runtime.logits(prompt), args.repeats)
             tokens_per_s = time_runtime(runtime, decode_prompt, args.new_tokens,
                                         args.repeats)["decode_tok_s"]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from bibo_export.cli import main as cli_main
 from bibo_export.config import BiBoConfig
 from bibo_export.model import BiBoForCausalLM
+from bibo_export.model.moe import normalize_logits
 
 # The command line's processes fork from a server that imported the package once: each still
 # starts clean (a process of its own, its own exit status and file descriptors 1 and 2), without
@@ -138,8 +139,6 @@ ROUTING_TIE = 1e-5
 def selection_scores(model: BiBoForCausalLM, ids: np.ndarray) -> list[torch.Tensor]:
     """Per MoE layer of ``model``, the selection scores z̃ + b that its top-k chose from, for
     every token of ``ids`` [B, T]: [B·T, n] each, captured by hooks on the routers."""
-    from bibo_export.model.moe import normalize_logits
-
     scores = []
 
     def capture(moe):

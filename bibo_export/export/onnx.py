@@ -179,7 +179,9 @@ def trim_attention(state: OnnxGraph) -> OnnxGraph:
     some query of the call can see: its keys, values and mask are sliced to them. The slots
     after are masked for every query, so the result is the same, but a decode step no longer
     reads the whole static cache in every layer (at the CLI's default maximum length, 2,048
-    slots, about as many bytes as the `bench` model's int8 weights)."""
+    slots, about as many bytes as the `bench` model's int8 weights). A rewrite of the graph,
+    not of the model: slicing there needs the length as a number (``.item()``), and the
+    exporter's decomposition of ``torch.cond`` rejects the unbacked size that makes."""
     graph = state.model.graph
     end, constants = "attention.visible_slots", "attention.slice"
     graph.initializer.extend([numpy_helper.from_array(np.array([0]), f"{constants}.start"),
