@@ -7,9 +7,11 @@ weight bytes a decoded token reads, for the two ways a program computes the rout
 
 Rows: eager fp32 (the reference), then ExecuTorch fp32 and int8 programs with *fused* experts
 (every routed expert runs, inside XNNPACK) and with *selected* experts (BiBo's kernel runs the
-chosen ones). Prefill is one call of T = --prompt tokens at B = 1; decode is tokens/s of
-single-token steps after it. Runtimes are timed in alternating rounds (medians), so the
-machine's drift hits every row alike.
+chosen ones; attention reads only the cache slots in use). Prefill is one call of
+T = --prompt tokens at B = 1; decode is tokens/s of single-token steps after it. One more row
+times the int8 selected program exported at the CLI's default maximum length
+(``--long-max-length``): a longer static cache, which a decode step must not pay for. Runtimes
+are timed in alternating rounds (medians), so the machine's drift hits every row alike.
 
 Decode bytes per token: fused programs read every weight (counted from the program's
 tensors); selected programs are measured, the experts' part by the kernel's own counter over
@@ -98,6 +100,9 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--long-max-length", type=int, default=2048,
+                        help="also time int8 selected exported at this maximum length, at most "
+                             "the model's positions (0: skip)")
     args = parser.parse_args()
     max_length = args.prompt + args.decode_steps
 
@@ -110,11 +115,17 @@ def main() -> None:
             for precision, record in export_executorch(checkpoint, outs, max_length=max_length,
                                                        experts=experts).items():
                 records[f"executorch {precision} {experts}"] = record
-        vocab_size = BiBoForCausalLM.from_pretrained(checkpoint).config.vocab_size
-        prompt = np.random.default_rng(0).integers(0, vocab_size, (1, args.prompt))
+        config = BiBoForCausalLM.from_pretrained(checkpoint).config
+        prompt = np.random.default_rng(0).integers(0, config.vocab_size, (1, args.prompt))
         runtimes = {"eager fp32": load(checkpoint)}
         runtimes.update({f"executorch {precision} {experts}": load(tmp / f"{experts}-{precision}")
                          for experts, precision in PROGRAMS})
+        long_max_length = min(args.long_max_length, config.max_position_embeddings)
+        if long_max_length > max_length:
+            name = f"executorch int8 selected (max length {long_max_length})"
+            records[name] = export_executorch(checkpoint, {"int8": tmp / "long"},
+                                              max_length=long_max_length)["int8"]
+            runtimes[name] = load(tmp / "long")
         timings = interleaved_timings(runtimes, prompt, args.decode_steps, args.rounds)
         rows = []
         for name, runtime in runtimes.items():

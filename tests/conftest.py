@@ -23,7 +23,8 @@ collect_ignore = [name for name, package in [("test_onnx.py", "onnx"),
                                              ("test_executorch_int8.py", "executorch"),
                                              ("test_executorch_bf16.py", "executorch"),
                                              ("test_text.py", "executorch"),
-                                             ("test_kernels.py", "executorch")]
+                                             ("test_kernels.py", "executorch"),
+                                             ("test_transforms.py", "executorch")]
                   if importlib.util.find_spec(package) is None]
 
 try:

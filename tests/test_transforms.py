@@ -1,14 +1,17 @@
 """The export forms of the norm, of RoPE (ExecuTorch), of the cache write and of attention
-(ONNX) compute what the model's modules compute (the model's own modules are the oracle)."""
+(ONNX and ExecuTorch) compute what the model's modules compute (the model's own modules are the
+oracle)."""
 
 from __future__ import annotations
 
+import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401 - llama::custom_sdpa
 import pytest
 import torch
 
 from bibo_export.config import BiBoConfig
-from bibo_export.export.transforms import (MatmulMeanRMSNorm, MatmulRotary, ScatterCacheWrite,
-                                           SdpaGroupedAttention)
+from bibo_export.export.transforms import (CustomSdpaAttention, MatmulMeanRMSNorm, MatmulRotary,
+                                           ScatterCacheWrite, SdpaGroupedAttention,
+                                           SlotMajorCacheWrite)
 from bibo_export.model.attention import AttentionInputs, GroupedAttention, TokenPositions
 from bibo_export.model.layers import CacheWrite, RMSNorm, Rotary, rotary_cos_sin
 
@@ -64,7 +67,35 @@ def test_sdpa_attention_equals_grouped_attention(pad, kv_heads, cache):
     positions = TokenPositions(torch.arange(5, 9), None if pad is None else torch.tensor(pad))
     inputs = AttentionInputs.of(positions, BiBoConfig.preset("sort-tiny"),
                                 torch.arange(keys) if cache else None, torch.float32)
-    want = GroupedAttention()(q, k, v, inputs.mask, 0.25)
-    got = SdpaGroupedAttention()(q, k, v, inputs.mask, 0.25)
+    want = GroupedAttention()(q, k, v, inputs, 0.25)
+    got = SdpaGroupedAttention()(q, k, v, inputs, 0.25)
     assert got.shape == (2, 4, heads * head_dim)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("start, length", [(0, 5), (5, 1), (5, 4), (11, 1)])
+@pytest.mark.parametrize("kv_heads", [1, 2, 8])
+def test_custom_sdpa_over_a_slot_major_cache_equals_grouped_attention(start, length, kv_heads):
+    """A call of ``length`` tokens from slot ``start`` (a prefill, decode steps, the cache's last
+    slot) writes the same keys and values into a slot-major cache and attends as the masked
+    form does over the whole static cache, whose later slots hold stale values."""
+    torch.manual_seed(0)
+    heads, head_dim, slots = 8, 16, 12
+    q = torch.randn(1, heads, length, head_dim)
+    k_new, v_new = torch.randn(2, 1, kv_heads, length, head_dim).unbind(0)
+    k_cache, v_cache = torch.randn(2, 1, kv_heads, slots, head_dim).unbind(0)
+    positions = TokenPositions(torch.arange(start, start + length))
+    inputs = AttentionInputs.of(positions, BiBoConfig.preset("sort-tiny"), torch.arange(slots),
+                                torch.float32)
+    k_want = CacheWrite()(k_cache, positions.slots, k_new)
+    v_want = CacheWrite()(v_cache, positions.slots, v_new)
+    want = GroupedAttention()(q, k_want, v_want, inputs, 0.25)
+    slot_major = [cache.transpose(1, 2).contiguous() for cache in (k_cache, v_cache)]
+    k_got, v_got = (SlotMajorCacheWrite()(cache, positions.slots, new)
+                    for cache, new in zip(slot_major, (k_new, v_new)))
+    assert k_got is slot_major[0] and v_got is slot_major[1]  # written in place
+    assert torch.equal(k_got.transpose(1, 2), k_want)
+    assert torch.equal(v_got.transpose(1, 2), v_want)
+    got = CustomSdpaAttention(slots)(q, k_got, v_got, inputs, 0.25)
+    assert got.shape == (1, length, heads * head_dim)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

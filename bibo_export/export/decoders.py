@@ -57,12 +57,17 @@ class StatefulDecoder(nn.Module):
     ``to_edge`` runs) functionalizes them into buffer mutations of the program.
     """
 
-    def __init__(self, model: BiBoForCausalLM, batch_size: int, max_length: int) -> None:
+    def __init__(self, model: BiBoForCausalLM, batch_size: int, max_length: int,
+                 slot_major: bool = False) -> None:
+        """``slot_major``: key and value buffers laid out [B, max_len, G, d], for a model whose
+        cache writes and attention take that layout (``SlotMajorCacheWrite``)."""
         super().__init__()
         self.model = model
         self.batch_size, self.max_length = batch_size, max_length
         self.names = [name.replace(".", "_") for name in cache_names(model)]
         for name, tensor in zip(self.names, flatten_cache(model.new_cache(batch_size, max_length))):
+            if slot_major and not name.endswith("conv"):
+                tensor = tensor.transpose(1, 2).contiguous()
             self.register_buffer(name, tensor, persistent=False)
 
     def forward(self, input_ids: Tensor, input_pos: Tensor) -> Tensor:
@@ -75,5 +80,7 @@ class StatefulDecoder(nn.Module):
         out = self.model(input_ids, cache=unflatten_cache(self.model, tuple(cache)),
                          start_pos=start_pos)
         for name, tensor in zip(self.names, flatten_cache(out.cache)):
-            getattr(self, name).copy_(tensor)
+            buffer = getattr(self, name)
+            if tensor is not buffer:  # else written in place (``SlotMajorCacheWrite``)
+                buffer.copy_(tensor)
         return out.logits

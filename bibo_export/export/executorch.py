@@ -2,9 +2,10 @@
 ``pipeline``; the artifact is a folder with ``model.pte`` and ``manifest.json``.
 
 * **transform**: the export form by module swaps (``UnfoldedSharedExpert``,
-  ``MatmulMeanRMSNorm``, ``MatmulRotary``, and the experts as ``SelectedExperts``, or
-  ``FusedExperts`` with ``experts="fused"``), wrapped in ``StatefulDecoder``: the KV cache and
-  conv states are mutable buffers.
+  ``MatmulMeanRMSNorm``, ``MatmulRotary``; the experts as ``SelectedExperts`` with attention as
+  ``CustomSdpaAttention`` over a slot-major cache, or with ``experts="fused"``, for runtimes
+  without custom kernels, ``FusedExperts`` with the masked attention XNNPACK delegates),
+  wrapped in ``StatefulDecoder``: the KV cache and conv states are mutable buffers.
 * **quantize**: torchao "8da8w" (int8 per-channel weights, int8 dynamic per-token activations)
   on every ``nn.Linear`` except the routers (found by type), whose discrete top-k flips would be
   unbounded errors, int8 weights with one scale per row on every ``nn.Embedding`` (at a 128k
@@ -17,7 +18,8 @@
   contract of ExecuTorch's LLM runner (``TextLLMRunner``, the C++ runner of its phone apps),
   which also reads the constant methods ``runner_metadata`` builds.
 * **lower**: ``to_edge_transform_and_lower`` with the XNNPACK partitioner (the experts' custom
-  operator stays outside the delegates and runs BiBo's kernel library), then
+  operator stays outside the delegates and runs BiBo's kernel library; attention runs
+  ExecuTorch's ``llama::custom_sdpa`` kernel, which its LLM runner links), then
   ``to_executorch``, whose quant fusion turns the embedding's dequantize + lookup into
   ExecuTorch's ``quantized_decomposed::embedding_byte`` kernel. What was delegated and what
   stays as portable kernels is counted.
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401 - llama::custom_sdpa
 import torch
 from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 from executorch.exir import (EdgeCompileConfig, EdgeProgramManager, ExecutorchBackendConfig,
@@ -49,14 +52,15 @@ from torchao.quantization.granularity import PerAxis
 from ..artifacts import EXPERT_MODES, PTE_FILE, ArtifactMetadata
 from ..kernels.library import load_kernels
 from ..model import BiBoForCausalLM
-from ..model.layers import RMSNorm, Rotary
+from ..model.attention import GroupedAttention
+from ..model.layers import CacheWrite, RMSNorm, Rotary
 from ..model.moe import MLPExperts, SharedConvExpert
 from ..runtimes.executorch import METADATA_METHOD
 from .decoders import StatefulDecoder
 from .pipeline import ExportSettings, Recipe, Stage, run_export
-from .transforms import (FusedExperts, MatmulMeanRMSNorm, MatmulRotary, SelectedExperts,
-                         SelectedExpertsInt8, UnfoldedSharedExpert, export_form, router_names,
-                         swap_modules)
+from .transforms import (CustomSdpaAttention, FusedExperts, MatmulMeanRMSNorm, MatmulRotary,
+                         SelectedExperts, SelectedExpertsInt8, SlotMajorCacheWrite,
+                         UnfoldedSharedExpert, export_form, router_names, swap_modules)
 
 QUANTIZATION = ("8da8w (int8 per-channel weights, int8 dynamic per-token activations); "
                 "embedding int8 per row (embedding_byte); router float")
@@ -99,10 +103,18 @@ class ExecuTorchRecipe(Recipe):
                 ("lower", lambda build: self.lower(build, metadata))]
 
     def transform(self, model: BiBoForCausalLM) -> ProgramBuild:
-        experts = SelectedExperts if self.experts == "selected" else FusedExperts.of
-        model = export_form(model, {MLPExperts: experts, SharedConvExpert: UnfoldedSharedExpert,
-                                    RMSNorm: MatmulMeanRMSNorm, Rotary: MatmulRotary})
-        decoder = StatefulDecoder(model, self.settings.batch_size, self.settings.max_length)
+        max_length = self.settings.max_length
+        swaps = {SharedConvExpert: UnfoldedSharedExpert, RMSNorm: MatmulMeanRMSNorm,
+                 Rotary: MatmulRotary}
+        selected = self.experts == "selected"
+        if selected:  # programs that need custom kernels anyway: ExecuTorch's attention too
+            swaps.update({MLPExperts: SelectedExperts,
+                          CacheWrite: lambda _: SlotMajorCacheWrite(),
+                          GroupedAttention: lambda _: CustomSdpaAttention(max_length)})
+        else:  # only what every ExecuTorch runtime has: XNNPACK and portable kernels
+            swaps[MLPExperts] = FusedExperts.of
+        decoder = StatefulDecoder(export_form(model, swaps), self.settings.batch_size,
+                                  max_length, slot_major=selected)
         return ProgramBuild(decoder.eval())
 
     def export(self, build: ProgramBuild) -> ProgramBuild:
@@ -269,13 +281,30 @@ def decode_weight_bytes(build: ProgramBuild) -> dict[str, int]:
 
 
 def op_name(node: torch.fx.Node) -> str:
-    return getattr(node.target, "__name__", str(node.target)).removesuffix(".default")
+    return target_name(node.target)
+
+
+def target_name(target: Any) -> str:
+    """``namespace.op[.overload]``: an edge operator's name, or an ATen/custom one's."""
+    name = str(target) if isinstance(target, OpOverload) else getattr(target, "__name__",
+                                                                       str(target))
+    return name.removesuffix(".default")
 
 
 def kernel_ops(graph: torch.fx.Graph) -> Counter:
-    """Operator calls of a graph, by name (not getitem, not symbolic-int arithmetic)."""
-    return Counter(op_name(node) for node in graph.nodes if node.op == "call_function"
-                   and isinstance(node.target, (EdgeOpOverload, OpOverload)))
+    """Operator calls of a graph, by name (not getitem, not symbolic-int arithmetic). An
+    operator that writes its input in place (``llama::update_cache``) is wrapped in
+    ``auto_functionalized_v2`` here, until ``to_executorch`` writes in place again: it counts
+    as itself."""
+    ops: Counter = Counter()
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.higher_order.auto_functionalized_v2:
+            ops[target_name(node.args[0])] += 1
+        elif isinstance(node.target, (EdgeOpOverload, OpOverload)):
+            ops[op_name(node)] += 1
+    return ops
 
 
 def count_ops(edge_program: EdgeProgramManager) -> dict[str, Any]:

@@ -30,6 +30,10 @@ handles better:
   with grouped KV heads, which the exporter writes at opset 23 as one ``Attention`` node where
   the grouped matmuls were a dozen nodes per layer (at opset 23 ORT also fuses the rotate-half
   RoPE into one ``RotaryEmbedding``: `bench` int8, 703 → 541 nodes per decode step).
+* ``CacheWrite`` → ``SlotMajorCacheWrite`` and ``GroupedAttention`` → ``CustomSdpaAttention``
+  (ExecuTorch): the cache laid out slots before heads and attention as ExecuTorch's
+  ``llama::custom_sdpa``, which reads only the slots up to each query's; the masked form,
+  which XNNPACK delegates, read the whole static cache at every decode step.
 * ``Rotary`` → ``MatmulRotary`` (ExecuTorch): RoPE's half rotation as a product with a constant
   signed permutation, which XNNPACK delegates; it takes no slice of a tensor whose length is
   dynamic, which the halves were.
@@ -47,7 +51,7 @@ from torch import Tensor, nn
 
 from ..kernels.moe_experts import quantize_rows
 from ..model import BiBoForCausalLM
-from ..model.attention import GroupedAttention
+from ..model.attention import AttentionInputs, GroupedAttention
 from ..model.layers import (CacheWrite, RMSNorm, Rotary, SwiGLU, causal_window, causal_windows,
                             conv_weight_as_linear)
 from ..model.moe import MLPExperts, Router, Selection, SharedConvExpert
@@ -237,13 +241,31 @@ class ScatterCacheWrite(CacheWrite):
         return cache.scatter(2, index, new.to(cache.dtype))
 
 
+class SlotMajorCacheWrite(CacheWrite):
+    """``CacheWrite`` into a cache laid out [B, max_len, G, d] (slots before heads), the layout
+    of ExecuTorch's ``llama::custom_sdpa``, in place, by its ``llama::update_cache``: the call's
+    keys or values [B, G, T, d] land in the same slots (consecutive, from the first), and the
+    cache returned is ``cache`` itself. An out-of-place write (``index_put``) copies the whole
+    cache in every layer of every decode step."""
+
+    def forward(self, cache: Tensor, slots: Tensor, new: Tensor) -> Tensor:
+        start = slots[0].item()
+        torch._check(start >= 0)
+        torch._check(start + new.shape[2] <= cache.shape[1])
+        torch.ops.llama.update_cache(new.transpose(1, 2).contiguous().to(cache.dtype), cache,
+                                     start)
+        return cache
+
+
 # ------------------------------------------------------------------------------ attention
 class SdpaGroupedAttention(GroupedAttention):
     """``GroupedAttention`` as one ``scaled_dot_product_attention`` over the grouped KV heads,
     which the ONNX exporter writes (opset 23) as one ``Attention`` node in place of a dozen."""
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs,
+                scale: float) -> Tensor:
         B, H, _, d = q.shape
+        mask = inputs.mask
         if mask.dim() == 5:  # [B, 1, 1, T, K], laid out for the grouped form → [B, 1, T, K]
             mask = mask[:, :, 0]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
@@ -280,3 +302,23 @@ class MatmulRotary(Rotary):
 
     def rotate_half(self, x: Tensor) -> Tensor:
         return F.linear(x, self.rotation.to(x.dtype))
+
+
+class CustomSdpaAttention(GroupedAttention):
+    """``GroupedAttention`` over a slot-major cache (``SlotMajorCacheWrite``) as ExecuTorch's
+    ``llama::custom_sdpa``, the kernel of its own LLM exports: causal from the call's first
+    slot, it reads only the cache slots up to each query's, where the masked form reads the
+    whole static cache at every step. Unpadded calls only (the ExecuTorch program's)."""
+
+    def __init__(self, max_length: int) -> None:
+        super().__init__()
+        self.max_length = max_length
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs,
+                scale: float) -> Tensor:
+        B, H, T, d = q.shape
+        start = inputs.positions.slots[0].item()
+        torch._check(start >= 0)
+        torch._check(start + T <= self.max_length)
+        out = torch.ops.llama.custom_sdpa(q.transpose(1, 2), k, v, start, None, 0.0, True, scale)
+        return out.reshape(B, T, H * d)

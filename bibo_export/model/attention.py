@@ -107,11 +107,12 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: floa
 
 
 class GroupedAttention(nn.Module):
-    """``grouped_attention`` over a cache or a padded call. No parameters: a module so that
-    exporters can swap the form."""
+    """``grouped_attention`` over a cache or a padded call, with ``inputs.mask``. No parameters:
+    a module so that exporters can swap the form (which may read the positions instead)."""
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
-        return grouped_attention(q, k, v, mask, scale)
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs,
+                scale: float) -> Tensor:
+        return grouped_attention(q, k, v, inputs.mask, scale)
 
 
 class Attention(nn.Module):
@@ -172,5 +173,5 @@ class Attention(nn.Module):
                                                  is_causal=True, scale=scale)
             out = out.transpose(1, 2).reshape(B, -1, self.num_heads * self.head_dim)
         else:
-            out = self.attend(q, k, v, inputs.mask, scale)
+            out = self.attend(q, k, v, inputs, scale)
         return self.o_proj(out), new_cache

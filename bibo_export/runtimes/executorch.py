@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401 - llama::custom_sdpa
 import executorch.kernels.quantized  # noqa: F401 - registers embedding_byte with the runtime
 import numpy as np
 import torch
