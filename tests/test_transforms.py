@@ -96,6 +96,6 @@ def test_custom_sdpa_over_a_slot_major_cache_equals_grouped_attention(start, len
     assert k_got is slot_major[0] and v_got is slot_major[1]  # written in place
     assert torch.equal(k_got.transpose(1, 2), k_want)
     assert torch.equal(v_got.transpose(1, 2), v_want)
-    got = CustomSdpaAttention(slots)(q, k_got, v_got, inputs, 0.25)
+    got = CustomSdpaAttention()(q, k_got, v_got, inputs, 0.25)
     assert got.shape == (1, length, heads * head_dim)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

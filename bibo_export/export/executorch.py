@@ -103,18 +103,17 @@ class ExecuTorchRecipe(Recipe):
                 ("lower", lambda build: self.lower(build, metadata))]
 
     def transform(self, model: BiBoForCausalLM) -> ProgramBuild:
-        max_length = self.settings.max_length
         swaps = {SharedConvExpert: UnfoldedSharedExpert, RMSNorm: MatmulMeanRMSNorm,
                  Rotary: MatmulRotary}
         selected = self.experts == "selected"
         if selected:  # programs that need custom kernels anyway: ExecuTorch's attention too
             swaps.update({MLPExperts: SelectedExperts,
                           CacheWrite: lambda _: SlotMajorCacheWrite(),
-                          GroupedAttention: lambda _: CustomSdpaAttention(max_length)})
+                          GroupedAttention: lambda _: CustomSdpaAttention()})
         else:  # only what every ExecuTorch runtime has: XNNPACK and portable kernels
             swaps[MLPExperts] = FusedExperts.of
         decoder = StatefulDecoder(export_form(model, swaps), self.settings.batch_size,
-                                  max_length, slot_major=selected)
+                                  self.settings.max_length, slot_major=selected)
         return ProgramBuild(decoder.eval())
 
     def export(self, build: ProgramBuild) -> ProgramBuild:

@@ -249,12 +249,19 @@ class SlotMajorCacheWrite(CacheWrite):
     cache in every layer of every decode step."""
 
     def forward(self, cache: Tensor, slots: Tensor, new: Tensor) -> Tensor:
-        start = slots[0].item()
-        torch._check(start >= 0)
-        torch._check(start + new.shape[2] <= cache.shape[1])
+        start = first_slot(slots, new.shape[2], cache.shape[1])
         torch.ops.llama.update_cache(new.transpose(1, 2).contiguous().to(cache.dtype), cache,
                                      start)
         return cache
+
+
+def first_slot(slots: Tensor, length: int, cache_length: int) -> int:
+    """The first of a call's ``length`` consecutive ``slots``, as the number ExecuTorch's llama
+    kernels take, bounded for the exporter: the call fits in the cache."""
+    start = slots[0].item()
+    torch._check(start >= 0)
+    torch._check(start + length <= cache_length)
+    return start
 
 
 # ------------------------------------------------------------------------------ attention
@@ -310,15 +317,9 @@ class CustomSdpaAttention(GroupedAttention):
     slot, it reads only the cache slots up to each query's, where the masked form reads the
     whole static cache at every step. Unpadded calls only (the ExecuTorch program's)."""
 
-    def __init__(self, max_length: int) -> None:
-        super().__init__()
-        self.max_length = max_length
-
     def forward(self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs,
                 scale: float) -> Tensor:
         B, H, T, d = q.shape
-        start = inputs.positions.slots[0].item()
-        torch._check(start >= 0)
-        torch._check(start + T <= self.max_length)
+        start = first_slot(inputs.positions.slots, T, k.shape[1])
         out = torch.ops.llama.custom_sdpa(q.transpose(1, 2), k, v, start, None, 0.0, True, scale)
         return out.reshape(B, T, H * d)
