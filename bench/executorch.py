@@ -8,7 +8,10 @@ weight bytes a decoded token reads, for the two ways a program computes the rout
 Rows: eager fp32 (the reference), then ExecuTorch fp32 and int8 programs with *fused* experts
 (every routed expert runs, inside XNNPACK) and with *selected* experts (BiBo's kernel runs the
 chosen ones; attention reads only the cache slots in use). Prefill is one call of
-T = --prompt tokens at B = 1; decode is tokens/s of single-token steps after it. One more row
+T = --prompt tokens at B = 1; decode is tokens/s of single-token steps after it, each step
+timed alone (the median step). Every runtime gets --threads threads (default 1, as
+bench-onnx: with ExecuTorch's default pool of one thread per core, steps spread 3-fold on a
+shared 2-core machine). One more row
 times the int8 selected program exported at the CLI's default maximum length
 (``--long-max-length``): a longer static cache, which a decode step must not pay for. Runtimes
 are timed in alternating rounds (medians), so the machine's drift hits every row alike.
@@ -37,6 +40,7 @@ from bibo_export.kernels.library import read_counters
 from bibo_export.model import BiBoForCausalLM
 from bibo_export.runtimes import load
 from bibo_export.runtimes.base import Runtime
+from bibo_export.runtimes.executorch import set_threads
 from bibo_export.timing import time_runtime
 
 PROGRAMS = [(experts, precision) for experts in ("fused", "selected")
@@ -100,11 +104,16 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads for torch and ExecuTorch alike (default 1: fair on a "
+                             "shared box)")
     parser.add_argument("--long-max-length", type=int, default=2048,
                         help="also time int8 selected exported at this maximum length, at most "
                              "the model's positions (0: skip)")
     args = parser.parse_args()
     max_length = args.prompt + args.decode_steps
+    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -145,7 +154,7 @@ def main() -> None:
     path = update_results("executorch", section, {
         "machine": machine(), "checkpoint": str(args.checkpoint or f"random {args.preset}"),
         "prompt_tokens": args.prompt, "batch_size": 1, "decode_steps": args.decode_steps,
-        "rounds": args.rounds, "rows": rows})
+        "rounds": args.rounds, "threads": args.threads, "rows": rows})
     print(table(rows, COLUMNS))
     print(f"results: {path}")
 

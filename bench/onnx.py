@@ -2,7 +2,8 @@
 
     python -m bench.onnx [--threads 1] [--prompt 128] [--new-tokens 32]
 
-Measures prefill latency (B=1, T=--prompt), decode tokens/s (B=1, through the cache), the same
+Measures prefill latency (B=1, T=--prompt), decode tokens/s (B=1, through the cache: the median
+step, each step timed alone, after a 16-token prompt), the same
 for int8 exported at the CLI's default maximum length (``--long-max-length``: a longer static
 cache, which a decode step must not pay for), artifact sizes, the weight bytes each decode step
 actually reads (ORT's profiler: nodes in untaken ``If`` branches never run) against the

@@ -150,8 +150,9 @@ def write_report(result: dict[str, Any], out: Path, metrics: Path | None = None,
              markdown_table(result["rows"]), ""]
     if speed:
         parts += [f"Speed: batch 1, prefill of {speed['prompt_tokens']} tokens, then "
-                  f"{speed['new_tokens'] - 1} cached decode steps; medians of "
-                  f"{speed['repeats']} runs on this machine.", ""]
+                  f"{speed['new_tokens'] - 1} cached decode steps; the median prefill of "
+                  f"{speed['repeats']} runs and the median of their decode steps, each timed "
+                  f"alone, on this machine.", ""]
     verdict = "all bars met" if result["passed"] else "SOME BARS FAILED"
     parts += [f"**Parity: {verdict}.**", ""]
     examples = sorting_examples(result)

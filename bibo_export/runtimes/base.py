@@ -71,7 +71,7 @@ class Runtime(ABC):
         tokens = [ids]
         logits = self._prefill(ids, pad)
         for step in range(max_new_tokens):
-            next_ids = np.asarray(logits)[:, -1].argmax(-1).astype(np.int64)[:, None]
+            next_ids = greedy_next(logits)
             tokens.append(next_ids)
             if step + 1 < max_new_tokens:
                 logits = self._decode(next_ids, ids.shape[1] + step, pad)
@@ -135,6 +135,11 @@ class Runtime(ABC):
     @abstractmethod
     def _decode(self, input_ids: np.ndarray, position: int,
                 pad: np.ndarray | None) -> np.ndarray: ...
+
+
+def greedy_next(logits: np.ndarray) -> np.ndarray:
+    """The argmax token [B, 1] (int64) of each row's last position in ``logits`` [B, T, V]."""
+    return np.asarray(logits)[:, -1].argmax(-1).astype(np.int64)[:, None]
 
 
 def left_padding(attention_mask: object, shape: tuple[int, ...]) -> np.ndarray:

@@ -14,6 +14,7 @@ import executorch.kernels.quantized  # noqa: F401 - registers embedding_byte wit
 import numpy as np
 import torch
 from executorch.exir._serialize._program import _get_extended_header
+from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 from executorch.runtime import Runtime as ETRuntime
 
 from ..artifacts import ArtifactMetadata, check_manifest, program_file
@@ -37,6 +38,14 @@ def check_file(path: Path) -> None:
                                              + header.segment_data_size)
     if path.stat().st_size < expected:
         raise ValueError(f"{path} is truncated: {path.stat().st_size} of {expected} bytes")
+
+
+def set_threads(count: int) -> None:
+    """Give ExecuTorch's thread pool, which XNNPACK and the kernels of this process share,
+    ``count`` threads (its default: one per core). Only between calls: the pool is rebuilt."""
+    if count < 1:
+        raise ValueError(f"ExecuTorch needs at least 1 thread, got {count}")
+    _unsafe_reset_threadpool(count)
 
 
 class ExecuTorchRuntime(Runtime):
