@@ -14,6 +14,7 @@ import numpy as np
 from .artifacts import (CONFIG_FILE, EXPERT_MODES, TOKENIZER_FILE, WEIGHTS_FILE, artifact_kind,
                         tokenizer_beside)
 from .config import DISPATCH_MODES, PRESETS, BiBoConfig
+from .export.pipeline import check_outputs
 from .logs import filtered_native_stderr, silence_known_noise
 from .model import BiBoForCausalLM
 from .model.reference import import_reference
@@ -33,8 +34,9 @@ def cmd_config(args: argparse.Namespace) -> None:
     print(config.to_json())
 
 
-def export_outputs(args: argparse.Namespace) -> dict[str, str]:
-    """--out (--dtype, or int8 with --int8) and --int8-out: one folder per precision."""
+def export_outputs(args: argparse.Namespace) -> dict[str, Path]:
+    """--out (--dtype, or int8 with --int8) and --int8-out: one folder per precision, checked
+    (``check_outputs``)."""
     dtype = getattr(args, "dtype", "fp32")
     if args.int8 and dtype != "fp32":
         raise ValueError(f"--int8 and --dtype {dtype} both set --out's precision: choose one")
@@ -43,22 +45,26 @@ def export_outputs(args: argparse.Namespace) -> dict[str, str]:
         if args.int8:
             raise ValueError("--int8-out adds an int8 export beside a float --out; drop --int8")
         outs["int8"] = args.int8_out
-    return outs
+    return check_outputs(outs)
 
 
+# Each exporter is imported once its arguments are checked: onnx and executorch exist in the
+# export environment only, and importing them takes seconds (6 s for executorch on 2 cores)
+# that a mistyped path should not wait for.
 def cmd_export_onnx(args: argparse.Namespace) -> None:
     """Export a checkpoint to ONNX (one prefill/decode graph, explicit cache I/O), verified."""
-    from .export.onnx import export_onnx  # onnx is in the export environment only
+    checkpoint, outs = checkpoint_folder(args.checkpoint), export_outputs(args)
+    from .export.onnx import export_onnx
 
-    export_onnx(checkpoint_folder(args.checkpoint), export_outputs(args), args.max_length)
+    export_onnx(checkpoint, outs, args.max_length)
 
 
 def cmd_export_executorch(args: argparse.Namespace) -> None:
     """Export a checkpoint to ExecuTorch (XNNPACK, cache in mutable buffers), verified."""
-    from .export.executorch import export_executorch  # likewise executorch
+    checkpoint, outs = checkpoint_folder(args.checkpoint), export_outputs(args)
+    from .export.executorch import export_executorch
 
-    export_executorch(checkpoint_folder(args.checkpoint), export_outputs(args), args.max_length,
-                      experts=args.experts)
+    export_executorch(checkpoint, outs, args.max_length, experts=args.experts)
 
 
 def checkpoint_folder(path: str) -> Path:

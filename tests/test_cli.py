@@ -1,6 +1,8 @@
 """The command line: resolved configs out, one-line errors for bad input."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -34,6 +36,21 @@ def test_bad_input_is_one_line_and_non_zero(tmp_path):
         assert message in result.stderr
         assert "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("exporter", ["onnx", "executorch"])
+def test_bad_export_input_is_refused_before_the_exporter_is_imported(tmp_path, exporter):
+    """onnx and executorch take seconds to import: a mistyped path must not wait for them. In a
+    fresh interpreter, since a forked one inherits what the test process imported."""
+    argv = ["export", exporter, "--checkpoint", str(tmp_path / "none"), "--out",
+            str(tmp_path / "out")]
+    code = ("import sys; from bibo_export.cli import main; status = main(sys.argv[1:]); "
+            "print(status, *sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'onnx', 'onnxruntime', 'executorch', 'torchao'}))")
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                            timeout=120)
+    assert "checkpoint not found" in result.stderr, result.stderr
+    assert result.stdout.split() == ["2"], result.stdout  # the exit status, no library
 
 
 def test_generate_through_the_eager_runtime(tmp_path):
