@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Sequence
+import statistics
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,20 @@ RESULTS_DIR = Path(__file__).parent / "results"
 def machine() -> dict[str, Any]:
     return {"python": platform.python_version(), "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+
+
+def interleaved_medians(measure: Callable[[Any], dict[str, float]], subjects: dict[str, Any],
+                        rounds: int) -> dict[str, dict[str, float]]:
+    """Per subject, the median of each figure ``measure`` returns, over ``rounds`` rounds that
+    each measure every subject once in turn: the machine's drift then hits every row alike,
+    where timing one row after another puts it into their ratios."""
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in subjects}
+    for round_index in range(rounds):
+        print(f"  timing round {round_index + 1}/{rounds} ...", flush=True)
+        for name, subject in subjects.items():
+            samples[name].append(measure(subject))
+    return {name: {key: statistics.median(s[key] for s in runs) for key in runs[0]}
+            for name, runs in samples.items()}
 
 
 def update_results(name: str, section: str, payload: dict[str, Any]) -> Path:

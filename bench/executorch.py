@@ -25,7 +25,6 @@ active-parameter minimum (k routed experts per MoE layer).
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import machine, table, update_results
+from bench.common import interleaved_medians, machine, table, update_results
 from bibo_export.config import BiBoConfig
 from bibo_export.export.executorch import export_executorch
 from bibo_export.kernels.library import read_counters
@@ -64,18 +63,6 @@ def kernel_bytes_per_decode_step(runtime: Runtime, prompt: np.ndarray, new_token
     prefill = read_counters(reset=True).weight_bytes
     runtime.generate(prompt, new_tokens)
     return (read_counters(reset=True).weight_bytes - prefill) / (new_tokens - 1)
-
-
-def interleaved_timings(runtimes: dict[str, Runtime], prompt: np.ndarray, new_tokens: int,
-                        rounds: int) -> dict[str, dict[str, float]]:
-    """Medians over ``rounds`` rounds, each timing every runtime once in turn."""
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in runtimes}
-    for round_index in range(rounds):
-        print(f"  timing round {round_index + 1}/{rounds} ...", flush=True)
-        for name, runtime in runtimes.items():
-            samples[name].append(time_runtime(runtime, prompt, new_tokens, repeats=1))
-    return {name: {key: statistics.median(s[key] for s in runs) for key in runs[0]}
-            for name, runs in samples.items()}
 
 
 def program_row(record: dict[str, Any], runtime: Runtime, prompt: np.ndarray,
@@ -135,7 +122,9 @@ def main() -> None:
             records[name] = export_executorch(checkpoint, {"int8": tmp / "long"},
                                               max_length=long_max_length)["int8"]
             runtimes[name] = load(tmp / "long")
-        timings = interleaved_timings(runtimes, prompt, args.decode_steps, args.rounds)
+        timings = interleaved_medians(
+            lambda runtime: time_runtime(runtime, prompt, args.decode_steps, repeats=1),
+            runtimes, args.rounds)
         rows = []
         for name, runtime in runtimes.items():
             row = {"runtime": name, **timings[name]}

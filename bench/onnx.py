@@ -8,7 +8,8 @@ for int8 exported at the CLI's default maximum length (``--long-max-length``: a 
 cache, which a decode step must not pay for), artifact sizes, the weight bytes each decode step
 actually reads (ORT's profiler: nodes in untaken ``If`` branches never run) against the
 active-parameter minimum, and a memory-bandwidth roofline measured on this machine in the same
-run. Writes bench/results/onnx.json.
+run. Runtimes are timed in alternating rounds (medians), so the machine's drift hits every row
+alike. Writes bench/results/onnx.json.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from bench.common import machine, table, update_results
+from bench.common import interleaved_medians, machine, table, update_results
 from bibo_export.config import BiBoConfig
 from bibo_export.export.onnx import export_onnx, weights_read_per_call
 from bibo_export.model import BiBoForCausalLM
@@ -63,7 +64,8 @@ def main() -> None:
                         help="threads for torch and ORT alike (default 1: fair on a shared box)")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="alternating rounds, each timing every runtime once (medians)")
     parser.add_argument("--long-max-length", type=int, default=2048,
                         help="also time int8 exported at this maximum length (0: skip)")
     args = parser.parse_args()
@@ -103,22 +105,23 @@ def main() -> None:
         bandwidth = copy_bandwidth()
         minimum = {"fp32": active_parameter_bytes(model, 4),
                    "int8": active_parameter_bytes(model, 1)}
+        def measure(runtime: Runtime) -> dict[str, float]:
+            return {"prefill_ms": median_seconds(lambda: runtime.logits(prompt), 1) * 1e3,
+                    "decode_tok_s": time_runtime(runtime, decode_prompt, args.new_tokens,
+                                                 repeats=1)["decode_tok_s"]}
+
+        timings = interleaved_medians(measure, runtimes, args.repeats)
         rows = []
         for name, runtime in runtimes.items():
             precision = name.split()[1]  # "ort int8 (max length N)" → int8
-            prefill = median_seconds(lambda: runtime.logits(prompt), args.repeats)
-            tokens_per_s = time_runtime(runtime, decode_prompt, args.new_tokens,
-                                        args.repeats)["decode_tok_s"]
-            row = dict(runtime=name, prefill_ms=prefill * 1e3, decode_tok_s=tokens_per_s,
-                       artifact_mb=sizes[name] / 1e6, min_active_mb=minimum[precision] / 1e6)
+            row = dict(runtime=name, **timings[name], artifact_mb=sizes[name] / 1e6,
+                       min_active_mb=minimum[precision] / 1e6)
             if name in read:
                 per_token = float(np.mean([sum(call.values()) for call in read[name]]))
                 row.update(read_mb_per_token=per_token / 1e6,
                            read_vs_min=per_token / minimum[precision],
                            roofline_tok_s=bandwidth / per_token)
             rows.append(row)
-            print(f"  {name}: prefill {prefill * 1e3:.1f} ms, decode {tokens_per_s:.1f} tok/s",
-                  flush=True)
     payload = {"machine": machine(), "threads": args.threads, "prompt": args.prompt,
                "new_tokens": args.new_tokens, "copy_bandwidth_gb_s": bandwidth / 1e9,
                "export_seconds": export_seconds, "rows": rows,
