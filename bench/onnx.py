@@ -105,6 +105,7 @@ def main() -> None:
         bandwidth = copy_bandwidth()
         minimum = {"fp32": active_parameter_bytes(model, 4),
                    "int8": active_parameter_bytes(model, 1)}
+
         def measure(runtime: Runtime) -> dict[str, float]:
             return {"prefill_ms": median_seconds(lambda: runtime.logits(prompt), 1) * 1e3,
                     "decode_tok_s": time_runtime(runtime, decode_prompt, args.new_tokens,

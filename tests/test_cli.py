@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bibo_export.model import BiBoForCausalLM
-from helpers import run_cli, tiny_config
+from helpers import CLI_TIMEOUT_S, run_cli, tiny_config
 
 
 def test_config_prints_resolved_json():
@@ -48,7 +48,7 @@ def test_bad_export_input_is_refused_before_the_exporter_is_imported(tmp_path, e
             "print(status, *sorted({m.split('.')[0] for m in sys.modules} & "
             "{'onnx', 'onnxruntime', 'executorch', 'torchao'}))")
     result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
-                            timeout=120)
+                            timeout=CLI_TIMEOUT_S)
     assert "checkpoint not found" in result.stderr, result.stderr
     assert result.stdout.split() == ["2"], result.stdout  # the exit status, no library
 
