@@ -24,23 +24,37 @@ from .io import atomic_path, file_sha256
 
 END_OF_TEXT = "<|endoftext|>"
 MIN_VOCAB = 257  # the 256 byte tokens and END_OF_TEXT
+BINARY_SNIFF_BYTES = 8192
 
 
 def corpus_files(path: str | Path) -> list[Path]:
-    """The files of a text corpus, sorted: ``path`` itself, every file under a folder, or
-    the files a pattern's last part matches (``/usr/lib/python3.11/*.py``)."""
+    """The text files of a corpus, sorted: ``path`` itself, the files under a folder, or the
+    files a pattern's last part matches (``/usr/lib/python3.11/*.py``). Binary files found in a
+    folder or by a pattern (compiled ``.pyc``, shared libraries) are left out, as git judges
+    them: a NUL byte in the first 8 KiB. Such bytes are no text to learn, and would make the
+    corpus depend on what happened to be built or cached in the folder."""
     path = Path(path)
     if "*" in path.name:
-        files = sorted(p for p in path.parent.glob(path.name) if p.is_file())
-        if not files:
+        found = sorted(p for p in path.parent.glob(path.name) if p.is_file())
+        if not found:
             raise ValueError(f"text corpus pattern {path} matches no file")
     elif not path.exists():
         raise ValueError(f"data path not found: {path}")
     else:
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        found = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = [file for file in found if not is_binary(file)]
+    if found and not files:
+        raise ValueError(f"text corpus {path} is binary, not text (a NUL byte in the first "
+                         f"{BINARY_SNIFF_BYTES // 1024} KiB of every file)")
     if not any(file.stat().st_size for file in files):
         raise ValueError(f"text corpus {path} is empty")
     return files
+
+
+def is_binary(file: Path) -> bool:
+    """Whether ``file`` holds a NUL byte in its first BINARY_SNIFF_BYTES (git's own test)."""
+    with file.open("rb") as stream:
+        return b"\0" in stream.read(BINARY_SNIFF_BYTES)
 
 
 def documents(files: list[Path]) -> Iterator[str]:

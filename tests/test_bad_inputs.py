@@ -139,6 +139,8 @@ CASES = {
                             "bad sorting spec 'sort:a,b'", "{out}"),
     "empty corpus": ((*TRAIN, "--data", "text:{root}/empty", "--out", "{out}"),
                      "is empty", "{out}"),
+    "binary corpus": (("tokenizer", "train", "--data", "text:{ckpt}/model.safetensors",
+                       "--vocab-size", "300", "--out", "{out}"), "is binary, not text", "{out}"),
     # tokenizers
     "tokenizer vocabulary below the bytes": (("tokenizer", "train", "--data", "text:{corpus}",
                                               "--vocab-size", "100", "--out", "{out}"),

@@ -4,6 +4,8 @@ the model's vocabulary follows the tokenizer (or is refused when it cannot hold 
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
@@ -52,6 +54,19 @@ def test_corpus_tokens_are_each_document_then_end_of_text(corpus, tokenizer, tmp
     for name in sorted(CORPUS):
         expected += oracle.encode(CORPUS[name]).ids + [oracle.token_to_id(END_OF_TEXT)]
     assert np.fromfile(path, dtype=path.suffix[1:]).tolist() == expected
+
+
+def test_binary_files_under_a_corpus_folder_are_left_out(corpus, tokenizer, tmp_path):
+    """What a build or an interpreter leaves in a source folder is not part of its text."""
+    folder = tmp_path / "corpus"
+    shutil.copytree(corpus, folder)
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "b.cpython-311.pyc").write_bytes(b"\xa7\r\r\n\0\0\0\0" * 50)
+    (folder / "lib.so").write_bytes(b"\x7fELF" + b"x" * 5000 + b"\0")  # NUL past the start
+    with_binaries = tokenize_corpus(folder, tokenizer, tmp_path / "with")
+    text_only = tokenize_corpus(corpus, tokenizer, tmp_path / "without")
+    assert np.array_equal(np.fromfile(with_binaries, dtype=with_binaries.suffix[1:]),
+                          np.fromfile(text_only, dtype=text_only.suffix[1:]))
 
 
 def test_the_token_cache_is_reused_until_the_corpus_changes(corpus, tokenizer, tmp_path):
