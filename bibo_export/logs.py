@@ -48,9 +48,13 @@ TORCHAO_CUDA_KERNELS = re.compile(r"Failed to load .*torchao[/\\]_C")
 # torchao registers its KernelPreference enum as a pytree constant, which torch now supports
 # natively and warns about; nothing changes for us (logged by torch when torchao is imported).
 KERNEL_PREFERENCE_ENUM = re.compile(r"<enum 'KernelPreference'> is an Enum subclass")
+# torch.onnx's exporter registers torchvision's ONNX translations when it starts and says, once
+# per operator, that it skips them where torchvision is absent; our models use none of them.
+TORCHVISION_TRANSLATIONS = re.compile(r"torchvision is not installed\. Skipping torchvision::")
 KNOWN_LOG_RECORDS = {
     "torchao": (TORCHAO_CUDA_KERNELS,),
     "torch.utils._pytree": (KERNEL_PREFERENCE_ENUM,),
+    "torch.onnx._internal.exporter._registration": (TORCHVISION_TRANSLATIONS,),
 }
 
 # Native lines written to fd 2: byte regexes searched anywhere in the line.
@@ -91,13 +95,47 @@ def _keep_record(record: logging.LogRecord) -> bool:
 def silence_known_noise() -> None:
     """Hide the known harmless Python warnings and log records listed above, which would
     otherwise fill every log and hide what matters. Every other warning and record still
-    shows. Call it before torchao is imported (it logs on import). Safe to call more than once:
-    it adds no duplicate filters."""
+    shows. Call it before torchao and onnxruntime's quantizer are imported (one logs on import,
+    the other configures logging on import). Safe to call more than once: it adds no duplicate
+    filters or handlers."""
     for message, category in KNOWN_WARNINGS:
         # filterwarnings replaces an identical filter rather than adding a second one.
         warnings.filterwarnings("ignore", message=message, category=category)
     for name in KNOWN_LOG_RECORDS:
         logging.getLogger(name).addFilter(_keep_record)  # addFilter skips a filter it has
+    keep_default_logging()
+
+
+def keep_default_logging() -> None:
+    """Where the root logger has no handler, give it one that does what Python does then (its
+    ``logging.lastResort``: warnings and errors on stderr, the message alone, and only for
+    records no other handler took). Output is unchanged, but a library's import-time
+    ``logging.basicConfig`` now does nothing: onnxruntime's 8-bit quantizer calls it with level
+    INFO, which showed every INFO record of every library for the rest of the process (an int8
+    ONNX export of sort-tiny wrote some 700 lines: one or two per graph node, from the
+    quantizer and from onnx_ir's passes)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(_LastResortHandler())
+
+
+class _LastResortHandler(logging.Handler):
+    """Python's fallback as a handler: records that met no handler below the root go to
+    ``logging.lastResort``. Libraries that give their logger a ``NullHandler`` to stay quiet
+    (torchao's "Detected no triton" warning) stay quiet."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.lastResort is not None and not _handled_below_root(record.name):
+            logging.lastResort.handle(record)
+
+
+def _handled_below_root(name: str) -> bool:
+    logger: logging.Logger | None = logging.getLogger(name)
+    while logger is not None and logger is not logging.root:
+        if logger.handlers:
+            return True
+        logger = logger.parent if logger.propagate else None
+    return False
 
 
 def _flush_stderr() -> None:

@@ -78,7 +78,8 @@ def trained_export(trained_sort_tiny, shared_tmp):
     """``export(runtime, precision)`` → (checkpoint, task, folder, manifest): the trained
     sort-tiny exported through the command line at ``TRAINED_MAX_LENGTH``, each export made
     once per test run and shared by every test (and worker) that reads it. Tests copy an export
-    before they change anything in it."""
+    before they change anything in it. What each command wrote to stderr is kept beside the
+    exports, in ``trained-exports/COMMAND.stderr``."""
     from helpers import TRAINED_MAX_LENGTH, run_cli, trained_export_command
 
     checkpoint, task = trained_sort_tiny
@@ -89,8 +90,9 @@ def trained_export(trained_sort_tiny, shared_tmp):
         command, args = trained_export_command(runtime, precision, root)
         with exclusive(shared_tmp / f"trained-export-{command}.lock"):
             if not (folder / "manifest.json").exists():  # written last, when verified
-                run_cli("export", runtime, "--checkpoint", checkpoint, "--max-length",
-                        TRAINED_MAX_LENGTH, *args, check=True)
+                result = run_cli("export", runtime, "--checkpoint", checkpoint, "--max-length",
+                                 TRAINED_MAX_LENGTH, *args, check=True)
+                (root / f"{command}.stderr").write_text(result.stderr)  # for test_pipeline
         return checkpoint, task, folder, json.loads((folder / "manifest.json").read_text())
 
     return export

@@ -64,6 +64,44 @@ def test_known_pytree_record_is_dropped_and_others_kept():
     assert kept("<enum 'Colour'>")
 
 
+def test_known_torchvision_record_is_dropped_and_others_kept():
+    silence_known_noise()
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+
+    def kept(message: str) -> bool:
+        return bool(logger.filter(logger.makeRecord(logger.name, logging.WARNING,
+                                                    "_registration.py", 107, message, (), None)))
+
+    assert not kept("torchvision is not installed. Skipping torchvision::roi_align")
+    assert kept("Skipping the translation of aten::foo")
+
+
+# Records as libraries log them: chatter at INFO, a warning and an error, and a warning from a
+# library that gave its logger a NullHandler so as to stay quiet.
+LOG_RECORDS = """
+logging.getLogger("lib").info("chatter")
+logging.getLogger("lib").warning("a warning")
+logging.getLogger("quiet").addHandler(logging.NullHandler())
+logging.getLogger("quiet").warning("not for the user")
+logging.getLogger("lib").error("an error")
+"""
+
+
+def test_a_library_configuring_logging_on_import_changes_nothing_shown():
+    """onnxruntime's quantizer calls logging.basicConfig(level=INFO) when imported. After
+    silence_known_noise, what is shown is what Python shows with logging left alone."""
+    plain = run_python("import logging\n" + LOG_RECORDS)
+    configured = run_python(f"""
+import logging
+from bibo_export.logs import silence_known_noise
+silence_known_noise()
+silence_known_noise()
+logging.basicConfig(format="%(name)s [%(levelname)s] - %(message)s", level=logging.INFO)
+{LOG_RECORDS}""")
+    assert plain.stderr == b"a warning\nan error\n", plain.stderr  # Python's own fallback
+    assert configured.returncode == 0 and configured.stderr == plain.stderr, configured.stderr
+
+
 def test_native_stderr_drops_known_lines_and_keeps_the_rest_in_order():
     result = run_python(f"""
 import os, sys

@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from helpers import run_cli
+from helpers import run_cli, trained_export_command
 
 from bibo_export.artifacts import MANIFEST_FILE, ONNX_DATA_FILE, ONNX_FILE, write_manifest
 from bibo_export.export.onnx import save_model
@@ -46,6 +46,15 @@ def test_known_noise_is_filtered_from_the_command_line(pipeline):
     generated = pipeline[4]
     assert generated.stdout.startswith("executorch: prompt 3,1,2,255 -> ")
     assert generated.stderr == ""
+
+
+def test_exports_write_nothing_to_stderr(pipeline):
+    """Progress goes to stdout; stderr is for problems. onnxruntime's quantizer, imported by the
+    ONNX exporter, configured logging at INFO and an int8 export wrote some 700 lines there."""
+    root = pipeline[1]["onnx", "fp32"].parent.parent
+    for runtime, precision in EXPORTS:
+        command = trained_export_command(runtime, precision, root)[0]
+        assert (root / f"{command}.stderr").read_text() == "", command
 
 
 def test_report_has_every_row_and_every_row_meets_its_bars(pipeline):

@@ -457,7 +457,8 @@ def quantize_embedding_tables(model: onnx.ModelProto) -> list[str]:
         table = weights.get(node.input[0]) if node.op_type == "Gather" else None
         if table is None or table.data_type != onnx.TensorProto.FLOAT or len(table.dims) != 2:
             continue
-        rows, scales = quantize_rows(torch.from_numpy(numpy_helper.to_array(table)))
+        # A copy: to_array views the tensor's read-only bytes, which torch warns of.
+        rows, scales = quantize_rows(torch.tensor(numpy_helper.to_array(table)))
         name, ids, out = table.name, node.input[1], node.output[0]
         table.CopyFrom(numpy_helper.from_array(rows.numpy(), f"{name}_quantized"))
         graph.initializer.append(numpy_helper.from_array(scales[:, None].numpy(),
