@@ -51,6 +51,7 @@ def artifact_kind(path: str | Path) -> Kind:
     if not path.exists():
         raise ValueError(f"model not found: {path}")
     if path.is_file() and path.suffix == ".pte":
+        check_program_identifier(path)
         return "executorch"
     if path.is_dir():
         if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).exists():
@@ -62,6 +63,15 @@ def artifact_kind(path: str | Path) -> Kind:
     raise ValueError(f"{path} is neither a checkpoint folder ({CONFIG_FILE} + {WEIGHTS_FILE}), "
                      f"an ONNX export folder ({ONNX_FILE}) nor an ExecuTorch export "
                      f"({PTE_FILE} or a .pte file)")
+
+
+def check_program_identifier(path: Path) -> None:
+    """Refuse a file that does not carry an ExecuTorch program's file identifier ("ET" then
+    the format's version, at bytes 4-8), before anything imports ExecuTorch to load it."""
+    with path.open("rb") as f:
+        head = f.read(8)
+    if head[4:6] != b"ET":
+        raise ValueError(f"{path} is not an ExecuTorch program (no ET file identifier)")
 
 
 def program_file(path: str | Path) -> Path:

@@ -14,9 +14,10 @@ import numpy as np
 from .artifacts import (CONFIG_FILE, EXPERT_MODES, TOKENIZER_FILE, WEIGHTS_FILE, artifact_kind,
                         tokenizer_beside)
 from .config import DISPATCH_MODES, PRESETS, BiBoConfig
-from .export.pipeline import check_outputs
+from .export.pipeline import check_max_length, check_outputs
 from .logs import filtered_native_stderr, silence_known_noise
 from .model import BiBoForCausalLM
+from .model.checkpoint import load_config
 from .model.reference import import_reference
 from .parity import run_parity
 from .report import markdown_table, sorting_examples, text_examples, write_report
@@ -53,7 +54,7 @@ def export_outputs(args: argparse.Namespace) -> dict[str, Path]:
 # that a mistyped path should not wait for.
 def cmd_export_onnx(args: argparse.Namespace) -> None:
     """Export a checkpoint to ONNX (one prefill/decode graph, explicit cache I/O), verified."""
-    checkpoint, outs = checkpoint_folder(args.checkpoint), export_outputs(args)
+    checkpoint, outs = export_inputs(args)
     from .export.onnx import export_onnx
 
     export_onnx(checkpoint, outs, args.max_length)
@@ -61,14 +62,22 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
 
 def cmd_export_executorch(args: argparse.Namespace) -> None:
     """Export a checkpoint to ExecuTorch (XNNPACK, cache in mutable buffers), verified."""
-    checkpoint, outs = checkpoint_folder(args.checkpoint), export_outputs(args)
+    checkpoint, outs = export_inputs(args)
     from .export.executorch import export_executorch
 
     export_executorch(checkpoint, outs, args.max_length, experts=args.experts)
 
 
+def export_inputs(args: argparse.Namespace) -> tuple[Path, dict[str, Path]]:
+    """The checkpoint folder and the output folders of an export command, refused before an
+    exporter spends time on them, as is a --max-length the checkpoint's model cannot hold."""
+    checkpoint = checkpoint_folder(args.checkpoint)
+    check_max_length(load_config(checkpoint)[0], args.max_length)
+    return checkpoint, export_outputs(args)
+
+
 def checkpoint_folder(path: str) -> Path:
-    """Refuse what is not a checkpoint before an exporter spends time on it."""
+    """Refuse what is not a checkpoint before an exporter or parity spends time on it."""
     if not Path(path).exists():
         raise ValueError(f"checkpoint not found: {path}")
     if artifact_kind(path) != "checkpoint":

@@ -38,18 +38,28 @@ def test_bad_input_is_one_line_and_non_zero(tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("exporter", ["onnx", "executorch"])
-def test_bad_export_input_is_refused_before_the_exporter_is_imported(tmp_path, exporter):
+@pytest.mark.parametrize("args, message", [
+    (("export", "onnx", "--checkpoint", "{tmp}/none", "--out", "{tmp}/out"),
+     "checkpoint not found"),
+    (("export", "executorch", "--checkpoint", "{tmp}/none", "--out", "{tmp}/out"),
+     "checkpoint not found"),
+    (("export", "executorch", "--checkpoint", "{tmp}/ckpt", "--max-length", "100000", "--out",
+      "{tmp}/out"), "max_length must be an integer in [2, 128]"),
+    (("generate", "--model", "{tmp}/garbage.pte", "--prompt-ids", "3"),
+     "is not an ExecuTorch program"),
+], ids=["onnx checkpoint", "executorch checkpoint", "max length", "not a program"])
+def test_bad_input_is_refused_before_onnx_or_executorch_is_imported(tmp_path, args, message):
     """onnx and executorch take seconds to import: a mistyped path must not wait for them. In a
     fresh interpreter, since a forked one inherits what the test process imported."""
-    argv = ["export", exporter, "--checkpoint", str(tmp_path / "none"), "--out",
-            str(tmp_path / "out")]
+    BiBoForCausalLM(tiny_config()).save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "garbage.pte").write_bytes(b"not a program" * 100)
+    argv = [arg.format(tmp=tmp_path) for arg in args]
     code = ("import sys; from bibo_export.cli import main; status = main(sys.argv[1:]); "
             "print(status, *sorted({m.split('.')[0] for m in sys.modules} & "
             "{'onnx', 'onnxruntime', 'executorch', 'torchao'}))")
     result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
                             timeout=CLI_TIMEOUT_S)
-    assert "checkpoint not found" in result.stderr, result.stderr
+    assert message in result.stderr, result.stderr
     assert result.stdout.split() == ["2"], result.stdout  # the exit status, no library
 
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from ..artifacts import (PRECISIONS, TOKENIZER_FILE, ArtifactMetadata, check_manifest,
                          tokenizer_beside, write_manifest)
+from ..config import BiBoConfig
 from ..io import atomic_directory, file_sha256
 from ..model import BiBoForCausalLM
 from ..runtimes import load
@@ -143,15 +144,22 @@ class Recipe(ABC):
         """One printed line about a published artifact."""
 
 
-def check_settings(model: BiBoForCausalLM, max_length: int | None,
-                   batch_size: int | None) -> ExportSettings:
-    limit = model.config.max_position_embeddings
+def check_max_length(config: BiBoConfig, max_length: int | None) -> int:
+    """The cache length an export of a ``config`` model gets: ``max_length``, or the model's
+    own limit when None; anything outside [2, limit] is one line."""
+    limit = config.max_position_embeddings
     if max_length is None:
-        max_length = limit
+        return limit
     if isinstance(max_length, bool) or not isinstance(max_length, int) or \
             not 2 <= max_length <= limit:
         raise ValueError(f"max_length must be an integer in [2, {limit}] (the model's "
                          f"max_position_embeddings), got {max_length!r}")
+    return max_length
+
+
+def check_settings(model: BiBoForCausalLM, max_length: int | None,
+                   batch_size: int | None) -> ExportSettings:
+    max_length = check_max_length(model.config, max_length)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")

@@ -17,7 +17,8 @@ from executorch.exir._serialize._program import _get_extended_header
 from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 from executorch.runtime import Runtime as ETRuntime
 
-from ..artifacts import ArtifactMetadata, check_manifest, program_file
+from ..artifacts import (ArtifactMetadata, check_manifest, check_program_identifier,
+                         program_file)
 from ..kernels.library import load_kernels_if_built
 from .base import Runtime
 
@@ -29,11 +30,9 @@ def check_file(path: Path) -> None:
     only logs some of these problems, and a later call on such a program can crash."""
     if not path.is_file():
         raise ValueError(f"ExecuTorch program not found: {path}")
+    check_program_identifier(path)
     with path.open("rb") as f:
-        head = f.read(64)
-    if head[4:6] != b"ET":
-        raise ValueError(f"{path} is not an ExecuTorch program (no ET file identifier)")
-    header = _get_extended_header(head)
+        header = _get_extended_header(f.read(64))
     expected = 0 if header is None else max(header.program_size, header.segment_base_offset
                                              + header.segment_data_size)
     if path.stat().st_size < expected:
