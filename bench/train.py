@@ -24,7 +24,7 @@ from bench.common import machine, table, update_results
 from bibo_export.config import BiBoConfig, ExecutionOptions
 from bibo_export.model import BiBoForCausalLM
 from bibo_export.train.backend import COMPILE_MODES, Backend, select_backend
-from bibo_export.train.optim import build_optimizer, warmup_cosine
+from bibo_export.train.optim import build_optimizer, initialize_state, warmup_cosine
 from bibo_export.train.step import TrainStep
 
 # (batch, tokens per sequence) per preset: small on the CPU backends, realistic on a GPU.
@@ -102,6 +102,8 @@ def build_step(preset: str, dispatch: str, backend: Backend) -> tuple[TrainStep,
     lr = torch.zeros((), device=backend.device)
     counter = torch.zeros((), device=backend.device)
     optimizer = build_optimizer(model, lr, 0.01, backend.device.type)
+    initialize_state(optimizer)  # as training does: the step graph compiles once
+    backend.sync()
     step = TrainStep(model, optimizer, lr, counter,
                      lambda s: warmup_cosine(s, 1e-3, 10, 1000, 0.1), grad_clip=1.0,
                      autocast=backend.autocast)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bibo_export.model import BiBoForCausalLM
-from bibo_export.train.optim import build_optimizer
+from bibo_export.train.optim import build_optimizer, initialize_state
 from bibo_export.train.step import TrainStep
 from helpers import tiny_config
 
@@ -43,3 +43,36 @@ def test_clipping_changes_the_update():
     clipped, free = trained_weights(1e-3, True), trained_weights(1e3, True)
     differs = [(clipped[n] - free[n]).abs().max() > 1e-4 for n in free if "weight" in n]
     assert any(differs)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "per-parameter"])
+def test_initialized_state_changes_no_weight_and_no_later_step(fused):
+    """initialize_state makes the state before the first step (one XLA graph for every step);
+    the oracle is the same optimizer making its state in its first step, as torch does."""
+    def steps(initialize: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = BiBoForCausalLM(tiny_config()).train()
+        lr = torch.tensor(1e-2)
+        optimizer = build_optimizer(model, lr, 0.01, "cpu")
+        optimizer.defaults["fused"] = fused
+        for group in optimizer.param_groups:
+            group["fused"] = fused
+        untouched = {name: value.clone() for name, value in model.state_dict().items()}
+        if initialize:
+            initialize_state(optimizer)
+            assert all(torch.equal(untouched[name], value)
+                       for name, value in model.state_dict().items())
+            assert all(p.grad is None for p in model.parameters())
+        step = TrainStep(model, optimizer, lr, torch.zeros(()), lambda _: lr, grad_clip=1.0)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            ids = torch.randint(0, 64, (1, 4, 9), generator=generator)
+            step(ids, ids)
+        state = {f"{i}.{key}": value for i, p in enumerate(model.parameters())
+                 for key, value in optimizer.state[p].items()}
+        return model.state_dict(), state
+
+    (weights, state), (oracle_weights, oracle_state) = steps(True), steps(False)
+    assert weights.keys() == oracle_weights.keys() and state.keys() == oracle_state.keys()
+    assert all(torch.equal(weights[name], oracle_weights[name]) for name in weights)
+    assert all(torch.equal(state[key], oracle_state[key]) for key in state)

@@ -45,6 +45,33 @@ def build_optimizer(model: nn.Module, lr: Tensor, weight_decay: float,
     return optimizer
 
 
+def initialize_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's state (moments and step counts) unless it has one, by one update
+    that changes nothing, then put the step counts back to 0. The first training step then
+    reads the state as every later step does; otherwise it creates it, and XLA compiles the
+    whole step twice (once with the state appearing, once reading it), where this costs one
+    small graph of the update alone.
+
+    The update changes nothing because its gradients are zero (so are the moments it makes,
+    and Adam's step, m / (sqrt(v) + eps), is exactly 0) and weight decay is off for it. Its
+    learning rate is 1, not 0: the capturable form divides by the learning rate."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if any(optimizer.state.get(p) for p in params):
+        return  # a resumed run: its state was loaded
+    saved = [(group["lr"], group["weight_decay"]) for group in optimizer.param_groups]
+    for group, (lr, _) in zip(optimizer.param_groups, saved):
+        group["lr"] = torch.ones_like(lr) if isinstance(lr, Tensor) else 1.0
+        group["weight_decay"] = 0.0
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    for param in params:
+        param.grad = None
+        optimizer.state[param]["step"].zero_()
+    for group, (lr, weight_decay) in zip(optimizer.param_groups, saved):
+        group["lr"], group["weight_decay"] = lr, weight_decay
+
+
 def use_lr_tensor(optimizer: torch.optim.Optimizer, lr: Tensor) -> None:
     """Make every parameter group read the learning rate from ``lr`` (also after a reload)."""
     for group in optimizer.param_groups:

@@ -71,9 +71,16 @@ class Parallelism:
         return name if name in self.axes else None
 
     def shard_model(self, model: nn.Module) -> None:
+        """Shard the model's matrices over the mesh; its buffers (the routers' bias and load
+        counts) are replicated. Marked so from the start: the first step's outputs are
+        replicated, and an input that the first step took unmarked makes the second step
+        compile again."""
         if self.mesh is None:
             return
         import torch_xla.distributed.spmd as xs
+
+        for buffer in model.buffers():
+            xs.mark_sharding(buffer, self.mesh, (None,) * buffer.dim())
 
         expert_params = {id(p) for m in model.modules() if isinstance(m, MLPExperts)
                          for p in m.parameters()}

@@ -23,7 +23,7 @@ from ..model.bibo import IGNORE_INDEX
 from .backend import Backend, select_backend
 from .checkpointing import load_training_checkpoint, save_training_checkpoint
 from .data import DataSource, make_data_source
-from .optim import build_optimizer, use_lr_tensor, warmup_cosine
+from .optim import build_optimizer, initialize_state, use_lr_tensor, warmup_cosine
 from .parallel import Parallelism
 from .run import RunFolder
 from .step import TrainStep
@@ -251,6 +251,8 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
         optimizer.load_state_dict(saved_state["optimizer"])
         use_lr_tensor(optimizer, lr)  # the saved copy is a host tensor; the step writes this one
         torch.set_rng_state(saved_state["torch_rng"])
+    initialize_state(optimizer)
+    backend.sync()  # the state is made in a graph of its own, not in the first step's
     warmup = max(1, int(config.warmup_fraction * config.steps))
     schedule = lambda step: warmup_cosine(step, config.lr, warmup, config.steps,  # noqa: E731
                                           config.min_lr_ratio)
