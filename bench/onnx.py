@@ -10,6 +10,11 @@ actually reads (ORT's profiler: nodes in untaken ``If`` branches never run) agai
 active-parameter minimum, and a memory-bandwidth roofline measured on this machine in the same
 run. Runtimes are timed in alternating rounds (medians), so the machine's drift hits every row
 alike. Writes bench/results/onnx.json.
+
+The row "ort int8 kernels alone" times a graph of only the int8 program's integer kernels
+(``integer_kernels_alone``): the bandwidth at which ORT's kernels stream the weights with nothing
+else in the step, so the share of the roofline that no change to the rest of the graph can
+exceed.
 """
 
 from __future__ import annotations
@@ -20,17 +25,23 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
 from bench.common import interleaved_medians, machine, table, update_results
 from bibo_export.config import BiBoConfig
-from bibo_export.export.onnx import export_onnx, weights_read_per_call
+from bibo_export.artifacts import ONNX_FILE
+from bibo_export.export.onnx import (INTEGER_OPS, QMOE_ROUTER_WEIGHTS, export_onnx, tensor_bytes,
+                                     weights_read_per_call)
 from bibo_export.model import BiBoForCausalLM
 from bibo_export.runtimes.base import Runtime
 from bibo_export.runtimes.eager import EagerRuntime
 from bibo_export.runtimes.onnx import OnnxRuntime
 from bibo_export.timing import median_seconds, time_runtime
+
+
+KERNELS_ROW = "ort int8 kernels alone"
 
 
 def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
@@ -51,6 +62,57 @@ def active_parameter_bytes(model: BiBoForCausalLM, bytes_per_weight: int) -> int
     active = (total - experts - model.embed_tokens.weight.numel() + config.hidden_size
               + len(model.moe_layers) * config.num_experts_per_tok * per_expert)
     return active * bytes_per_weight
+
+
+def integer_kernels_alone(program: onnx.ModelProto) -> onnx.ModelProto:
+    """The integer kernels (``INTEGER_OPS``) of ``program``'s top-level graph alone, with their
+    weights: each tensor they read that no weight holds (activations, QMoE's routing) is a
+    graph input under its own name, and their outputs are the graph's outputs."""
+    initializers = {init.name: init for init in program.graph.initializer}
+    kernels = [node for node in program.graph.node if node.op_type in INTEGER_OPS]
+    read = {name for node in kernels for name in node.input if name}
+    inputs = sorted(read - set(initializers))
+    graph = onnx.helper.make_graph(
+        kernels, "integer_kernels_alone",
+        [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+         for name in inputs],
+        [onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)
+         for node in kernels],
+        [initializers[name] for name in sorted(read & set(initializers))])
+    return onnx.helper.make_model(graph, opset_imports=program.opset_import,
+                                  ir_version=program.ir_version)
+
+
+class KernelsAlone:
+    """A session over ``integer_kernels_alone`` of an int8 folder, fed one token: random
+    activations, and each QMoE node routed to ``top_k`` of its MLP experts at weight 1/k (the
+    most a token reads: chosen parameter-free experts read nothing). ``bytes_per_call``: the
+    weights one call reads, counted as ``weights_read_per_call`` counts them."""
+
+    def __init__(self, folder: Path, top_k: int, options: ort.SessionOptions) -> None:
+        graph = integer_kernels_alone(onnx.load(folder / ONNX_FILE))
+        self.session = ort.InferenceSession(graph.SerializeToString(), options,
+                                            providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(0)
+        weights = {init.name: init for init in graph.graph.initializer}
+        self.feeds: dict[str, np.ndarray] = {}
+        self.bytes_per_call = 0
+        for node in graph.graph.node:
+            read = sum(tensor_bytes(weights[name]) for name in node.input if name in weights)
+            if node.op_type == "MatMulNBits":
+                width = onnx.helper.get_node_attr_value(node, "K")
+                self.feeds[node.input[0]] = rng.standard_normal((1, 1, width), np.float32)
+                self.bytes_per_call += read
+                continue
+            experts, _, hidden = weights[node.input[2]].dims  # fc1, 8-bit: [E, 2·width, hidden]
+            gates = np.zeros((1, experts), np.float32)
+            gates[0, rng.choice(experts, min(top_k, experts), replace=False)] = 1 / top_k
+            self.feeds[node.input[0]] = rng.standard_normal((1, hidden), np.float32)
+            self.feeds[node.input[1]] = self.feeds[node.input[QMOE_ROUTER_WEIGHTS]] = gates
+            self.bytes_per_call += read * min(top_k, experts) // experts
+
+    def call_seconds(self, repeats: int = 50) -> float:
+        return median_seconds(lambda: self.session.run(None, self.feeds), repeats)
 
 
 def folder_bytes(folder: Path, prefix: str) -> int:
@@ -106,12 +168,16 @@ def main() -> None:
         minimum = {"fp32": active_parameter_bytes(model, 4),
                    "int8": active_parameter_bytes(model, 1)}
 
-        def measure(runtime: Runtime) -> dict[str, float]:
-            return {"prefill_ms": median_seconds(lambda: runtime.logits(prompt), 1) * 1e3,
-                    "decode_tok_s": time_runtime(runtime, decode_prompt, args.new_tokens,
+        kernels = KernelsAlone(tmp / "int8", model.config.num_experts_per_tok, options)
+
+        def measure(subject: Runtime | KernelsAlone) -> dict[str, float]:
+            if isinstance(subject, KernelsAlone):
+                return {"kernels_ms": subject.call_seconds() * 1e3}
+            return {"prefill_ms": median_seconds(lambda: subject.logits(prompt), 1) * 1e3,
+                    "decode_tok_s": time_runtime(subject, decode_prompt, args.new_tokens,
                                                  repeats=1)["decode_tok_s"]}
 
-        timings = interleaved_medians(measure, runtimes, args.repeats)
+        timings = interleaved_medians(measure, {**runtimes, KERNELS_ROW: kernels}, args.repeats)
         rows = []
         for name, runtime in runtimes.items():
             precision = name.split()[1]  # "ort int8 (max length N)" → int8
@@ -121,8 +187,13 @@ def main() -> None:
                 per_token = float(np.mean([sum(call.values()) for call in read[name]]))
                 row.update(read_mb_per_token=per_token / 1e6,
                            read_vs_min=per_token / minimum[precision],
-                           roofline_tok_s=bandwidth / per_token)
+                           roofline_tok_s=bandwidth / per_token,
+                           roofline_share=row["decode_tok_s"] * per_token / bandwidth)
             rows.append(row)
+        kernels_rate = kernels.bytes_per_call / (timings[KERNELS_ROW]["kernels_ms"] / 1e3)
+        rows.append(dict(runtime=KERNELS_ROW, **timings[KERNELS_ROW],
+                         read_mb_per_token=kernels.bytes_per_call / 1e6,
+                         kernels_gb_s=kernels_rate / 1e9, roofline_share=kernels_rate / bandwidth))
     payload = {"machine": machine(), "threads": args.threads, "prompt": args.prompt,
                "new_tokens": args.new_tokens, "copy_bandwidth_gb_s": bandwidth / 1e9,
                "export_seconds": export_seconds, "rows": rows,
@@ -133,7 +204,8 @@ def main() -> None:
                                      .items()}}
     path = update_results("onnx", "bench", payload)
     print(table(rows, ["runtime", "prefill_ms", "decode_tok_s", "artifact_mb", "min_active_mb",
-                       "read_mb_per_token", "read_vs_min", "roofline_tok_s"]))
+                       "read_mb_per_token", "read_vs_min", "roofline_tok_s", "roofline_share",
+                       "kernels_ms", "kernels_gb_s"]))
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; int8/fp32 size "
           f"{payload['int8_size_ratio']:.3f}; results: {path}")
 

@@ -10,16 +10,18 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from bench.onnx import integer_kernels_alone
 from bibo_export.artifacts import ArtifactMetadata
 from bibo_export.config import BiBoConfig
-from bibo_export.export.onnx import (OnnxRecipe, experts_to_qmoe, export_onnx, integer_kernels,
-                                     qmoe_block_size, tensor_bytes, weights_read_per_call)
+from bibo_export.export.onnx import (INTEGER_OPS, OnnxRecipe, experts_to_qmoe, export_onnx,
+                                     integer_kernels, qmoe_block_size, tensor_bytes,
+                                     weights_read_per_call)
 from bibo_export.export.pipeline import ExportSettings
 from bibo_export.model import BiBoForCausalLM
 from bibo_export.runtimes import load
 from bibo_export.runtimes.eager import EagerRuntime
-from bibo_export.runtimes.onnx import (METADATA_KEY, PRESENT, cache_written_in_place,
-                                       subgraphs)
+from bibo_export.runtimes.onnx import (METADATA_KEY, PRESENT, OnnxRuntime,
+                                       cache_written_in_place, subgraphs)
 from bibo_export.verdict import FP32_MAX_ABS, INT8_BARS, compare_logits, compare_tokens
 from helpers import (TRAINED_MAX_LENGTH, check_failed_export_keeps_previous, dense_checkpoint,
                      renamed_router_model, run_cli, selection_scores, task_accuracy, tie_gaps,
@@ -263,6 +265,33 @@ def test_int8_decode_reads_the_qmoe_experts_eager_routing_chose(int8_export):
         expected = {name: size * chosen[layer] // mlp_experts
                     for name, (layer, size) in qmoe_weights.items()}
         assert read == expected, (step, chosen)
+
+
+def test_integer_kernels_alone_compute_what_they_compute_in_the_program(int8_export, tmp_path):
+    """`make bench-onnx`'s ceiling (``integer_kernels_alone``): fed the values their inputs held
+    in a decode step of the whole int8 program, the integer kernels alone return what they
+    returned there: the same kernels, weights and routing."""
+    _, _, folder, _ = int8_export
+    program = onnx.load(folder / "model.onnx")
+    alone = integer_kernels_alone(program)
+    assert len(alone.graph.node) == sum(n.op_type in INTEGER_OPS for n in program.graph.node)
+    inputs = [value.name for value in alone.graph.input]
+    outputs = [value.name for value in alone.graph.output]
+    # The whole program, its kernels' inputs and outputs also graph outputs, after the cache's
+    # (the last kernel's output, the logits, already is one).
+    extra = [name for name in inputs + outputs if name != "logits"]
+    program.graph.output.extend(onnx.ValueInfoProto(name=name) for name in extra)
+    onnx.save_model(program, tmp_path / "model.onnx")
+    whole = OnnxRuntime.from_path(tmp_path, check=False)
+    whole._prefill(np.array([[1, 2, 3, 4]]), None)
+    logits = whole._decode(np.array([[5]]), 4, None)
+    seen = dict(zip(extra, (value.numpy() for value in whole._cache[len(whole.cache_inputs):])),
+                logits=logits)
+    session = ort.InferenceSession(alone.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(outputs, {name: seen[name] for name in inputs})
+    assert all(np.prod(seen[name].shape[:-1]) == 1 for name in inputs)  # one token
+    for name, value in zip(outputs, got):
+        np.testing.assert_allclose(value, seen[name], rtol=0, atol=1e-6, err_msg=name)
 
 
 # ------------------------------------------------------------------------------ int8
