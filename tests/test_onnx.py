@@ -142,14 +142,21 @@ def test_cache_inputs_are_written_in_their_layout(fp32_exports):
         assert [n.op_type for n in trims] == ["Slice"] * 3, node.input
         assert {n.input[2] for n in trims} == {"attention.visible_slots"}
         assert {n.input[0] for n in trims[:2]} <= {PRESENT + name for name in caches}
-    # so the runtime writes them in place: a decode step keeps the same cache buffers
+    # so the runtime writes them in place: every call reads and writes one buffer per cache,
+    # and a decode step's keys and values land in it
     runtime = load(folder)
     assert runtime.in_place == set(caches)
     runtime.logits(np.array([[1, 2, 3]]))
-    before = {i.name: value.data_ptr() for i, value in zip(runtime.cache_inputs, runtime._cache)}
+    sets = runtime._sequence.sets
+    buffers = {i.name: {values[n].data_ptr() for values in sets}
+               for n, i in enumerate(runtime.cache_inputs)}
+    assert all(len(buffers[name]) == 1 for name in caches)
+    assert all(len(ptrs) == 2 for name, ptrs in buffers.items() if name not in caches)
     runtime._decode(np.array([[4]]), 3, None)
-    after = {i.name: value.data_ptr() for i, value in zip(runtime.cache_inputs, runtime._cache)}
-    assert [name for name in caches if after[name] != before[name]] == []
+    for n, cache_input in enumerate(runtime.cache_inputs):
+        if cache_input.name in caches:  # [B, heads, slots, d]: slot 3 written, 4 not yet
+            written = sets[0][n].numpy()
+            assert np.abs(written[:, :, 3]).max() > 0 and not written[:, :, 4].any()
 
 
 def cache_graph(extra_reader: str | None) -> onnx.GraphProto:
@@ -285,8 +292,7 @@ def test_integer_kernels_alone_compute_what_they_compute_in_the_program(int8_exp
     whole = OnnxRuntime.from_path(tmp_path, check=False)
     whole._prefill(np.array([[1, 2, 3, 4]]), None)
     logits = whole._decode(np.array([[5]]), 4, None)
-    seen = dict(zip(extra, (value.numpy() for value in whole._cache[len(whole.cache_inputs):])),
-                logits=logits)
+    seen = dict(zip(extra, (value.numpy() for value in whole.extra_outputs)), logits=logits)
     session = ort.InferenceSession(alone.SerializeToString(), providers=["CPUExecutionProvider"])
     got = session.run(outputs, {name: seen[name] for name in inputs})
     assert all(np.prod(seen[name].shape[:-1]) == 1 for name in inputs)  # one token
