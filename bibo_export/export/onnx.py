@@ -615,10 +615,9 @@ class ExpertCountingRuntime(OnnxRuntime):
         super().__init__(session, metadata, in_place)
         self.experts_run: list[list[int]] = []  # per run, per QMoE node
 
-    def _run(self, binding: ort.IOBinding) -> list[ort.OrtValue]:
-        outputs = super()._run(binding)
+    def _run(self, binding: ort.IOBinding) -> None:
+        super()._run(binding)
         self.experts_run.append([int((r.numpy() != 0).any(0).sum()) for r in self.extra_outputs])
-        return outputs
 
 
 def node_experts(model: onnx.ModelProto, node: onnx.NodeProto) -> int:

@@ -6,8 +6,9 @@ graph allows it (``cache_written_in_place``), each new key and value cache is th
 buffer: its write then updates the cache in place instead of copying all of it. The other cache
 entries (the convolutions' states) live in two sets of buffers that calls read and write in
 turn, so every decode step runs one of two ``IOBinding``s bound once per sequence, its token and
-position written into the buffers they read. Binding each step anew, as before, made `bench`'s
-int8 decode 1.11× slower (262 against 291 tokens/s, 1 thread, 2026-11-28), identical tokens.
+position written into the buffers they read, and it fetches no output object. Binding each step
+anew, as before, made `bench`'s int8 decode 1.14–1.19× slower (1 thread, 2026-11-28), with
+identical tokens.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class OnnxRuntime(Runtime):
         binding.bind_cpu_input("pad", sequence.pad if pad is None else pad)
         binding.bind_output("logits")  # [B, T, V]: T differs from the decode steps'
         sequence.bind_cache(binding, call=0)
-        return self._run(binding)[0].numpy()
+        self._run(binding)
+        return binding.get_outputs()[0].numpy()
 
     def _decode(self, input_ids: np.ndarray, position: int,
                 pad: np.ndarray | None) -> np.ndarray:
@@ -85,13 +87,11 @@ class OnnxRuntime(Runtime):
         self._run(sequence.next_step())
         return sequence.logits.copy()  # the next step writes into the bound buffer
 
-    def _run(self, binding: ort.IOBinding) -> list[ort.OrtValue]:
+    def _run(self, binding: ort.IOBinding) -> None:
         self.session.run_with_iobinding(binding)
-        if not self.extra_names:
-            return binding.get_outputs()[:1]
-        outputs = binding.get_outputs()
-        self.extra_outputs = outputs[len(outputs) - len(self.extra_names):]
-        return outputs
+        if self.extra_names:  # else a decode step reads no output object: the logits are bound
+            outputs = binding.get_outputs()
+            self.extra_outputs = outputs[len(outputs) - len(self.extra_names):]
 
 
 class DecodeBuffers:
