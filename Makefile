@@ -213,7 +213,7 @@ bench-train: $(STAMP) $(XLA_STAMP) ## train-step tokens/s, static vs dynamic dis
 		for shape in "bench 16x512" "reference 4x1024" "reference 8x2048"; do set -- $$shape; \
 			$(VENV)/bin/python -m bench.train --backend cuda --presets $$1 --shapes $$2 \
 				--steps $(CUDA_BENCH_STEPS) --dispatches index grouped \
-				--compile-modes default reduce-overhead || exit 1; done; \
+				--compile-modes default reduce-overhead step-graph || exit 1; done; \
 	else echo "bench-train: no CUDA device, CUDA rows skipped"; fi
 
 bench-scale: $(STAMP) $(KERNELS) ## reference preset (752.6M) exports: time, peak memory, sizes → bench/results/scale.json

@@ -8,7 +8,9 @@ Each row: median step time after warm-up, tokens/s, the time of the first (compi
 XLA compilations, for `index` dispatch (capacity 1.25), for `grouped` (dropless grouped matmuls;
 CUDA and eager CPU) and for the reference-style dynamic loop (bench.baselines), whose
 routing-dependent shapes recompile on XLA. CUDA rows add the model
-FLOP utilisation (``train_flops_per_token``), peak memory and torch.compile's graph count.
+FLOP utilisation (``train_flops_per_token``), peak memory, torch.compile's graph count and,
+per compile mode, the largest loss difference from the dispatch's first mode over the same
+batches (``max_loss_gap``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ COLUMNS = ["backend", "preset", "dispatch", "batch", "length", "steps", "tokens_
            "speedup_vs_loop", "median_step_ms", "first_two_steps_s", "compiles", "cpu_fallbacks"]
 CUDA_COLUMNS = ["backend", "preset", "dispatch", "batch", "length", "compile_mode", "steps",
                 "tokens_per_s", "median_step_ms", "model_tflops", "mfu", "mfu_of_gemm_peak",
-                "peak_memory_gb", "first_two_steps_s", "graphs", "graph_breaks"]
+                "peak_memory_gb", "first_two_steps_s", "graphs", "graph_breaks", "max_loss_gap"]
 
 
 def matmul_parameters_per_token(config: BiBoConfig) -> float:
@@ -111,20 +113,21 @@ def build_step(preset: str, dispatch: str, backend: Backend) -> tuple[TrainStep,
 
 
 def measure(preset: str, dispatch: str, backend: Backend, steps: int, batch: int,
-            length: int) -> dict:
+            length: int, mode: str = "default") -> dict:
     before = backend.compile_stats()  # XLA's counters are per process: report this row's share
     if backend.device.type == "cuda":
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         torch.cuda.reset_peak_memory_stats()
     step, config = build_step(preset, dispatch, backend)
-    times = []
+    times, losses = [], []
     for _ in range(steps):
         ids = torch.randint(0, config.vocab_size, (1, batch, length)).to(backend.device)
         start = time.perf_counter()
-        step(ids, ids)
+        metrics = step(ids, ids)
         finish(backend)
         times.append(time.perf_counter() - start)
+        losses.append(float(metrics["loss"]))  # after the clock: reading it waits for the GPU
     median = statistics.median(times[2:])
     stats = backend.compile_stats()
     fallbacks = set(stats.get("cpu_fallbacks", [])) - set(before.get("cpu_fallbacks", []))
@@ -132,10 +135,10 @@ def measure(preset: str, dispatch: str, backend: Backend, steps: int, batch: int
                length=length, steps=steps, tokens_per_s=batch * length / median,
                median_step_ms=median * 1e3, first_two_steps_s=times[0] + times[1],
                compiles=stats.get("xla_compiles", 0) - before.get("xla_compiles", 0),
-               cpu_fallbacks=", ".join(sorted(fallbacks)))
+               cpu_fallbacks=", ".join(sorted(fallbacks)), losses=losses)
     if backend.device.type == "cuda":
         counters = torch._dynamo.utils.counters
-        row.update(compile_mode=backend.compile_mode or "default",
+        row.update(compile_mode=mode,
                    model_tflops=row["tokens_per_s"] * train_flops_per_token(config, length) / 1e12,
                    peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9,
                    graphs=counters["stats"]["unique_graphs"],
@@ -154,6 +157,16 @@ def add_utilisation(rows: list[dict], device: torch.device) -> dict:
             row["mfu"] = row["model_tflops"] * 1e12 / peak
     return {"gpu": name, "datasheet_bf16_tflops": peak and peak / 1e12,
             "gemm_bf16_tflops": gemm / 1e12}
+
+
+def add_loss_gaps(rows: list[dict]) -> None:
+    """Each row's largest loss difference from the first row of its dispatch: every row trains
+    the same initial model on the same batches, so a compile mode that trains differently (a
+    graph replaying stale inputs, an update lost) shows here, beyond the rounding of bf16."""
+    for row in rows:
+        first = next(r for r in rows if r["dispatch"] == row["dispatch"])
+        if row is not first:
+            row["max_loss_gap"] = max(abs(a - b) for a, b in zip(row["losses"], first["losses"]))
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -183,7 +196,8 @@ def main() -> None:
                              "(CUDA bf16, eager CPU; not XLA)")
     parser.add_argument("--compile-modes", nargs="+", default=["default"],
                         choices=COMPILE_MODES,
-                        help="CUDA: torch.compile modes to compare (compiled dispatches)")
+                        help="CUDA: compile modes to compare (compiled dispatches): "
+                             "torch.compile's, and step-graph (the whole step as one CUDA graph)")
     args = parser.parse_args()
     loop_steps = args.loop_steps or args.steps
     if min(args.steps, loop_steps) < 3:
@@ -208,12 +222,13 @@ def main() -> None:
                 for mode in (["default"] if dispatch == "loop" else modes):
                     backend.use_compile_mode(mode)
                     steps = loop_steps if dispatch == "loop" else args.steps
-                    rows.append(measure(preset, dispatch, backend, steps, batch, length))
+                    rows.append(measure(preset, dispatch, backend, steps, batch, length, mode))
                     print(f"  {preset:9s} {batch}x{length} {dispatch:5s} {mode:15s} "
                           f"{rows[-1]['tokens_per_s']:9.0f} tok/s", flush=True)
             loop = next((row for row in rows if row["dispatch"] == "loop"), None)
             for row in rows if loop else []:
                 row["speedup_vs_loop"] = row["tokens_per_s"] / loop["tokens_per_s"]
+            add_loss_gaps(rows)
             payload = {"machine": machine(), "rows": rows}
             if args.backend == "cuda":
                 payload["gpu"] = add_utilisation(rows, backend.device)

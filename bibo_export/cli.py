@@ -256,8 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "xla", "cpu", "cuda"])
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
     p.add_argument("--compile-mode", dest="compile_mode", choices=COMPILE_MODES,
-                   help="torch.compile's mode with --device cuda (default: torch's default); "
-                        "reduce-overhead replays each step as CUDA graphs")
+                   help="how --device cuda compiles: a torch.compile mode (default: torch's "
+                        "default; reduce-overhead replays the forward and backward as CUDA "
+                        "graphs) or step-graph (the whole step, AdamW included, replayed as "
+                        "one CUDA graph)")
     p.add_argument("--mesh", help="SPMD mesh, e.g. fsdp=4 or data=2,fsdp=2,expert=2")
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int)

@@ -176,15 +176,18 @@ def test_compile_mode_is_cuda_only_and_checked():
     cuda = Backend("cuda", torch.device("cpu"), bf16=True)
     cuda.use_compile_mode("reduce-overhead")
     assert cuda.compile_mode == "reduce-overhead"
+    cuda.use_compile_mode("step-graph")
+    assert (cuda.compile_mode, cuda.step_graph) == (None, True)  # torch.compile's default
     cuda.use_compile_mode("default")
-    assert cuda.compile_mode is None  # torch.compile's own default
+    assert (cuda.compile_mode, cuda.step_graph) == (None, False)
     with pytest.raises(ValueError, match="unknown compile mode 'fast'"):
         cuda.use_compile_mode("fast")
     for name in ("cpu", "xla-cpu"):
         backend = Backend(name, torch.device("cpu"), bf16=False)
         backend.use_compile_mode("default")
-        with pytest.raises(ValueError, match=f"applies to --device cuda .*not {name}"):
-            backend.use_compile_mode("reduce-overhead")
+        for mode in ("reduce-overhead", "step-graph"):
+            with pytest.raises(ValueError, match=f"applies to --device cuda .*not {name}"):
+                backend.use_compile_mode(mode)
 
 
 def test_legacy_checkpoint_config_still_loads(tmp_path):

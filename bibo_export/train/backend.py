@@ -17,12 +17,15 @@ from typing import Any
 
 import torch
 
+from .cuda_graph import GraphedStep
 from .step import TrainStep
 
 DEVICES = ("auto", "xla", "cpu", "cuda")
-# torch.compile's modes for CUDA training ("default" is torch's own): reduce-overhead replays
-# the step as CUDA graphs, which removes the host's launch overhead from short steps.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+# How CUDA training compiles: torch.compile's modes ("default" is torch's own; reduce-overhead
+# replays the compiled forward and backward as CUDA graphs), and step-graph, torch's default
+# compile with the whole step (clipping and AdamW included) replayed as one CUDA graph.
+STEP_GRAPH = "step-graph"
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", STEP_GRAPH)
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Backend:
     bf16: bool
     # torch.compile's mode on CUDA (None: its default); ``make bench-train`` compares modes.
     compile_mode: str | None = None
+    step_graph: bool = False  # replay the whole CUDA train step as one graph (GraphedStep)
 
     @property
     def is_xla(self) -> bool:
@@ -47,6 +51,8 @@ class Backend:
             # returns the loss fuses their cast into the cross-entropy. It traces through the
             # model compiled by prepare_model, whose own graph serves evaluation.
             step.micro_batch = torch.compile(step.micro_batch, mode=self.compile_mode)
+            if self.step_graph:
+                return GraphedStep(step)
         return step
 
     def check_dispatch(self, dispatch: str) -> None:
@@ -62,14 +68,16 @@ class Backend:
                              f"not on {self.name} in {precision}: use --moe-dispatch index")
 
     def use_compile_mode(self, mode: str) -> None:
-        """torch.compile's mode for this backend's compiled model and micro-batch (CUDA only)."""
+        """How this backend compiles the model and the train step (CUDA only): a torch.compile
+        mode, or STEP_GRAPH."""
         if mode not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {mode!r}; choose one of "
                              f"{', '.join(COMPILE_MODES)}")
         if mode != "default" and self.name != "cuda":
             raise ValueError(f"--compile-mode {mode} applies to --device cuda (torch.compile), "
                              f"not {self.name}")
-        self.compile_mode = None if mode == "default" else mode
+        self.step_graph = mode == STEP_GRAPH
+        self.compile_mode = None if mode in ("default", STEP_GRAPH) else mode
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.name == "cuda":

@@ -60,7 +60,7 @@ class TrainConfig:
     seed: int = 48
     device: str = "auto"
     precision: str = "auto"  # bf16 on TPU/CUDA, fp32 elsewhere
-    compile_mode: str = "default"  # torch.compile's mode on CUDA (backend.COMPILE_MODES)
+    compile_mode: str = "default"  # how CUDA compiles (backend.COMPILE_MODES)
     mesh: str | None = None  # e.g. "fsdp=4" or "data=2,fsdp=2,expert=2" (torch_xla SPMD)
     log_every: int = 10
     eval_every: int = 200
