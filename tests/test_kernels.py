@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from executorch.exir import to_edge_transform_and_lower
 from executorch.runtime import Runtime
 from helpers import swiglu_reference
 from torch import Tensor, nn
 
 from bibo_export.kernels.library import KernelCounters, load_kernels, read_counters
-from bibo_export.kernels.moe_experts import dequantize_rows, quantize_rows
+from bibo_export.kernels.moe_experts import quantize_rows
 
 pytestmark = pytest.mark.export
 
@@ -44,11 +45,14 @@ class ExpertsCall(nn.Module):
             else:
                 self.register_buffer(name, weight)
 
-    def float_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+    def one_expert(self, x: Tensor, e: int) -> Tensor:
+        """Expert e on one token x [h], written out from the operator's definition."""
         if not self.int8:
-            return self.gate, self.up, self.down
-        return tuple(dequantize_rows(getattr(self, n), getattr(self, f"{n}_scale"))
-                     for n in ("gate", "up", "down"))
+            return swiglu_reference(x, self.gate[e], self.up[e], self.down[e])
+
+        def product(v: Tensor, name: str) -> Tensor:
+            return int8_product(v, getattr(self, name)[e], getattr(self, f"{name}_scale")[e])
+        return product(F.silu(product(x, "gate")) * product(x, "up"), "down")
 
     def forward(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
         if self.int8:
@@ -70,14 +74,21 @@ def program(module: ExpertsCall, top_k: int, path: Path):
     return Runtime.get().load_program(path).load_method("forward")
 
 
-def per_token_sum(x: Tensor, indices: Tensor, weights: Tensor, gate: Tensor, up: Tensor,
-                  down: Tensor) -> Tensor:
+def int8_product(x: Tensor, q_weight: Tensor, scale: Tensor) -> Tensor:
+    """One token x [in] times int8 rows [out, in] with their scales: x rounded to int8 with
+    its own scale (max |x| / 127), the integer products summed in int64, then both scales."""
+    x_scale = x.abs().max().clamp(min=1e-12) / 127
+    q = torch.round(x / x_scale).clamp(-127, 127).long()
+    return (q_weight.long() * q).sum(-1).float() * x_scale * scale
+
+
+def per_token_sum(module: ExpertsCall, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
     """The operator's definition read literally: token by token, choice by choice."""
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
         for e, w in zip(indices[t].tolist(), weights[t]):
-            if e < gate.shape[0]:
-                out[t] += w * swiglu_reference(x[t], gate[e], up[e], down[e])
+            if e < EXPERTS:
+                out[t] += w * module.one_expert(x[t], e)
     return out
 
 
@@ -124,8 +135,7 @@ def test_kernel_equals_the_operator_reference(kernel, case):
     got = methods[indices.shape[1]].execute([x, indices, weights])[0]
     expected = module(x, indices, weights)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(expected, per_token_sum(x, indices, weights,
-                                                       *module.float_weights()),
+    torch.testing.assert_close(expected, per_token_sum(module, x, indices, weights),
                                rtol=1e-5, atol=1e-5)
 
 

@@ -64,7 +64,8 @@ from .transforms import (CustomSdpaAttention, FusedExperts, MatmulMeanRMSNorm, M
 
 QUANTIZATION = ("8da8w (int8 per-channel weights, int8 dynamic per-token activations); "
                 "embedding int8 per row (embedding_byte); router float")
-SELECTED_QUANTIZATION = "; routed experts int8 per row, float activations (bibo::moe_experts_int8)"
+SELECTED_QUANTIZATION = ("; routed experts int8 per row, activations int8 per token "
+                         "(bibo::moe_experts_int8)")
 EXPERT_MODULES = (FusedExperts, SelectedExperts, SelectedExpertsInt8)
 
 

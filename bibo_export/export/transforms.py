@@ -190,8 +190,8 @@ class SelectedExperts(nn.Module):
 
 
 class SelectedExpertsInt8(nn.Module):
-    """``SelectedExperts`` with int8 weights, one float scale per row (``bibo::moe_experts_int8``:
-    weight-only, the activations stay float)."""
+    """``SelectedExperts`` with int8 weights, one float scale per row (``bibo::moe_experts_int8``,
+    which also quantizes the activations to int8 per token at each call, as 8da8w does)."""
 
     def __init__(self, experts: SelectedExperts) -> None:
         super().__init__()

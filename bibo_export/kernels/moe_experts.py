@@ -8,7 +8,8 @@ for the experts each token selected and no others.
 the call, so the operator needs no router of its own; indices ≥ E name the parameter-free
 experts, which the graph adds itself, and are skipped. Weights are stacked per expert:
 gate/up [E, m, h], down [E, h, m]; the int8 form stores them as int8 with one float32 scale
-per row (symmetric, ``quantize_rows``).
+per row (symmetric, ``quantize_rows``) and multiplies them with int8 activations, quantized
+the same way with one scale per token at each call, as 8da8w linears do.
 
 The implementations registered here are the reference semantics: ``torch.export`` records the
 operator as one node (its fake implementation gives the shape), eager PyTorch runs it densely,
@@ -50,17 +51,34 @@ def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale[..., None]
 
 
+def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor) -> Tensor:
+    """x [S, in] float times int8 rows weight [out, in]: x quantized per token, the integer
+    products summed exactly, then scaled by the token's scale and the row's, in that order.
+
+    The float matmul of the integers is exact while a sum stays below 2^24 (inputs up to
+    1,040 wide); past that it rounds where the kernel's int32 sum does not."""
+    q, scale = quantize_rows(x)
+    return q.float() @ weight.float().t() * scale[:, None] * weight_scale
+
+
 def selected_experts_int8(x: Tensor, indices: Tensor, weights: Tensor, gate: Tensor,
                           gate_scale: Tensor, up: Tensor, up_scale: Tensor, down: Tensor,
                           down_scale: Tensor) -> Tensor:
-    """The int8 operator: the float operator on the dequantized weights."""
-    return selected_experts(x, indices, weights, dequantize_rows(gate, gate_scale),
-                            dequantize_rows(up, up_scale), dequantize_rows(down, down_scale))
+    """The int8 operator, densely like ``selected_experts``: every product an ``int8_linear``,
+    so each token's input and each expert's hidden activation are quantized per token."""
+    out = torch.zeros_like(x)
+    for e in range(gate.shape[0]):
+        weight = (weights * (indices == e)).sum(-1, keepdim=True)
+        hidden = F.silu(int8_linear(x, gate[e], gate_scale[e])) * \
+            int8_linear(x, up[e], up_scale[e])
+        out = out + weight * int8_linear(hidden, down[e], down_scale[e])
+    return out
 
 
 def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric int8 with one scale per row (the last dimension is the row): w ≈ q · scale.
-    Also the ONNX recipe's int8 embedding tables (ExecuTorch's ``embedding_byte`` scheme)."""
+    Also the int8 operator's activations (a row per token) and the ONNX recipe's int8
+    embedding tables (ExecuTorch's ``embedding_byte`` scheme)."""
     scale = weight.abs().amax(-1).clamp(min=1e-12) / 127
     q = torch.round(weight / scale[..., None]).clamp(-127, 127).to(torch.int8)
     return q, scale.float()

@@ -7,7 +7,10 @@
 // implementations in bibo_export/kernels/moe_experts.py; tests compare the two.
 //
 // bibo::moe_experts.out       fp32 weights gate/up [E, m, h], down [E, h, m]
-// bibo::moe_experts_int8.out  int8 weights of the same shapes, one fp32 scale per row
+// bibo::moe_experts_int8.out  int8 weights of the same shapes, one fp32 scale per row, times
+//                             int8 activations with one scale per token, quantized at each
+//                             call (the input, and each expert's hidden activation before
+//                             its down projection), as 8da8w linears do
 //
 // Work is grouped by expert: an expert's weight rows are read once per call, for every token
 // that chose it, so a decode step reads k experts and a prefill reads each chosen expert once.
@@ -17,6 +20,10 @@
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -39,22 +46,11 @@ std::atomic<uint64_t> experts_run{0};
 
 // GCC/Clang vector extensions: eight floats, lowered to whatever SIMD the target has.
 typedef float f8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
 
 inline f8 load8(const float* p) {
   f8 v;
   std::memcpy(&v, p, sizeof(v));
   return v;
-}
-
-// Written lane by lane into int32, then converted: GCC makes this one sign-extending load and
-// one conversion (vpmovsxbd + vcvtdq2ps on x86), where converting an int8 vector directly, or
-// widening it, came out as one scalar instruction per lane (`bench` int8 decode: 80 tokens/s
-// with that, 150 with this, 2026-11-26).
-inline f8 load8(const int8_t* p) {
-  i32x8 q;
-  for (int lane = 0; lane < 8; ++lane) q[lane] = p[lane];
-  return __builtin_convertvector(q, f8);
 }
 
 inline float sum8(f8 v) {
@@ -70,16 +66,68 @@ struct Matrix {
   const float* scale;  // nullptr for float weights
   int64_t cols;
 
-  float row_scale(int64_t r) const { return scale ? scale[r] : 1.f; }
   int64_t row_bytes() const { return cols * sizeof(T) + (scale ? sizeof(float) : 0); }
 };
 
-// y[r] = <W[r], x> * scale_r for rows [r0, r0 + 4): four independent accumulators share each
-// load of x, which keeps the FMA units busy where one accumulator would wait on its latency.
+// A call's token rows as a product reads them: float rows for float weights; for int8 weights,
+// int8 rows with one symmetric scale per token (max |x| / 127, rounded half to even), the
+// quantization of moe_experts.py's quantize_rows.
+struct FloatTokens {
+  const float* data;
+  int64_t count, cols;
+};
+
+struct Int8Tokens {
+  std::vector<int8_t> q;
+  std::vector<uint8_t> magnitude;  // |q|: the unsigned operand of the u8 x s8 dot product
+  std::vector<float> scale;
+  int64_t count, cols;
+};
+
+FloatTokens tokens_for(const float* x, int64_t count, int64_t cols, float /*weight type*/) {
+  return {x, count, cols};
+}
+
+Int8Tokens tokens_for(const float* x, int64_t count, int64_t cols, int8_t /*weight type*/) {
+  Int8Tokens tokens{std::vector<int8_t>(count * cols), std::vector<uint8_t>(count * cols),
+                    std::vector<float>(count), count, cols};
+  for (int64_t t = 0; t < count; ++t) {
+    const float* row = x + t * cols;
+    float amax = 0.f;
+    for (int64_t c = 0; c < cols; ++c) amax = std::max(amax, std::fabs(row[c]));
+    const float scale = std::max(amax, 1e-12f) / 127.f;
+    for (int64_t c = 0; c < cols; ++c) {
+      // Divided, not multiplied by a reciprocal, and rounded half to even (the default
+      // rounding mode): the same integers as torch.round(x / scale).
+      const float q = std::min(127.f, std::max(-127.f, std::nearbyint(row[c] / scale)));
+      tokens.q[t * cols + c] = static_cast<int8_t>(q);
+      tokens.magnitude[t * cols + c] = static_cast<uint8_t>(std::fabs(q));
+    }
+    tokens.scale[t] = scale;
+  }
+  return tokens;
+}
+
+// Rows fetched ahead of the block being computed. A decode step reads weights no cache holds,
+// in blocks of four short rows that the hardware prefetcher does not pick up soon enough:
+// fetching two blocks ahead took one int8 expert call at `bench` size from about 400 to about
+// 170 us (medians over calls on experts not in cache, 2 threads, 2026-11-26).
+constexpr int64_t PREFETCH_ROWS = 8;
+
 template <typename T>
-void dot4(const Matrix<T>& w, int64_t r0, const float* x, float* y) {
+void prefetch_block(const Matrix<T>& w, int64_t r, int64_t r1) {
+  if (r + PREFETCH_ROWS + 4 > r1) return;
+  const char* ahead = reinterpret_cast<const char*>(w.data + (r + PREFETCH_ROWS) * w.cols);
+  const int64_t block_bytes = 4 * w.cols * static_cast<int64_t>(sizeof(T));
+  for (int64_t b = 0; b < block_bytes; b += 64) __builtin_prefetch(ahead + b);
+}
+
+// ---------------------------------------------------------------- float weights and tokens
+// y[r] = <W[r], x> for rows [r0, r0 + 4): four independent accumulators share each load of x,
+// which keeps the FMA units busy where one accumulator would wait on its latency.
+void dot4(const Matrix<float>& w, int64_t r0, const float* x, float* y) {
   const int64_t n = w.cols;
-  const T* w0 = w.data + r0 * n;
+  const float* w0 = w.data + r0 * n;
   f8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -91,19 +139,18 @@ void dot4(const Matrix<T>& w, int64_t r0, const float* x, float* y) {
   }
   float s[4] = {sum8(a0), sum8(a1), sum8(a2), sum8(a3)};
   for (; i < n; ++i) {
-    for (int r = 0; r < 4; ++r) s[r] += static_cast<float>(w0[r * n + i]) * x[i];
+    for (int r = 0; r < 4; ++r) s[r] += w0[r * n + i] * x[i];
   }
-  for (int r = 0; r < 4; ++r) y[r] = s[r] * w.row_scale(r0 + r);
+  std::memcpy(y, s, sizeof(s));
 }
 
 // The same for four tokens at once, ys[t][r0 + r] for t, r < 4: sixteen accumulators share
 // each load of four weight and four token vectors, where dot4 per token loads five vectors
 // for four products (a prefill's expert products are then bound by arithmetic, not loads).
-template <typename T>
-void dot4x4(const Matrix<T>& w, int64_t r0, const float* xs, int64_t x_stride, float* ys,
+void dot4x4(const Matrix<float>& w, int64_t r0, const float* xs, int64_t x_stride, float* ys,
             int64_t y_stride) {
   const int64_t n = w.cols;
-  const T* w0 = w.data + r0 * n;
+  const float* w0 = w.data + r0 * n;
   f8 a[4][4] = {};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -118,21 +165,134 @@ void dot4x4(const Matrix<T>& w, int64_t r0, const float* xs, int64_t x_stride, f
     const float* x = xs + t * x_stride;
     for (int r = 0; r < 4; ++r) {
       float s = sum8(a[t][r]);
-      for (int64_t c = i; c < n; ++c) s += static_cast<float>(w0[r * n + c]) * x[c];
-      ys[t * y_stride + r] = s * w.row_scale(r0 + r);
+      for (int64_t c = i; c < n; ++c) s += w0[r * n + c] * x[c];
+      ys[t * y_stride + r] = s;
     }
   }
 }
 
-template <typename T>
-float dot1(const Matrix<T>& w, int64_t r, const float* x) {
-  const T* row = w.data + r * w.cols;
+float dot1(const Matrix<float>& w, int64_t r, const float* x) {
+  const float* row = w.data + r * w.cols;
   f8 a = {};
   int64_t i = 0;
   for (; i + 8 <= w.cols; i += 8) a += load8(row + i) * load8(x + i);
   float s = sum8(a);
-  for (; i < w.cols; ++i) s += static_cast<float>(row[i]) * x[i];
-  return s * w.row_scale(r);
+  for (; i < w.cols; ++i) s += row[i] * x[i];
+  return s;
+}
+
+// ys[t][r] = W[r] . xs[t] for rows [r0, r1) and every token t.
+void project(const Matrix<float>& w, int64_t r0, int64_t r1, const FloatTokens& xs, float* ys,
+             int64_t y_stride) {
+  const int64_t x_stride = xs.cols;
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    prefetch_block(w, r, r1);
+    int64_t t = 0;
+    for (; t + 4 <= xs.count; t += 4) {
+      dot4x4(w, r, xs.data + t * x_stride, x_stride, ys + t * y_stride + r, y_stride);
+    }
+    for (; t < xs.count; ++t) dot4(w, r, xs.data + t * x_stride, ys + t * y_stride + r);
+  }
+  for (; r < r1; ++r) {
+    for (int64_t t = 0; t < xs.count; ++t) {
+      ys[t * y_stride + r] = dot1(w, r, xs.data + t * x_stride);
+    }
+  }
+}
+
+// ----------------------------------------------------------------- int8 weights and tokens
+#if defined(__AVX2__)
+// acc + the sums of four adjacent products of magnitude (u8) and signed_w (s8) per int32 lane.
+// With VNNI that is one instruction; AVX2 adds pairs into int16 first, which cannot saturate
+// here: |q| <= 127 on both sides, so a pair is at most 2 * 127 * 127 < 32767.
+inline __m256i dot_u8s8(__m256i acc, __m256i magnitude, __m256i signed_w) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, magnitude, signed_w);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, magnitude, signed_w);
+#else
+  const __m256i pairs = _mm256_maddubs_epi16(magnitude, signed_w);
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+#endif
+}
+
+inline int32_t sum_lanes(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+#endif
+
+// acc[t][r] = <W[r0 + r], q[t0 + t]> for TOKENS tokens and ROWS rows, exact in int32. The
+// integer product takes an unsigned operand: |x| times w with x's sign moved onto w.
+template <int TOKENS, int ROWS>
+void int8_dots(const Matrix<int8_t>& w, int64_t r0, const Int8Tokens& xs, int64_t t0,
+               int32_t acc[TOKENS][ROWS]) {
+  const int64_t n = w.cols;
+  const int8_t* w0 = w.data + r0 * n;
+  const int8_t* x0 = xs.q.data() + t0 * n;
+  int64_t c = 0;
+#if defined(__AVX2__)
+  const uint8_t* m0 = xs.magnitude.data() + t0 * n;
+  __m256i a[TOKENS][ROWS];
+  for (int t = 0; t < TOKENS; ++t) {
+    for (int r = 0; r < ROWS; ++r) a[t][r] = _mm256_setzero_si256();
+  }
+  for (; c + 32 <= n; c += 32) {
+    __m256i wv[ROWS];
+    for (int r = 0; r < ROWS; ++r) {
+      wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + r * n + c));
+    }
+    for (int t = 0; t < TOKENS; ++t) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x0 + t * n + c));
+      const __m256i m = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m0 + t * n + c));
+      for (int r = 0; r < ROWS; ++r) a[t][r] = dot_u8s8(a[t][r], m, _mm256_sign_epi8(wv[r], x));
+    }
+  }
+  for (int t = 0; t < TOKENS; ++t) {
+    for (int r = 0; r < ROWS; ++r) acc[t][r] = sum_lanes(a[t][r]);
+  }
+#else
+  for (int t = 0; t < TOKENS; ++t) {
+    for (int r = 0; r < ROWS; ++r) acc[t][r] = 0;
+  }
+#endif
+  for (; c < n; ++c) {
+    for (int t = 0; t < TOKENS; ++t) {
+      for (int r = 0; r < ROWS; ++r) acc[t][r] += int32_t{w0[r * n + c]} * x0[t * n + c];
+    }
+  }
+}
+
+// ys[t][r] for a tile: the integer dot product times the token's and the row's scales, in
+// that order, as selected_experts_int8 multiplies them.
+template <int TOKENS, int ROWS>
+void int8_tile(const Matrix<int8_t>& w, int64_t r0, const Int8Tokens& xs, int64_t t0,
+               float* ys, int64_t y_stride) {
+  int32_t acc[TOKENS][ROWS];
+  int8_dots<TOKENS, ROWS>(w, r0, xs, t0, acc);
+  for (int t = 0; t < TOKENS; ++t) {
+    for (int r = 0; r < ROWS; ++r) {
+      ys[(t0 + t) * y_stride + r0 + r] =
+          static_cast<float>(acc[t][r]) * xs.scale[t0 + t] * w.scale[r0 + r];
+    }
+  }
+}
+
+void project(const Matrix<int8_t>& w, int64_t r0, int64_t r1, const Int8Tokens& xs, float* ys,
+             int64_t y_stride) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    prefetch_block(w, r, r1);
+    int64_t t = 0;
+    for (; t + 4 <= xs.count; t += 4) int8_tile<4, 4>(w, r, xs, t, ys, y_stride);
+    for (; t < xs.count; ++t) int8_tile<1, 4>(w, r, xs, t, ys, y_stride);
+  }
+  for (; r < r1; ++r) {
+    for (int64_t t = 0; t < xs.count; ++t) int8_tile<1, 1>(w, r, xs, t, ys, y_stride);
+  }
 }
 
 // fn(r0, r1) over row ranges of [0, rows) on ExecuTorch's threadpool, each range a multiple of
@@ -151,59 +311,6 @@ void parallel_rows(int64_t rows, int64_t work_per_row, const Fn& fn) {
       [&](int64_t b0, int64_t b1) { fn(b0 * 4, std::min(rows, b1 * 4)); });
 }
 
-// Rows fetched ahead of the block being computed. A decode step reads weights no cache holds,
-// in blocks of four short rows that the hardware prefetcher does not pick up soon enough:
-// fetching two blocks ahead took one int8 expert call at `bench` size from about 400 to about
-// 170 us (medians over calls on experts not in cache, 2 threads, 2026-11-26).
-constexpr int64_t PREFETCH_ROWS = 8;
-
-// ys[t][r] = W[r] . xs[t] for rows [r0, r1) and every token t.
-template <typename T>
-void matvec_rows(const Matrix<T>& w, int64_t r0, int64_t r1, const float* xs, int64_t tokens,
-                 int64_t x_stride, float* ys, int64_t y_stride) {
-  int64_t r = r0;
-  float y4[4];
-  const int64_t block_bytes = 4 * w.cols * static_cast<int64_t>(sizeof(T));
-  for (; r + 4 <= r1; r += 4) {
-    if (r + PREFETCH_ROWS + 4 <= r1) {
-      const char* ahead = reinterpret_cast<const char*>(w.data + (r + PREFETCH_ROWS) * w.cols);
-      for (int64_t b = 0; b < block_bytes; b += 64) __builtin_prefetch(ahead + b);
-    }
-    int64_t t = 0;
-    for (; t + 4 <= tokens; t += 4) {
-      dot4x4(w, r, xs + t * x_stride, x_stride, ys + t * y_stride + r, y_stride);
-    }
-    for (; t < tokens; ++t) {
-      dot4(w, r, xs + t * x_stride, y4);
-      std::memcpy(ys + t * y_stride + r, y4, sizeof(y4));
-    }
-  }
-  for (; r < r1; ++r) {
-    for (int64_t t = 0; t < tokens; ++t) ys[t * y_stride + r] = dot1(w, r, xs + t * x_stride);
-  }
-}
-
-// The int8 form for several tokens (a prefill): each block of four rows is dequantized once
-// into a float buffer that every token then reads, instead of once per token.
-void matvec_rows(const Matrix<int8_t>& w, int64_t r0, int64_t r1, const float* xs,
-                 int64_t tokens, int64_t x_stride, float* ys, int64_t y_stride) {
-  if (tokens == 1) {
-    matvec_rows<int8_t>(w, r0, r1, xs, tokens, x_stride, ys, y_stride);
-    return;
-  }
-  std::vector<float> block(4 * w.cols);
-  for (int64_t r = r0; r < r1; r += 4) {
-    const int64_t rows = std::min<int64_t>(4, r1 - r);
-    for (int64_t row = 0; row < rows; ++row) {
-      const int8_t* src = w.data + (r + row) * w.cols;
-      const float scale = w.row_scale(r + row);
-      for (int64_t c = 0; c < w.cols; ++c) block[row * w.cols + c] = src[c] * scale;
-    }
-    const Matrix<float> dequantized{block.data(), nullptr, w.cols};
-    matvec_rows(dequantized, 0, rows, xs, tokens, x_stride, ys + r, y_stride);
-  }
-}
-
 struct Assignment {
   int64_t token;
   float weight;
@@ -219,13 +326,15 @@ void run_expert(const Matrix<T>& gate, const Matrix<T>& up, const Matrix<T>& dow
   for (int64_t i = 0; i < n; ++i) {
     std::memcpy(&xs[i * hidden], x + assigned[i].token * hidden, hidden * sizeof(float));
   }
+  const auto inputs = tokens_for(xs.data(), n, hidden, T{});
   parallel_rows(width, 2 * n * hidden, [&](int64_t r0, int64_t r1) {
-    matvec_rows(gate, r0, r1, xs.data(), n, hidden, g.data(), width);
-    matvec_rows(up, r0, r1, xs.data(), n, hidden, u.data(), width);
+    project(gate, r0, r1, inputs, g.data(), width);
+    project(up, r0, r1, inputs, u.data(), width);
   });
   for (int64_t i = 0; i < n * width; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  const auto activations = tokens_for(g.data(), n, width, T{});
   parallel_rows(hidden, n * width, [&](int64_t r0, int64_t r1) {
-    matvec_rows(down, r0, r1, g.data(), n, width, ys.data(), hidden);
+    project(down, r0, r1, activations, ys.data(), hidden);
   });
   for (int64_t i = 0; i < n; ++i) {
     float* dst = out + assigned[i].token * hidden;
