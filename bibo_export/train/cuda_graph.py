@@ -22,8 +22,9 @@ class GraphedStep:
     """``step(input_ids, labels)`` that replays a CUDA graph of ``step`` from its
     ``warmup_calls + 1``-th call on.
 
-    The first calls run ``step`` as it is, on a side stream as CUDA graph capture requires:
-    they compile it and make the optimizer's and the allocator's buffers. The next call captures
+    The first calls run ``step`` as it is, on a side stream, as PyTorch's CUDA graph notes
+    prescribe before a capture: they compile it and make the optimizer's and the allocator's
+    buffers. The next call captures
     the step and replays it once. Every call is one real optimisation step: captured work does
     not run while it is captured. Inputs are copied into the buffers the graph reads, so every
     call must have the captured call's shapes; the metrics returned are copies, so a later
