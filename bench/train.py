@@ -127,7 +127,8 @@ def measure(preset: str, dispatch: str, backend: Backend, steps: int, batch: int
         metrics = step(ids, ids)
         finish(backend)
         times.append(time.perf_counter() - start)
-        losses.append(float(metrics["loss"]))  # after the clock: reading it waits for the GPU
+        # After the clock, and through .cpu(): .item() on an XLA tensor counts as a CPU fallback.
+        losses.append(float(metrics["loss"].detach().cpu()))
     median = statistics.median(times[2:])
     stats = backend.compile_stats()
     fallbacks = set(stats.get("cpu_fallbacks", [])) - set(before.get("cpu_fallbacks", []))
