@@ -113,7 +113,7 @@ def build_step(preset: str, dispatch: str, backend: Backend) -> tuple[TrainStep,
 
 
 def measure(preset: str, dispatch: str, backend: Backend, steps: int, batch: int,
-            length: int, mode: str = "default") -> dict:
+            length: int) -> dict:
     before = backend.compile_stats()  # XLA's counters are per process: report this row's share
     if backend.device.type == "cuda":
         torch._dynamo.reset()
@@ -139,7 +139,7 @@ def measure(preset: str, dispatch: str, backend: Backend, steps: int, batch: int
                cpu_fallbacks=", ".join(sorted(fallbacks)), losses=losses)
     if backend.device.type == "cuda":
         counters = torch._dynamo.utils.counters
-        row.update(compile_mode=mode,
+        row.update(compile_mode=backend.compile_mode,
                    model_tflops=row["tokens_per_s"] * train_flops_per_token(config, length) / 1e12,
                    peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9,
                    graphs=counters["stats"]["unique_graphs"],
@@ -223,7 +223,7 @@ def main() -> None:
                 for mode in (["default"] if dispatch == "loop" else modes):
                     backend.use_compile_mode(mode)
                     steps = loop_steps if dispatch == "loop" else args.steps
-                    rows.append(measure(preset, dispatch, backend, steps, batch, length, mode))
+                    rows.append(measure(preset, dispatch, backend, steps, batch, length))
                     print(f"  {preset:9s} {batch}x{length} {dispatch:5s} {mode:15s} "
                           f"{rows[-1]['tokens_per_s']:9.0f} tok/s", flush=True)
             loop = next((row for row in rows if row["dispatch"] == "loop"), None)

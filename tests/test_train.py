@@ -176,10 +176,11 @@ def test_compile_mode_is_cuda_only_and_checked():
     cuda = Backend("cuda", torch.device("cpu"), bf16=True)
     cuda.use_compile_mode("reduce-overhead")
     assert cuda.compile_mode == "reduce-overhead"
+    assert (cuda.torch_compile_mode, cuda.step_graph) == ("reduce-overhead", False)
     cuda.use_compile_mode("step-graph")
-    assert (cuda.compile_mode, cuda.step_graph) == (None, True)  # torch.compile's default
+    assert (cuda.torch_compile_mode, cuda.step_graph) == (None, True)  # torch.compile's default
     cuda.use_compile_mode("default")
-    assert (cuda.compile_mode, cuda.step_graph) == (None, False)
+    assert (cuda.torch_compile_mode, cuda.step_graph) == (None, False)
     with pytest.raises(ValueError, match="unknown compile mode 'fast'"):
         cuda.use_compile_mode("fast")
     for name in ("cpu", "xla-cpu"):

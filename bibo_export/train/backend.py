@@ -33,13 +33,22 @@ class Backend:
     name: str  # xla-tpu, xla-cpu, cpu, cuda
     device: torch.device
     bf16: bool
-    # torch.compile's mode on CUDA (None: its default); ``make bench-train`` compares modes.
-    compile_mode: str | None = None
-    step_graph: bool = False  # replay the whole CUDA train step as one graph (GraphedStep)
+    # One of COMPILE_MODES (CUDA only); ``make bench-train`` compares them.
+    compile_mode: str = "default"
 
     @property
     def is_xla(self) -> bool:
         return self.name.startswith("xla")
+
+    @property
+    def step_graph(self) -> bool:
+        """Replay the whole CUDA train step as one graph (GraphedStep)."""
+        return self.compile_mode == STEP_GRAPH
+
+    @property
+    def torch_compile_mode(self) -> str | None:
+        """The mode torch.compile gets (None: its own default, which step-graph also uses)."""
+        return None if self.compile_mode in ("default", STEP_GRAPH) else self.compile_mode
 
     def compile_step(self, step: TrainStep) -> Callable:
         if self.is_xla:
@@ -50,7 +59,7 @@ class Backend:
             # logits must write them out (2 GB at `reference` size and 4×1,024 tokens); one that
             # returns the loss fuses their cast into the cross-entropy. It traces through the
             # model compiled by prepare_model, whose own graph serves evaluation.
-            step.micro_batch = torch.compile(step.micro_batch, mode=self.compile_mode)
+            step.micro_batch = torch.compile(step.micro_batch, mode=self.torch_compile_mode)
             if self.step_graph:
                 return GraphedStep(step)
         return step
@@ -76,13 +85,12 @@ class Backend:
         if mode != "default" and self.name != "cuda":
             raise ValueError(f"--compile-mode {mode} applies to --device cuda (torch.compile), "
                              f"not {self.name}")
-        self.step_graph = mode == STEP_GRAPH
-        self.compile_mode = None if mode in ("default", STEP_GRAPH) else mode
+        self.compile_mode = mode
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.name == "cuda":
             # In place: parameters, buffers and the state dict keep their names.
-            model.compile(mode=self.compile_mode)
+            model.compile(mode=self.torch_compile_mode)
         return model
 
     def autocast(self) -> contextlib.AbstractContextManager:
