@@ -47,10 +47,6 @@ def selected_experts(x: Tensor, indices: Tensor, weights: Tensor, gate: Tensor, 
     return out
 
 
-def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
-    return q.float() * scale[..., None]
-
-
 def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor) -> Tensor:
     """x [S, in] float times int8 rows weight [out, in]: x quantized per token, the integer
     products summed exactly, then scaled by the token's scale and the row's, in that order.
