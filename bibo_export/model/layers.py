@@ -6,6 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# Rows of a matrix in 16-byte multiples (8 bf16 elements): what torch._grouped_mm requires and
+# what cuBLAS needs to choose Hopper's own matmul kernels.
+MATMUL_ALIGNMENT = 8
+
 
 class RMSNorm(nn.Module):
     """RMSNorm in fp32, cast back to the input dtype, then scaled by a weight (init 1)."""
