@@ -14,12 +14,15 @@ alike. Writes bench/results/onnx.json.
 The row "ort int8 kernels alone" times a graph of only the int8 program's integer kernels
 (``integer_kernels_alone``): the bandwidth at which ORT's kernels stream the weights with nothing
 else in the step, so the share of the roofline that no change to the rest of the graph can
-exceed.
+exceed. The row "ort int8, experts skipped" times the int8 program with every QMoE node given
+zero routing weights (``experts_skipped``): the int8 row's ``experts_share`` is the part of its
+decode step that the experts take.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +34,7 @@ import torch
 
 from bench.common import interleaved_medians, machine, table, update_results
 from bibo_export.config import BiBoConfig
-from bibo_export.artifacts import ONNX_FILE
+from bibo_export.artifacts import ONNX_DATA_FILE, ONNX_FILE
 from bibo_export.export.onnx import (INTEGER_OPS, QMOE_ROUTER_WEIGHTS, export_onnx, tensor_bytes,
                                      weights_read_per_call)
 from bibo_export.model import BiBoForCausalLM
@@ -42,6 +45,7 @@ from bibo_export.timing import median_seconds, time_runtime
 
 
 KERNELS_ROW = "ort int8 kernels alone"
+EXPERTS_SKIPPED_ROW = "ort int8, experts skipped"
 
 
 def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
@@ -81,6 +85,28 @@ def integer_kernels_alone(program: onnx.ModelProto) -> onnx.ModelProto:
         [initializers[name] for name in sorted(read & set(initializers))])
     return onnx.helper.make_model(graph, opset_imports=program.opset_import,
                                   ir_version=program.ir_version)
+
+
+def experts_skipped(folder: Path, out: Path) -> Path:
+    """A copy at ``out`` of the int8 export ``folder`` whose QMoE nodes get their routing weights
+    multiplied by 0, so that they run no expert (their CPU kernel skips an expert whose weight
+    is 0): the same step otherwise, to time beside the program."""
+    model = onnx.load(folder / ONNX_FILE, load_external_data=False)
+    zero = "bench.zero"
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((), np.float32), zero))
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == "QMoE":
+            routing = node.input[QMOE_ROUTER_WEIGHTS]
+            nodes.append(onnx.helper.make_node("Mul", [routing, zero], [f"{routing}.zeroed"]))
+            node.input[QMOE_ROUTER_WEIGHTS] = f"{routing}.zeroed"
+        nodes.append(node)
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    out.mkdir()
+    onnx.save_model(model, out / ONNX_FILE)  # the weights stay in the data file, copied as is
+    shutil.copyfile(folder / ONNX_DATA_FILE, out / ONNX_DATA_FILE)  # ORT refuses a link outside
+    return out
 
 
 class KernelsAlone:
@@ -169,6 +195,8 @@ def main() -> None:
                    "int8": active_parameter_bytes(model, 1)}
 
         kernels = KernelsAlone(tmp / "int8", model.config.num_experts_per_tok, options)
+        skipped = OnnxRuntime.from_path(experts_skipped(tmp / "int8", tmp / "int8-skipped"),
+                                        check=False, options=options)
 
         def measure(subject: Runtime | KernelsAlone) -> dict[str, float]:
             if isinstance(subject, KernelsAlone):
@@ -177,7 +205,9 @@ def main() -> None:
                     "decode_tok_s": time_runtime(subject, decode_prompt, args.new_tokens,
                                                  repeats=1)["decode_tok_s"]}
 
-        timings = interleaved_medians(measure, {**runtimes, KERNELS_ROW: kernels}, args.repeats)
+        timings = interleaved_medians(
+            measure, {**runtimes, EXPERTS_SKIPPED_ROW: skipped, KERNELS_ROW: kernels},
+            args.repeats)
         rows = []
         for name, runtime in runtimes.items():
             precision = name.split()[1]  # "ort int8 (max length N)" → int8
@@ -190,6 +220,10 @@ def main() -> None:
                            roofline_tok_s=bandwidth / per_token,
                            roofline_share=row["decode_tok_s"] * per_token / bandwidth)
             rows.append(row)
+        int8 = next(row for row in rows if row["runtime"] == "ort int8")
+        without = timings[EXPERTS_SKIPPED_ROW]
+        int8["experts_share"] = 1 - int8["decode_tok_s"] / without["decode_tok_s"]
+        rows.append(dict(runtime=EXPERTS_SKIPPED_ROW, **without))
         kernels_rate = kernels.bytes_per_call / (timings[KERNELS_ROW]["kernels_ms"] / 1e3)
         rows.append(dict(runtime=KERNELS_ROW, **timings[KERNELS_ROW],
                          read_mb_per_token=kernels.bytes_per_call / 1e6,
@@ -205,7 +239,7 @@ def main() -> None:
     path = update_results("onnx", "bench", payload)
     print(table(rows, ["runtime", "prefill_ms", "decode_tok_s", "artifact_mb", "min_active_mb",
                        "read_mb_per_token", "read_vs_min", "roofline_tok_s", "roofline_share",
-                       "kernels_ms", "kernels_gb_s"]))
+                       "experts_share", "kernels_ms", "kernels_gb_s"]))
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; int8/fp32 size "
           f"{payload['int8_size_ratio']:.3f}; results: {path}")
 

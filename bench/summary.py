@@ -57,6 +57,8 @@ def onnx_headline(results: dict[str, Any]) -> list[dict[str, Any]]:
     threads = f"`bench`, batch 1, {payload['threads']} thread(s)"
     kernels = rows.get("ort int8 kernels alone")  # its ceiling: absent from older results
     ceiling = f"; the int8 kernels alone reach {kernels['roofline_share']:.0%}" if kernels else ""
+    if "experts_share" in int8:  # absent from older results
+        ceiling += f"; its experts (QMoE) take {int8['experts_share']:.0%} of a decode step"
     return [
         headline_row(f"ORT int8 decode vs ORT fp32, {threads}",
                      int8["decode_tok_s"] / fp32["decode_tok_s"], 2.5, "{:.2f}×",
