@@ -19,6 +19,8 @@ which ``to_executorch`` selects. Tests compare the kernels against these impleme
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -34,17 +36,25 @@ for _name, _weights in (("moe_experts", _FLOAT), ("moe_experts_int8", _INT8)):
     _library.define(f"{_name}.out({_ROUTING}, {_weights}, *, Tensor(a!) out) -> Tensor(a!)")
 
 
+def mixed_experts(x: Tensor, indices: Tensor, weights: Tensor, num_experts: int,
+                  project: Callable[[Tensor, str, int], Tensor]) -> Tensor:
+    """The operator's meaning, written densely: every expert on every token, weighted by the
+    routing weight the token gave it (0 if it did not choose it; a repeated choice adds its
+    weights). ``project(v, name, e)``: v times expert e's ``name`` matrix (gate, up, down)."""
+    out = torch.zeros_like(x)
+    for e in range(num_experts):
+        weight = (weights * (indices == e)).sum(-1, keepdim=True)
+        hidden = F.silu(project(x, "gate", e)) * project(x, "up", e)
+        out = out + weight * project(hidden, "down", e)
+    return out
+
+
 def selected_experts(x: Tensor, indices: Tensor, weights: Tensor, gate: Tensor, up: Tensor,
                      down: Tensor) -> Tensor:
-    """The operator's meaning with float weights, written densely: every expert on every
-    token, weighted by the routing weight the token gave it (0 if it did not choose it; a
-    repeated choice adds its weights)."""
-    out = torch.zeros_like(x)
-    for e in range(gate.shape[0]):
-        weight = (weights * (indices == e)).sum(-1, keepdim=True)
-        hidden = F.silu(x @ gate[e].t()) * (x @ up[e].t())
-        out = out + weight * (hidden @ down[e].t())
-    return out
+    """The float operator."""
+    matrices = {"gate": gate, "up": up, "down": down}
+    return mixed_experts(x, indices, weights, gate.shape[0],
+                         lambda v, name, e: v @ matrices[name][e].t())
 
 
 def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor) -> Tensor:
@@ -60,15 +70,14 @@ def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor) -> Tensor:
 def selected_experts_int8(x: Tensor, indices: Tensor, weights: Tensor, gate: Tensor,
                           gate_scale: Tensor, up: Tensor, up_scale: Tensor, down: Tensor,
                           down_scale: Tensor) -> Tensor:
-    """The int8 operator, densely like ``selected_experts``: every product an ``int8_linear``,
-    so each token's input and each expert's hidden activation are quantized per token."""
-    out = torch.zeros_like(x)
-    for e in range(gate.shape[0]):
-        weight = (weights * (indices == e)).sum(-1, keepdim=True)
-        hidden = F.silu(int8_linear(x, gate[e], gate_scale[e])) * \
-            int8_linear(x, up[e], up_scale[e])
-        out = out + weight * int8_linear(hidden, down[e], down_scale[e])
-    return out
+    """The int8 operator: every product an ``int8_linear``, so each token's input and each
+    expert's hidden activation are quantized per token."""
+    matrices = {"gate": (gate, gate_scale), "up": (up, up_scale), "down": (down, down_scale)}
+
+    def project(v: Tensor, name: str, e: int) -> Tensor:
+        weight, scale = matrices[name]
+        return int8_linear(v, weight[e], scale[e])
+    return mixed_experts(x, indices, weights, gate.shape[0], project)
 
 
 def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
