@@ -15,6 +15,7 @@ from bibo_export.artifacts import check_manifest
 from bibo_export.config import BiBoConfig
 from bibo_export.export import executorch as et_export
 from bibo_export.export.pipeline import ExportSettings
+from bibo_export.export.transforms import DynamicInt8Linear
 from bibo_export.kernels.library import KernelCounters, read_counters
 from bibo_export.model import BiBoForCausalLM
 from bibo_export.runtimes import load
@@ -243,11 +244,13 @@ def test_int8_keeps_the_router_float_by_identity():
     left out of 8da8w; every other Linear is quantized."""
     model = renamed_router_model(tiny_config(router_type="mlp", num_hidden_layers=2))
     recipe = et_export.ExecuTorchRecipe(ExportSettings(max_length=16, batch_size=1))
-    build = et_export.quantize_int8(recipe.transform(model))
-    linears = {name: module for name, module in build.decoder.named_modules()
+    build = recipe.transform(model)
+    linears = {name for name, module in build.decoder.named_modules()
                if isinstance(module, torch.nn.Linear)}
     routers = {name for name in linears if name.endswith(".gating")}
-    assert routers and build.quantized == set(linears) - routers
-    for name, module in linears.items():
-        is_plain = type(module.weight.data) is torch.Tensor
-        assert is_plain == (name in routers), name
+    build = et_export.quantize_int8(build)
+    assert routers and build.quantized == linears - routers
+    modules = dict(build.decoder.named_modules())
+    for name in linears:
+        assert isinstance(modules[name], DynamicInt8Linear) == (name not in routers), name
+        assert modules[name].weight.dtype == (torch.float32 if name in routers else torch.int8)

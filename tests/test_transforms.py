@@ -1,6 +1,6 @@
 """The export forms of the norm, of RoPE (ExecuTorch), of the cache write and of attention
 (ONNX and ExecuTorch) compute what the model's modules compute (the model's own modules are the
-oracle)."""
+oracle); the int8 Linear computes 8da8w as written out here by hand."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from bibo_export.config import BiBoConfig
-from bibo_export.export.transforms import (CustomSdpaAttention, MatmulMeanRMSNorm, MatmulRotary,
-                                           ScatterCacheWrite, SdpaGroupedAttention,
-                                           SlotMajorCacheWrite)
+from bibo_export.export.transforms import (CustomSdpaAttention, DynamicInt8Linear,
+                                           MatmulMeanRMSNorm, MatmulRotary, ScatterCacheWrite,
+                                           SdpaGroupedAttention, SlotMajorCacheWrite)
 from bibo_export.model.attention import AttentionInputs, GroupedAttention, TokenPositions
 from bibo_export.model.layers import CacheWrite, RMSNorm, Rotary, rotary_cos_sin
 
@@ -99,3 +99,37 @@ def test_custom_sdpa_over_a_slot_major_cache_equals_grouped_attention(start, len
     got = CustomSdpaAttention()(q, k_got, v_got, inputs, 0.25)
     assert got.shape == (1, length, heads * head_dim)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def by_hand_8da8w(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """8da8w written out: each token's activations on 256 levels from min(x, 0) to max(x, 0)
+    (asymmetric int8), each weight row on ±127 levels of max|row| / 127 (symmetric int8), both
+    mapped back to float before one float product."""
+    x64, w64 = x.double(), linear.weight.detach().double()
+    low = x64.amin(-1, keepdim=True).clamp(max=0)
+    high = x64.amax(-1, keepdim=True).clamp(min=0)
+    step = (high - low) / 255
+    zero = (-128 - torch.round(low / step)).clamp(-128, 127)
+    x_levels = (torch.round(x64 / step) + zero).clamp(-128, 127)
+    w_step = w64.abs().amax(-1, keepdim=True) / 127
+    w_levels = torch.round(w64 / w_step).clamp(-127, 127)
+    bias = None if linear.bias is None else linear.bias.detach().double()
+    return torch.nn.functional.linear((x_levels - zero) * step, w_levels * w_step, bias)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_dynamic_int8_linear_is_8da8w(bias):
+    """Each token gets its own activation scale: tokens 100× apart in size keep the same
+    relative precision; and the result stays within int8 error of the float Linear."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40, bias=bias)
+    x = torch.randn(2, 5, 96) * torch.tensor([0.01, 1.0, 3.0, 100.0, 0.5])[:, None]
+    with torch.no_grad():
+        got = DynamicInt8Linear(linear)(x)
+        exact = linear(x)
+    oracle = by_hand_8da8w(linear, x)
+    # Per token, relative to its largest output: float32 sums of a 100× token round 100× larger.
+    rounding = (got.double() - oracle).abs().amax(-1) / oracle.abs().amax(-1)
+    assert rounding.max() < 1e-5, rounding
+    relative = (got - exact).norm(dim=-1) / exact.norm(dim=-1)
+    assert relative.max() < 0.02, relative

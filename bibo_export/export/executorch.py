@@ -6,12 +6,13 @@
   ``CustomSdpaAttention`` over a slot-major cache, or with ``experts="fused"``, for runtimes
   without custom kernels, ``FusedExperts`` with the masked attention XNNPACK delegates),
   wrapped in ``StatefulDecoder``: the KV cache and conv states are mutable buffers.
-* **quantize**: torchao "8da8w" (int8 per-channel weights, int8 dynamic per-token activations)
-  on every ``nn.Linear`` except the routers (found by type), whose discrete top-k flips would be
-  unbounded errors, int8 weights with one scale per row on every ``nn.Embedding`` (at a 128k
-  vocabulary the table is a quarter of the model), and ``SelectedExperts`` →
-  ``SelectedExpertsInt8`` (int8 rows with one scale each, read by the kernel). It runs on the
-  module, before ``torch.export``, because torchao quantizes modules.
+* **quantize**: "8da8w" (int8 per-channel weights, int8 dynamic per-token activations) on
+  every ``nn.Linear`` except the routers (found by type), whose discrete top-k flips would be
+  unbounded errors, as ``DynamicInt8Linear``; torchao's int8 weights with one scale per row on
+  every ``nn.Embedding`` (at a 128k vocabulary the table is a quarter of the model); and
+  ``SelectedExperts`` → ``SelectedExpertsInt8`` (int8 rows with one scale each, read by the
+  kernel). It runs on the module, before ``torch.export``: these are module swaps, and torchao
+  quantizes modules.
 * **export**: one method, ``forward(tokens [B, T] int64, input_pos [1] int64) → logits
   [B, T, V]`` with a dynamic T in 1 … max_length: prefill is a call at position 0 (it also
   resets the conv states), decoding is a call with T = 1 at the next position. This is the
@@ -45,8 +46,7 @@ from executorch.exir.dialects.edge._ops import EdgeOpOverload
 from executorch.exir.lowered_backend_module import get_lowered_backend_modules
 from torch import nn
 from torch._ops import OpOverload
-from torchao.quantization import (Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig,
-                                  quantize_)
+from torchao.quantization import IntxWeightOnlyConfig, quantize_
 from torchao.quantization.granularity import PerAxis
 
 from ..artifacts import EXPERT_MODES, PTE_FILE, ArtifactMetadata
@@ -58,8 +58,8 @@ from ..model.moe import MLPExperts, SharedConvExpert
 from ..runtimes.executorch import METADATA_METHOD
 from .decoders import StatefulDecoder
 from .pipeline import ExportSettings, Recipe, Stage, run_export
-from .transforms import (CustomSdpaAttention, FusedExperts, MatmulMeanRMSNorm, MatmulRotary,
-                         SelectedExperts, SelectedExpertsInt8, SlotMajorCacheWrite,
+from .transforms import (CustomSdpaAttention, DynamicInt8Linear, FusedExperts, MatmulMeanRMSNorm,
+                         MatmulRotary, SelectedExperts, SelectedExpertsInt8, SlotMajorCacheWrite,
                          UnfoldedSharedExpert, export_form, router_names, swap_modules)
 
 QUANTIZATION = ("8da8w (int8 per-channel weights, int8 dynamic per-token activations); "
@@ -224,9 +224,9 @@ def quantize_int8(build: ProgramBuild) -> ProgramBuild:
                        if isinstance(module, nn.Linear) and name not in routers}
     build.quantized_tables = {name for name, module in modules.items()
                               if isinstance(module, nn.Embedding)}
-    linear = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8,
-                                                   weight_granularity=PerAxis(0))
-    quantize_(build.decoder, linear, filter_fn=lambda module, name: name in build.quantized)
+    for name in build.quantized:
+        parent, _, child = name.rpartition(".")
+        setattr(build.decoder.get_submodule(parent), child, DynamicInt8Linear(modules[name]))
     table = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
     quantize_(build.decoder, table, filter_fn=lambda module, name: name in build.quantized_tables)
     return build
@@ -249,8 +249,9 @@ def decode_weight_bytes(build: ProgramBuild) -> dict[str, int]:
     experts reads fewer). ``FusedExperts`` reads all of them (XNNPACK cannot delegate linears
     inside ``torch.cond``, DESIGN §6); the selected-experts kernel reads the chosen ones, at
     most the minimum (its own counter measures what it read: ``kernels.library``). Both read
-    one embedding row. 8da8w Linears and int8 tables: 1 byte per weight plus an fp32 scale per
-    output channel or row; every other tensor at its own element size.
+    one embedding row. int8 tables (torchao's): 1 byte per weight plus an fp32 scale per row;
+    every other tensor at its own element size (int8 Linears hold int8 weights and fp32
+    scales).
     """
     model = build.decoder.model
     config, prefix = model.config, "model."
@@ -264,10 +265,7 @@ def decode_weight_bytes(build: ProgramBuild) -> dict[str, int]:
                 module.embedding_dim * module.weight.element_size()
             continue
         for param in module.parameters(recurse=False):
-            if prefix + name in build.quantized:
-                size = param.numel() + param.shape[0] * 4
-            else:
-                size = param.numel() * param.element_size()
+            size = param.numel() * param.element_size()
             total += size
             # FusedExperts holds its weights in child Linears, the selected forms directly.
             if name in expert_modules or name.rpartition(".")[0] in expert_modules:

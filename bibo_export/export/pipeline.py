@@ -4,10 +4,10 @@
 
 *prepare* loads the checkpoint, fixes the settings (maximum length, batch size) and computes
 what eager PyTorch outputs on the verification prompts; a backend's ``Recipe`` supplies
-*transform* … *lower* (in the order its toolchain needs: torchao quantizes modules before
-``torch.export``, ONNX Runtime quantizes the exported graph) and *save*. The pipeline then runs
-the saved artifact in its runtime against those eager outputs (*verify*, judged by ``verdict``)
-and only then *publishes* it: the manifest is written (listing the checkpoint's
+*transform* … *lower* (in the order its toolchain needs: ExecuTorch's int8 quantizes modules
+before ``torch.export``, ONNX Runtime quantizes the exported graph) and *save*. The pipeline
+then runs the saved artifact in its runtime against those eager outputs (*verify*, judged by
+``verdict``) and only then *publishes* it: the manifest is written (listing the checkpoint's
 ``tokenizer.json`` too, copied beside the model) and the folder replaces the target. A
 failed verification raises ``ExportVerificationError`` and leaves whatever was there before
 untouched. Each stage prints its name, duration and the process's memory, so a long export

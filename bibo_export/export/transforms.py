@@ -18,6 +18,8 @@ handles better:
 * ``SharedConvExpert`` → ``UnfoldedSharedExpert`` (both exporters): the causal Conv1d as one
   ``nn.Linear`` over the window of the last K inputs, which 8da8w and ORT's MatMul
   quantization handle (ORT's ``ConvInteger`` took 150 µs per one-token call at `bench`).
+* ``nn.Linear`` → ``DynamicInt8Linear`` (ExecuTorch int8, every Linear but the routers):
+  "8da8w" in the ``quantized_decomposed`` operators that XNNPACK runs as int8 GEMMs.
 
 * ``RMSNorm`` → ``MatmulMeanRMSNorm`` (ExecuTorch): the mean of squares as a product with a
   constant row of ones, which XNNPACK delegates; its ``mean.dim`` takes only 4-D inputs, so
@@ -46,6 +48,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_decomposed ops
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -205,6 +208,33 @@ class SelectedExpertsInt8(nn.Module):
             flat, selection.indices, selection.weights.to(flat.dtype), self.gate,
             self.gate_scale, self.up, self.up_scale, self.down, self.down_scale)
         return out, no_drops(flat)
+
+
+# ------------------------------------------------------------------------------ int8 linears
+class DynamicInt8Linear(nn.Module):
+    """``nn.Linear`` as "8da8w": int8 weights with one scale per output channel
+    (``quantize_rows``), activations quantized to int8 per token (asymmetric) at each call.
+    It is written with the ``quantized_decomposed`` operators, a pattern XNNPACK runs as one
+    int8 GEMM. torchao's 8da8w writes the same pattern with its own operators, but those are
+    Python compositions that every pass of the ExecuTorch lowering re-runs on each re-trace:
+    ``sort-tiny``'s int8 lowering spent about a third of its time in them."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        q, scale = quantize_rows(linear.weight)
+        self.weight, self.scale = frozen(q), frozen(scale)
+        self.bias = None if linear.bias is None else frozen(linear.bias)
+        self.register_buffer("zero_point", torch.zeros(q.shape[0], dtype=torch.long),
+                             persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        ops = torch.ops.quantized_decomposed
+        scale, zero = ops.choose_qparams_per_token_asymmetric(x, torch.int8)
+        q = ops.quantize_per_token(x, scale, zero, -128, 127, torch.int8)
+        x = ops.dequantize_per_token(q, scale, zero, -128, 127, torch.int8, x.dtype)
+        weight = ops.dequantize_per_channel(self.weight, self.scale, self.zero_point, 0, -127,
+                                            127, torch.int8, out_dtype=x.dtype)
+        return F.linear(x, weight, self.bias)
 
 
 # ------------------------------------------------------------------------------ shared expert
