@@ -7,6 +7,8 @@ int8 program is tested in test_executorch_int8.py.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -254,3 +256,22 @@ def test_int8_keeps_the_router_float_by_identity():
     for name in linears:
         assert isinstance(modules[name], DynamicInt8Linear) == (name not in routers), name
         assert modules[name].weight.dtype == (torch.float32 if name in routers else torch.int8)
+
+
+@pytest.mark.parametrize("experts", ["selected", "fused"])
+def test_int8_module_form_stays_within_int8_error_of_eager(experts):
+    """The int8 decoder, run eagerly before any export (both expert forms), computes the
+    model's logits to within int8 error: its modules fit the forms they replace."""
+    torch.manual_seed(0)
+    model = BiBoForCausalLM(tiny_config()).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        want = model(ids).logits
+    recipe = et_export.ExecuTorchRecipe(ExportSettings(max_length=16, batch_size=1),
+                                        experts=experts)
+    build = et_export.quantize_int8(recipe.transform(copy.deepcopy(model)))
+    with torch.no_grad():
+        got = build.decoder(ids, torch.tensor([0]))
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
+    assert cosine > 0.999, cosine
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9

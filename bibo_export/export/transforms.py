@@ -221,6 +221,7 @@ class DynamicInt8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
         q, scale = quantize_rows(linear.weight)
         self.weight, self.scale = frozen(q), frozen(scale)
         self.bias = None if linear.bias is None else frozen(linear.bias)
