@@ -75,7 +75,7 @@ QUIET_PIP := { grep -v "^WARNING: Location '.*' is ignored" || true; }
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
-demo: setup ## the whole pipeline: train (XLA) → ONNX + ExecuTorch fp32/int8 → parity → artifacts/report.md
+demo: setup ## the whole pipeline: train (XLA) → ONNX + ExecuTorch fp32/int8 → parity → artifacts/report/report.md
 	$(MAKE) --no-print-directory train-tpu RUN=$(DEMO_RUN) STEPS=$(DEMO_STEPS) BATCH=$(DEMO_BATCH) \
 		TRAIN_ARGS="--lr $(DEMO_LR) $(TRAIN_ARGS)"
 	@# The exporters are mostly single-threaded Python. ExecuTorch int8 lowering takes longest,
@@ -94,7 +94,7 @@ demo-text: setup ## text in, text out: tokenizer + language model (XLA) → Exec
 	$(MAKE) --no-print-directory -j$(EXPORT_JOBS) export-executorch-int8 export-onnx-int8 \
 		CKPT=$(TEXT_RUN)/final ARTIFACTS=$(TEXT_ARTIFACTS)
 	$(VENV)/bin/bibo-export parity --checkpoint $(TEXT_RUN)/final $(TEXT_ARTIFACTS)/executorch/int8 \
-		$(TEXT_ARTIFACTS)/onnx/int8 --report $(TEXT_ARTIFACTS)
+		$(TEXT_ARTIFACTS)/onnx/int8 --report $(TEXT_ARTIFACTS)/report
 	@echo "== the same prompt continued by each runtime (greedy, $(TEXT_NEW_TOKENS) tokens at most)"
 	@for model in "$(TEXT_RUN)/final" "$(TEXT_ARTIFACTS)/onnx/int8" \
 		"$(TEXT_ARTIFACTS)/executorch/int8" "$(TEXT_ARTIFACTS)/executorch/int8 --llm-runner"; do \
@@ -182,9 +182,9 @@ export-executorch-fp32 export-executorch-int8: export-executorch-%: $(STAMP) $(K
 EXPORTED = $(wildcard $(ARTIFACTS)/onnx/fp32 $(ARTIFACTS)/onnx/int8 \
 	$(ARTIFACTS)/executorch/fp32 $(ARTIFACTS)/executorch/int8)
 
-parity: $(STAMP) $(KERNELS) ## every export vs eager on CKPT (DESIGN §7 bars) → artifacts/report.{md,json}, plots
+parity: $(STAMP) $(KERNELS) ## every export vs eager on CKPT (DESIGN §7 bars) → artifacts/report/report.{md,json}, plots
 	$(if $(EXPORTED),,$(error no exports under $(ARTIFACTS)/: run make export-onnx and/or make export-executorch first))
-	$(VENV)/bin/bibo-export parity --checkpoint $(CKPT) $(EXPORTED) --report $(ARTIFACTS)
+	$(VENV)/bin/bibo-export parity --checkpoint $(CKPT) $(EXPORTED) --report $(ARTIFACTS)/report
 
 bench: $(STAMP) $(XLA_STAMP) ## every benchmark, fresh → bench/results/*.json + summary.md
 	@# Start empty so that the summary holds this run only: its ratios compare rows of one run.

@@ -33,6 +33,8 @@ ONNX_DATA_FILE = "model.onnx.data"
 PTE_FILE = "model.pte"
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
+TRAIN_CONFIG_FILE = "train_config.json"  # marks a training run's folder
+REPORT_FILE = "report.json"  # marks a parity report's folder
 PRECISIONS = ("fp32", "bf16", "int8")
 # How an ExecuTorch program computes the routed experts: "selected" reads only the chosen
 # experts through BiBo's kernel library (bibo_export/kernels); "fused" reads every expert and

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import os
+import shutil
 import sys
+import tempfile
+import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,6 +25,7 @@ from .logs import filtered_native_stderr, silence_known_noise
 from .model import BiBoForCausalLM
 from .model.checkpoint import load_config
 from .model.reference import import_reference
+from .outputs import Output, claimed_outputs
 from .parity import run_parity
 from .report import markdown_table, sorting_examples, text_examples, write_report
 from .runtimes import load
@@ -66,6 +73,12 @@ def cmd_export_executorch(args: argparse.Namespace) -> None:
     from .export.executorch import export_executorch
 
     export_executorch(checkpoint, outs, args.max_length, experts=args.experts)
+
+
+def export_output_folders(args: argparse.Namespace) -> list[Output]:
+    checkpoint = (Path(args.checkpoint),)
+    return [Output(Path(out), args.format, checkpoint) for out in (args.out, args.int8_out)
+            if out]
 
 
 def export_inputs(args: argparse.Namespace) -> tuple[Path, dict[str, Path]]:
@@ -145,6 +158,11 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
           f"{END_OF_TEXT} = id {tokenizer.eos_id})")
 
 
+def tokenizer_output_folders(args: argparse.Namespace) -> list[Output]:
+    corpus = args.data.partition(":")[2]
+    return [Output(Path(args.out), "tokenizer", (Path(corpus),) if corpus else ())]
+
+
 def cmd_parity(args: argparse.Namespace) -> int:
     """Compare artifacts with eager on a checkpoint (DESIGN §7 bars); exit 1 if a bar fails."""
     checkpoint = checkpoint_folder(args.checkpoint)
@@ -180,6 +198,15 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def parity_output_folders(args: argparse.Namespace) -> list[Output]:
+    inputs = tuple(Path(path) for path in (args.checkpoint, *args.artifacts))
+    return [Output(Path(args.report), "report", inputs, flag="--report")] if args.report else []
+
+
+def import_output_folders(args: argparse.Namespace) -> list[Output]:
+    return [Output(Path(args.out), "checkpoint", (Path(args.source),))]
+
+
 def cmd_import_reference(args: argparse.Namespace) -> None:
     """Convert a checkpoint saved by the original BiBo code into a bibo-export checkpoint."""
     model = import_reference(args.source, args.out)
@@ -211,7 +238,20 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.set:
         given["model_overrides"] = dict(parse_assignment(item) for item in args.set)
     config = requested_config(args.out, given, args.resume)
+    if args.overwrite and not args.resume and Path(args.out).exists():
+        shutil.rmtree(args.out)  # the user asked to start over (outputs.check_output said so)
     train(config, args.out, resume=args.resume, stop_after=args.stop_after)
+
+
+def train_output_folders(args: argparse.Namespace) -> list[Output]:
+    """The run folder: a fresh run replaces only a run that trained nothing yet."""
+    data_path = Path(args.data.split(":")[1]) if args.data and ":" in args.data and \
+        not args.data.startswith("sort") else None
+    inputs = tuple(Path(p) for p in (args.config, args.tokenizer, data_path) if p)
+    run = RunFolder(Path(args.out))
+    trained = run.final.exists() or run.latest_checkpoint() is not None
+    return [Output(Path(args.out), "run", inputs, replaces_same_kind=not trained,
+                   checked=not args.resume, keep_hint="pass --resume to continue it, ")]
 
 
 def parse_assignment(item: str) -> tuple[str, object]:
@@ -283,7 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--stop-after", dest="stop_after", type=int,
                    help="end this invocation after N steps (resume later)")
-    p.set_defaults(func=cmd_train)
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in --out even when it holds a trained run or other files "
+                        "(they are deleted)")
+    p.set_defaults(func=cmd_train, outputs=train_output_folders)
 
     p = sub.add_parser("tokenizer", help="train a tokenizer for text data")
     actions = p.add_subparsers(dest="action", required=True, parser_class=OneLineErrors)
@@ -292,7 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--vocab-size", dest="vocab_size", type=int, required=True,
                    help=f"tokens, at least 257 (256 bytes + {END_OF_TEXT})")
     q.add_argument("--out", required=True, metavar="DIR", help="receives tokenizer.json")
-    q.set_defaults(func=cmd_tokenizer_train)
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace --out even when it holds something other than an earlier "
+                        "output of this command")
+    q.set_defaults(func=cmd_tokenizer_train, outputs=tokenizer_output_folders)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX or ExecuTorch")
     formats = p.add_subparsers(dest="format", required=True, parser_class=OneLineErrors)
@@ -316,7 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "kernel library, built by make setup, must be linked where "
                                 "the program runs); fused: every expert, ExecuTorch's own "
                                 "kernels only (bf16 programs are always fused)")
-        q.set_defaults(func=func)
+        q.add_argument("--overwrite", action="store_true",
+                       help="replace --out even when it holds something other than an earlier "
+                            "output of this command")
+        q.set_defaults(func=func, outputs=export_output_folders)
 
     p = sub.add_parser("import", help="import a checkpoint written by other code")
     sources = p.add_subparsers(dest="source_format", required=True, parser_class=OneLineErrors)
@@ -324,7 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("source", help="the original's save_pretrained folder (config.json + "
                                   "model.safetensors, or shards with model.safetensors.index.json)")
     q.add_argument("--out", required=True, metavar="DIR", help="the checkpoint folder to write")
-    q.set_defaults(func=cmd_import_reference)
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace --out even when it holds something other than an earlier "
+                        "output of this command")
+    q.set_defaults(func=cmd_import_reference, outputs=import_output_folders)
 
     p = sub.add_parser("generate", help=cmd_generate.__doc__)
     p.add_argument("--model", required=True,
@@ -348,7 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write DIR/report.md, report.json and training plots")
     p.add_argument("--no-speed", dest="no_speed", action="store_true",
                    help="skip the prefill/decode timings")
-    p.set_defaults(func=cmd_parity)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --report's folder even when it holds something other than an "
+                        "earlier report")
+    p.set_defaults(func=cmd_parity, outputs=parity_output_folders)
 
     p = sub.add_parser("info", help=cmd_info.__doc__)
     p.add_argument("checkpoint", help="a folder with config.json and model.safetensors")
@@ -365,8 +420,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     func: Callable[[argparse.Namespace], int | None] = args.func
+    outputs: Callable[[argparse.Namespace], list[Output]] = getattr(args, "outputs",
+                                                                   lambda _: [])
     try:
-        status = func(args) or 0
+        with claimed_outputs(outputs(args), getattr(args, "overwrite", False)):
+            status = func(args) or 0
     except (ValueError, FileNotFoundError) as err:
         # Bad input is the user's to fix: one line, no traceback.
         print(f"bibo-export {args.command}: error: {err}", file=sys.stderr)
@@ -376,7 +434,28 @@ def run_command(args: argparse.Namespace) -> int:
               "environment (training runs in .venv-xla, export and runtimes in .venv)",
               file=sys.stderr)
         return 2
+    except Exception as err:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"bibo-export {args.command}: error: no space left on the device while "
+                  f"writing {err.filename or 'an output'}", file=sys.stderr)
+            return 1
+        return report_unexpected(args.command, err)
     return status
+
+
+def report_unexpected(command: str, err: Exception) -> int:
+    """A bug or an environment problem: one line, and the traceback in a log file
+    (``BIBO_DEBUG=1`` raises it instead)."""
+    if os.environ.get("BIBO_DEBUG") == "1":
+        raise err
+    log = Path(tempfile.gettempdir()) / f"bibo-export-{time.strftime('%Y%m%d-%H%M%S')}-" \
+        f"{os.getpid()}.log"
+    log.write_text(traceback.format_exc())
+    first = (str(err).strip().splitlines() or [""])[0]
+    print(f"bibo-export {command}: error: unexpected {type(err).__name__}"
+          f"{': ' + first if first else ''} (traceback in {log}; BIBO_DEBUG=1 prints it)",
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from .runtimes.base import Runtime, any_batch
 from .runtimes.eager import EagerRuntime
 from .tasks.sorting import SortingTask
 from .timing import time_runtime
-from .verdict import (BF16_BARS, FP32_MAX_ABS, INT8_BARS, compare_logits, compare_tokens, judge,
-                      perplexity)
+from .verdict import (BF16_BARS, FP32_MAX_ABS, INT8_BARS, check_finite_reference,
+                      compare_logits, compare_tokens, judge, perplexity)
 
 # The speed columns: one batch-1 prompt, then cached decode steps (medians of a few runs).
 SPEED_PROMPT_TOKENS = 64
@@ -109,6 +109,7 @@ def run_parity(checkpoint: str | Path, artifacts: list[str | Path],
         1, max(1, min(SPEED_PROMPT_TOKENS, reference.max_length - SPEED_NEW_TOKENS))))
     log(f"[parity] eager fp32: {checkpoint}")
     expected = Outputs.of(reference, inputs)
+    check_finite_reference(expected.flat_logits(), str(checkpoint))
     rows = []
     for path, runtime in [(checkpoint, reference), *runtimes]:
         if runtime is not reference:

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_path, atomic_write_text
+from .artifacts import REPORT_FILE
+from .io import atomic_directory, atomic_path
 from .tasks.sorting import SEP
 from .verdict import describe_bars
 
@@ -137,11 +138,18 @@ def plot_training(metrics: Path, out: Path) -> list[Path]:
 # ------------------------------------------------------------------------------ the report
 def write_report(result: dict[str, Any], out: Path, metrics: Path | None = None,
                  decode: Callable[[list[int]], str] | None = None) -> Path:
-    """``out/report.md``, ``out/report.json`` and (with ``metrics``) ``out/plots/*.png``;
-    ``decode`` turns a text model's token ids into text for its examples."""
-    out.mkdir(parents=True, exist_ok=True)
+    """The folder ``out`` with ``report.md``, ``report.json`` and (with ``metrics``)
+    ``plots/*.png``, published whole; ``decode`` turns a text model's token ids into text for
+    its examples. Returns the path of ``report.md``."""
+    with atomic_directory(out) as folder:
+        write_report_files(result, folder, metrics, decode)
+    return out / "report.md"
+
+
+def write_report_files(result: dict[str, Any], out: Path, metrics: Path | None,
+                       decode: Callable[[list[int]], str] | None) -> None:
     plots = plot_training(metrics, out / "plots") if metrics and metrics.is_file() else []
-    atomic_write_text(out / "report.json", json.dumps({**result, "plots": [
+    (out / REPORT_FILE).write_text(json.dumps({**result, "plots": [
         str(p.relative_to(out)) for p in plots]}, indent=2))
     speed = result["speed"]
     parts = ["# bibo-export report", "",
@@ -163,6 +171,4 @@ def write_report(result: dict[str, Any], out: Path, metrics: Path | None = None,
                   ""]
     if plots:
         parts += ["## Training", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in plots] + [""]
-    path = out / "report.md"
-    atomic_write_text(path, "\n".join(parts))
-    return path
+    (out / "report.md").write_text("\n".join(parts))

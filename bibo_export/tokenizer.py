@@ -20,10 +20,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 
 from .artifacts import TOKENIZER_FILE
-from .io import atomic_path, file_sha256
+from .io import atomic_directory, atomic_path, file_sha256
 
 END_OF_TEXT = "<|endoftext|>"
 MIN_VOCAB = 257  # the 256 byte tokens and END_OF_TEXT
+MAX_VOCAB = (1 << 31) - 1  # ids stay positive 32-bit integers in every runtime
 BINARY_SNIFF_BYTES = 8192
 
 
@@ -107,10 +108,13 @@ class TextTokenizer:
 
 def train_tokenizer(corpus: str | Path, vocab_size: int, out: str | Path) -> TextTokenizer:
     """Train a byte-level BPE of at most ``vocab_size`` tokens on a corpus and write
-    ``out/tokenizer.json`` (atomically). A small corpus may end with fewer merges."""
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
-        raise ValueError(f"--vocab-size must be an integer ≥ {MIN_VOCAB} (256 bytes + "
-                         f"{END_OF_TEXT}), got {vocab_size!r}")
+    ``out/tokenizer.json``; the folder ``out`` is published whole. A small corpus may end with
+    fewer merges."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or \
+            not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
+        raise ValueError(f"--vocab-size must be an integer in [{MIN_VOCAB}, {MAX_VOCAB:,}] (256 "
+                         f"bytes + {END_OF_TEXT}, up to 32-bit signed ids), got "
+                         f"{vocab_size!r}")
     files = corpus_files(corpus)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -119,10 +123,9 @@ def train_tokenizer(corpus: str | Path, vocab_size: int, out: str | Path) -> Tex
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=sys.stderr.isatty())  # else blank lines
     tokenizer.train_from_iterator(documents(files), trainer, length=len(files))
-    path = Path(out) / TOKENIZER_FILE
-    with atomic_path(path) as tmp:
-        tokenizer.save(str(tmp))
-    return TextTokenizer.from_file(path)
+    with atomic_directory(out) as folder:
+        tokenizer.save(str(folder / TOKENIZER_FILE))
+    return TextTokenizer.from_file(Path(out) / TOKENIZER_FILE)
 
 
 def token_dtype(vocab_size: int) -> str:

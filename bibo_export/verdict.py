@@ -15,6 +15,7 @@ Two scopes, one rule set:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import numpy as np
@@ -41,6 +42,13 @@ def compare_logits(candidate: np.ndarray, reference: np.ndarray) -> dict[str, fl
     return {"max_abs": float(np.abs(a - b).max()),
             "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()),
             "cosine": float(cosine.mean())}
+
+
+def check_finite_reference(logits: np.ndarray, source: str) -> None:
+    """Refuse a reference whose own logits hold NaN or Inf: nothing can be compared with it."""
+    if not np.isfinite(logits).all():
+        raise ValueError(f"{source}: eager PyTorch computes non-finite logits (NaN or Inf); the "
+                         "checkpoint is broken (retrain, or export an earlier checkpoint)")
 
 
 def perplexity(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -85,6 +93,8 @@ def judge(row: dict[str, Any], runtime: str, precision: str, scope: Scope) -> li
     ``perplexity_increase`` (this runtime's held-out perplexity / eager's − 1) and, in the export
     scope, ``integer_kernels`` (how many int8 kernels the artifact runs).
     """
+    if not (math.isfinite(row["max_abs"]) and math.isfinite(row["cosine"])):
+        return ["non-finite logits (NaN or Inf)"]  # in every scope, whatever the precision
     if precision in ACCURACY_BARS and scope == "task":
         return accuracy_failures(row, precision)
     if precision == "int8":

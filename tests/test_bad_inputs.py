@@ -79,9 +79,23 @@ def world(tmp_path_factory) -> dict[str, Path]:
     (modified / "model.onnx.data").write_bytes(bytes(data))
     (root / "garbage.pte").write_bytes(b"not a program" * 100)
     (root / "empty").mkdir()
+    finished = root / "finished-run"  # trained to the end, its checkpoints since deleted
+    subprocess.run(["cp", "-r", str(run), str(finished)], check=True)
+    subprocess.run(["rm", "-r", str(finished / "checkpoints")], check=True)
+    (root / "mine").mkdir()  # a folder of the user's that bibo-export never wrote
+    (root / "mine" / "notes.txt").write_text("the user's own notes")
+    huge = root / "huge"  # a config edited to sizes no machine holds
+    subprocess.run(["cp", "-r", str(root / "ckpt"), str(huge)], check=True)
+    (huge / "config.json").write_text(tiny_config(**{**config.to_dict(),
+                                                     "vocab_size": 4_000_000_000}).to_json())
+    broken = BiBoForCausalLM(config)  # a checkpoint whose eager logits are NaN
+    with torch.no_grad():
+        broken.lm_head.weight.fill_(float("nan"))
+    broken.save_pretrained(root / "nan")
     return {"root": root, "model": root / "model.json", "ckpt": root / "ckpt", "run": run,
             "hostile": hostile, "onnx": root / "onnx", "corpus": root / "corpus",
-            "tokenizer": root / "tokenizer" / "tokenizer.json"}
+            "tokenizer": root / "tokenizer" / "tokenizer.json", "finished": finished,
+            "mine": root / "mine", "home": Path.home()}
 
 
 TRAIN = ("train", "--config", "{model}", "--device", "cpu", "--steps", "2", "--batch-size", "4")
@@ -144,7 +158,7 @@ CASES = {
     # tokenizers
     "tokenizer vocabulary below the bytes": (("tokenizer", "train", "--data", "text:{corpus}",
                                               "--vocab-size", "100", "--out", "{out}"),
-                                             "--vocab-size must be an integer ≥ 257", "{out}"),
+                                             "--vocab-size must be an integer in [257,", "{out}"),
     "tokenizer of sorting data": (("tokenizer", "train", "--data", "sort:4", "--vocab-size",
                                    "300", "--out", "{out}"), "--data must be text:PATH", "{out}"),
     "model vocabulary below the tokenizer's": ((*TRAIN, "--data", "text:{corpus}", "--tokenizer",
@@ -161,7 +175,10 @@ CASES = {
     # resuming
     "nothing to resume": ((*TRAIN, "--resume", "--out", "{out}"), "nothing to resume", "{out}"),
     "fresh run over a run": ((*TRAIN, "--data", "sort:4", "--out", "{run}"),
-                             "already holds a run", "{run}"),
+                             "already holds a training run", "{run}"),
+    "fresh run over a finished run without checkpoints": (
+        (*TRAIN, "--data", "sort:4", "--out", "{finished}"), "already holds a training run",
+        "{finished}"),
     "resume changing lr": (("train", "--resume", "--lr", "0.1", "--out", "{run}"),
                            "whose lr is 0.003 (not 0.1)", "{run}"),
     "resume of a hostile optimizer.pt": (("train", "--resume", "--steps", "3", "--out",
@@ -188,6 +205,64 @@ CASES = {
                       "{out}"), "unrecognized arguments: --dtype", "{out}"),
     "unknown format": (("export", "tflite", "--checkpoint", "{ckpt}", "--out", "{out}"),
                        "invalid choice: 'tflite'", "{out}"),
+    # output folders are the user's
+    "export into its own checkpoint": (("export", "onnx", "--checkpoint", "{ckpt}", "--out",
+                                        "{ckpt}"), "is or contains the input", "{ckpt}"),
+    "export into the run holding its checkpoint": (
+        ("export", "executorch", "--checkpoint", "{run}/final", "--out", "{run}"),
+        "is or contains the input", "{run}"),
+    "export into a folder of the user's": (("export", "onnx", "--checkpoint", "{ckpt}", "--out",
+                                            "{mine}"), "holds files bibo-export did not write",
+                                           "{mine}"),
+    "export over another format's export": (("export", "executorch", "--checkpoint", "{ckpt}",
+                                             "--out", "{onnx}"), "holds an ONNX export",
+                                            "{onnx}"),
+    "int8 export into the user's folder": (("export", "onnx", "--checkpoint", "{ckpt}", "--out",
+                                            "{out}", "--int8-out", "{mine}"),
+                                           "holds files bibo-export did not write", "{mine}"),
+    "export to the filesystem root": (("export", "onnx", "--checkpoint", "{ckpt}", "--out", "/"),
+                                      "is a filesystem root or the home folder", None),
+    "export to the home folder": (("export", "onnx", "--checkpoint", "{ckpt}", "--out",
+                                   "{home}"), "is a filesystem root or the home folder", None),
+    "import over its source": (("import", "reference", "{ckpt}", "--out", "{ckpt}"),
+                               "is or contains the input", "{ckpt}"),
+    "import into a folder of the user's": (("import", "reference", "{ckpt}", "--out", "{mine}"),
+                                           "holds files bibo-export did not write", "{mine}"),
+    "train into a folder of the user's": ((*TRAIN, "--out", "{mine}"),
+                                          "holds files bibo-export did not write", "{mine}"),
+    "train into the folder of its corpus": ((*TRAIN, "--data", "text:{corpus}/a.txt", "--set",
+                                             "vocab_size=257", "--out", "{corpus}"),
+                                            "is or contains the input", "{corpus}"),
+    "tokenizer over a file": (("tokenizer", "train", "--data", "text:{corpus}", "--vocab-size",
+                               "300", "--out", "{mine}/notes.txt"),
+                              "exists and is not a folder", "{mine}"),
+    "tokenizer into its corpus": (("tokenizer", "train", "--data", "text:{corpus}",
+                                   "--vocab-size", "300", "--out", "{corpus}"),
+                                  "is or contains the input", "{corpus}"),
+    "report over an artifact it reads": (("parity", "--checkpoint", "{ckpt}", "{onnx}",
+                                          "--report", "{onnx}"), "is or contains the input",
+                                         "{onnx}"),
+    # resources
+    "tokenizer vocabulary overflowing": (("tokenizer", "train", "--data", "text:{corpus}",
+                                          "--vocab-size", str(10**20), "--out", "{out}"),
+                                         "--vocab-size must be an integer in", "{out}"),
+    "steps overflowing": ((*TRAIN, "--steps", str(10**20), "--out", "{out}"),
+                          "steps must be an integer >= 1 (at most", "{out}"),
+    "training a model no machine holds": ((*TRAIN, "--set", "vocab_size=4000000000", "--out",
+                                           "{out}"), "needs at least", "{out}"),
+    "describing a model no machine holds": (("info", "{root}/huge"), "needs at least", None),
+    "exporting a model no machine holds": (("export", "onnx", "--checkpoint", "{root}/huge",
+                                            "--out", "{out}"), "needs at least", "{out}"),
+    # non-finite numbers
+    "ONNX int8 export of a checkpoint computing NaN": (
+        ("export", "onnx", "--checkpoint", "{root}/nan", "--int8", "--out", "{out}"),
+        "non-finite logits", "{out}"),
+    "ExecuTorch int8 export of a checkpoint computing NaN": (
+        ("export", "executorch", "--checkpoint", "{root}/nan", "--int8", "--out", "{out}"),
+        "non-finite logits", "{out}"),
+    "parity against a checkpoint computing NaN": (
+        ("parity", "--checkpoint", "{root}/nan", "--no-speed", "{onnx}"), "non-finite logits",
+        None),
     # artifacts and prompts
     "modified ONNX export": (("generate", "--model", "{root}/modified-onnx", "--prompt-ids", "3"),
                              "does not match its manifest.json entry", None),

@@ -120,3 +120,17 @@ def test_a_mutated_checkpoint_is_one_line_and_writes_nothing(fixtures, tmp_path,
         result.stderr
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]  # no temporary left
+
+
+def test_an_absurd_layer_count_is_refused_at_once(fixtures, tmp_path):
+    """A config.json that names far more layers than its weights hold is refused before a
+    model of that many layers is built (which took a minute), in one line."""
+    source = tmp_path / "source"
+    shutil.copytree(fixtures / "conv_ssmax1", source)
+    values = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**values, "num_hidden_layers": 1_000_000}))
+    result = run_cli("import", "reference", source, "--out", tmp_path / "out")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert "num_hidden_layers=1000000 but the weights hold layers 0..3" in lines[0]
+    assert not (tmp_path / "out").exists()

@@ -15,20 +15,21 @@ PACKAGE = Path(__file__).resolve().parent.parent / "bibo_export"
 # artifacts and verdict sit low so that exporters and parity share them; the tokenizer sits
 # just above artifacts (it names its file) so that training, runtimes and export all read it.
 ALLOWED = {
-    "config": set(), "io": set(), "logs": set(), "verdict": set(),
+    "config": set(), "io": set(), "logs": set(), "verdict": set(), "resources": {"config"},
     "artifacts": {"config", "io"},
+    "outputs": {"config", "io", "artifacts"},
     "tokenizer": {"artifacts", "io"},
-    "model": {"config", "io", "artifacts"},
+    "model": {"config", "io", "artifacts", "resources"},
     "kernels": set(),  # custom operators: torch definitions and the compiled library
     "tasks": {"model"},
-    "train": {"config", "io", "artifacts", "tokenizer", "model", "tasks"},
+    "train": {"config", "io", "artifacts", "tokenizer", "model", "tasks", "resources"},
     "runtimes": {"config", "artifacts", "tokenizer", "model", "kernels"},
     "timing": {"runtimes"},
     "export": {"config", "io", "artifacts", "tokenizer", "verdict", "model", "kernels",
                "runtimes"},
     "parity": {"config", "artifacts", "verdict", "model", "tasks", "runtimes", "timing"},
-    "report": {"io", "verdict", "tasks"},
-    "cli": {"config", "io", "logs", "artifacts", "tokenizer", "verdict", "model", "tasks",
+    "report": {"io", "artifacts", "verdict", "tasks"},
+    "cli": {"config", "io", "logs", "artifacts", "outputs", "resources", "tokenizer", "verdict", "model", "tasks",
             "train", "runtimes", "timing", "export", "parity", "report"},
 }
 

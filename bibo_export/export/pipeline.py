@@ -43,10 +43,11 @@ from ..config import BiBoConfig
 from ..io import atomic_directory, file_sha256
 from ..model import BiBoForCausalLM
 from ..runtimes import load
-from ..runtimes.base import any_batch
+from ..runtimes.base import ProgramError, any_batch
 from ..runtimes.eager import EagerRuntime
 from ..tokenizer import TextTokenizer
-from ..verdict import ACCURACY_BARS, accuracy_failures, compare_logits, compare_tokens, judge
+from ..verdict import (ACCURACY_BARS, accuracy_failures, check_finite_reference,
+                       compare_logits, compare_tokens, judge)
 
 VERIFY_SEED = 0
 Stage = tuple[str, Callable[[Any], Any]]
@@ -194,6 +195,8 @@ def run_export(recipe_type: type[Recipe], source: str | Path | BiBoForCausalLM,
             BiBoForCausalLM.from_pretrained(source)
         recipe = recipe_type(check_settings(model, max_length, batch_size), **options)
         expected = Expected.of(reference or model, recipe.settings.max_length)
+        check_finite_reference(expected.logits, "the model" if isinstance(
+            source, BiBoForCausalLM) else str(source))
     source_name = None if isinstance(source, BiBoForCausalLM) else str(source)
     tokenizer = None if source_name is None else tokenizer_beside(source_name)
     eos_id = None if tokenizer is None else TextTokenizer.from_file(tokenizer).eos_id
@@ -234,7 +237,12 @@ def publish(recipe: Recipe, state: Any, out: Path, metadata: ArtifactMetadata,
                 extra["tokenizer_sha256"] = file_sha256(folder / TOKENIZER_FILE)
         with stage(name, f"verify {precision}"):
             facts = recipe.inspect(state, folder, precision)
-            verification = verify(folder, expected, metadata)
+            try:
+                verification = verify(folder, expected, metadata)
+            except ProgramError as err:
+                raise ExportVerificationError(
+                    f"{name} {precision} export does not run: {err.what.replace(str(folder), str(out))}"
+                    f"; nothing was published ({out} was left as it was)") from None
             if "integer_kernels" in facts:
                 verification["integer_kernels"] = facts["integer_kernels"]
             failures = judge(verification, name, precision, scope="export")

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import BiBoConfig, ExecutionOptions
+from ..resources import check_model_fits
 from .attention import Attention, AttentionInputs, TokenPositions
 from .checkpoint import load_checkpoint, save_checkpoint
 from .layers import RMSNorm, SwiGLU
@@ -75,6 +76,7 @@ class BiBoForCausalLM(nn.Module):
 
     def __init__(self, config: BiBoConfig, execution: ExecutionOptions | None = None) -> None:
         super().__init__()
+        check_model_fits(config)  # a size typo is one line here, not an allocator's traceback
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i, execution)

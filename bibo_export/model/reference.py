@@ -73,6 +73,9 @@ RENAMES: list[tuple[str, str, Callable[[Tensor], Tensor] | None]] = [
 ROUTED_EXPERT = re.compile(LAYER + r"mlp\.routed_experts\.(\d+)\.(gate|up|down)_proj\.weight")
 
 
+LAYER_INDEX = re.compile(r"layers\.(\d+)\.")  # our names, after convert_tensors
+
+
 class ReferenceImportError(ValueError):
     """The source cannot be mapped onto this model; the message names what and where."""
 
@@ -150,6 +153,21 @@ def convert_tensors(tensors: dict[str, Tensor], config: BiBoConfig,
     return state
 
 
+def check_layer_count(state: dict[str, Tensor], config: BiBoConfig, config_path: Path) -> None:
+    held = {int(found.group(1)) for name in state if (found := LAYER_INDEX.match(name))}
+    if len(held) != config.num_hidden_layers or held != set(range(len(held))):
+        raise ReferenceImportError(f"{config_path} gives num_hidden_layers="
+                                   f"{config.num_hidden_layers} but the weights hold layers "
+                                   f"{describe_range(held)}")
+
+
+def describe_range(indices: set[int]) -> str:
+    if not indices:
+        return "none"
+    return f"0..{max(indices)}" if indices == set(range(max(indices) + 1)) else \
+        str(sorted(indices)[:8])
+
+
 def check_against_model(state: dict[str, Tensor], model: BiBoForCausalLM, source: Path) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -176,9 +194,10 @@ def import_reference(source: str | Path, out: str | Path) -> BiBoForCausalLM:
     except ValueError as err:
         raise ReferenceImportError(f"{config_path}: {err}") from None
     config = convert_config(values, config_path)
+    state = convert_tensors(read_tensors(source), config, source)
+    check_layer_count(state, config, config_path)  # before building a model of that many
     with torch.device("meta"):  # shapes only: the weights come from the source
         model = BiBoForCausalLM(config)
-    state = convert_tensors(read_tensors(source), config, source)
     check_against_model(state, model, source)
     model.load_state_dict(state, assign=True)
     with atomic_directory(out) as folder:

@@ -26,6 +26,15 @@ from ..config import BiBoConfig
 Prompts = np.ndarray | Sequence[Sequence[int]]
 
 
+class ProgramError(ValueError):
+    """A runtime could not load or run an artifact. ``what`` says what failed (which operator,
+    with the runtime's error name), ``advice`` what to do; the message is both."""
+
+    def __init__(self, what: str, advice: str) -> None:
+        super().__init__(f"{what}; {advice}")
+        self.what, self.advice = what, advice
+
+
 @dataclass
 class Batch:
     """Checked prompts as one left-padded int64 array, and how to give results back."""

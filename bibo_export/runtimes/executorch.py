@@ -7,7 +7,14 @@ call at position 0 starts a new sequence.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401 - llama::custom_sdpa
 import executorch.kernels.quantized  # noqa: F401 - registers embedding_byte with the runtime
@@ -20,9 +27,76 @@ from executorch.runtime import Runtime as ETRuntime
 from ..artifacts import (ArtifactMetadata, check_manifest, check_program_identifier,
                          program_file)
 from ..kernels.library import load_kernels_if_built
-from .base import Runtime
+from .base import ProgramError, Runtime
 
 METADATA_METHOD = "bibo_metadata"  # ArtifactMetadata as UTF-8 JSON bytes (a constant method)
+# executorch/runtime/core/error.h: the codes its Python bindings report as "error 0x..".
+ERROR_NAMES = {0x01: "Internal", 0x02: "InvalidState", 0x03: "EndOfMethod", 0x04: "AlreadyLoaded",
+               0x10: "NotSupported", 0x11: "NotImplemented", 0x12: "InvalidArgument",
+               0x13: "InvalidType", 0x14: "OperatorMissing", 0x20: "NotFound",
+               0x21: "MemoryAllocationFailed", 0x22: "AccessFailed", 0x23: "InvalidProgram",
+               0x24: "InvalidExternalData", 0x25: "OutOfResources",
+               0x30: "DelegateInvalidCompatibility", 0x31: "DelegateMemoryAllocationFailed",
+               0x32: "DelegateInvalidHandle"}
+# Its bindings write the code as "error 0x12" or "error: 0x:20" (both hexadecimal).
+ERROR_CODE = re.compile(r"error:? (?:code )?0x:?([0-9a-fA-F]+)")
+# What ExecuTorch's log names when a call fails: the operator (method.cpp) or the missing one.
+FAILED_OPERATOR = re.compile(r"in operator (\w+(?:::\w+)*(?:\.\w+)?)")
+MISSING_OPERATOR = re.compile(r"Missing operator: ([\w:.]+)")
+
+
+def describe_failure(err: RuntimeError, log: str, action: str, path: Path,
+                     hint: str) -> ProgramError:
+    """One line from ExecuTorch's exception and the log lines it wrote while failing."""
+    code = ERROR_CODE.search(str(err))
+    number = int(code.group(1), 16) if code else None
+    error = f"{ERROR_NAMES.get(number, 'error')} (0x{number:02x})" if code else \
+        (str(err).strip().splitlines() or [type(err).__name__])[0]
+    missing = MISSING_OPERATOR.search(log)
+    if missing or number == 0x14:
+        name = missing.group(1) if missing else "an operator"
+        return ProgramError(f"{path} needs {name}, which this process has not registered",
+                            f"load BiBo's kernel library (make setup builds it) or re-export "
+                            f"with --experts fused{hint}")
+    operator = FAILED_OPERATOR.search(log)
+    where = f"operator {operator.group(1)} failed with {error}" if operator else error
+    advice = ("the file is corrupt or was written by another ExecuTorch version: re-export it"
+              if action == "load" else "re-export it with this version of bibo-export")
+    return ProgramError(f"ExecuTorch could not {action} {path}: {where}", advice + hint)
+
+
+@contextlib.contextmanager
+def native_log_as_error(log: BinaryIO | None, action: str, path: Path,
+                        hint: str = "") -> Iterator[None]:
+    """Run an ExecuTorch call with file descriptor 2 sent to ``log``: a failure becomes one
+    ``ProgramError`` line built from the exception and those native log lines (which are then
+    dropped); after a success they are passed on to stderr unchanged."""
+    own = log is None
+    log = tempfile.TemporaryFile() if own else log
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(log.fileno(), 2)
+    try:
+        yield
+    except RuntimeError as err:
+        os.dup2(saved, 2)
+        raise describe_failure(err, read_and_clear(log), action, path, hint) from None
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        written = read_and_clear(log)
+        if written:
+            os.write(2, written.encode())
+        if own:
+            log.close()
+
+
+def read_and_clear(log: BinaryIO) -> str:
+    log.seek(0)
+    text = log.read().decode(errors="replace")
+    log.seek(0)
+    log.truncate()
+    return text
 
 
 def check_file(path: Path) -> None:
@@ -56,6 +130,8 @@ class ExecuTorchRuntime(Runtime):
         self.method = method
         self.precision = metadata.precision
         self.path = path
+        # Where fd 2 goes during a call (one file for the runtime's life: a call is a token).
+        self.native_log = tempfile.TemporaryFile()
 
     @classmethod
     def from_path(cls, path: str | Path, check: bool = True) -> ExecuTorchRuntime:
@@ -67,24 +143,25 @@ class ExecuTorchRuntime(Runtime):
         path = program_file(path)
         check_file(path)
         hint = load_kernels_if_built()
-        try:
+        with native_log_as_error(None, "load", path, hint):
             program = ETRuntime.get().load_program(path)
             names = program.method_names
             if METADATA_METHOD not in names or "forward" not in names:
                 raise ValueError(f"{path} is not a bibo-export ExecuTorch program "
                                  f"(methods: {sorted(names)})")
             encoded = program.load_method(METADATA_METHOD).execute([])[0]
-            text = bytes(encoded.numpy().tolist()).decode()
             method = program.load_method("forward")
-        except (RuntimeError, UnicodeDecodeError) as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"{path} is not a loadable ExecuTorch program (truncated or "
-                             f"corrupt?): {reason}{hint}") from None
+        try:
+            text = bytes(encoded.numpy().tolist()).decode()
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} carries unreadable bibo-export metadata: the file is "
+                             "corrupt; re-export it") from None
         return cls(method, ArtifactMetadata.from_json(text, path), path)
 
     def _run(self, input_ids: np.ndarray, start_pos: int) -> np.ndarray:
-        outputs = self.method.execute([torch.from_numpy(input_ids),
-                                       torch.tensor([start_pos], dtype=torch.long)])
+        with native_log_as_error(self.native_log, "run", self.path):
+            outputs = self.method.execute([torch.from_numpy(input_ids),
+                                           torch.tensor([start_pos], dtype=torch.long)])
         return outputs[0].numpy()
 
     # The program's batch is fixed (1 by default): prompts of different lengths run row by row

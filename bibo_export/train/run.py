@@ -21,15 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import TOKENIZER_FILE
+from ..artifacts import TOKENIZER_FILE, TRAIN_CONFIG_FILE
 from ..config import parse_json_object
-from ..io import atomic_path, atomic_write_text
+from ..io import atomic_directory, atomic_path, atomic_write_text
+from ..model import BiBoForCausalLM
 from ..tasks.sorting import SortingTask, parse_sort_spec
 from ..tokenizer import TextTokenizer
 from .checkpointing import checkpoint_dirs
 from .data import make_data_source
 
-TRAIN_CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -74,6 +74,12 @@ class RunFolder:
         if source is not None:
             with atomic_path(folder / TOKENIZER_FILE) as tmp:
                 shutil.copyfile(source, tmp)
+
+    def save_final(self, model: BiBoForCausalLM) -> None:
+        """``final/``: the model and the run's tokenizer, published whole."""
+        with atomic_directory(self.final) as folder:
+            model.save_pretrained(folder)
+            self.copy_tokenizer(folder)
 
     def latest_checkpoint(self) -> Path | None:
         found = checkpoint_dirs(self.checkpoints)

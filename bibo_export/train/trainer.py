@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 from ..config import BiBoConfig, ExecutionOptions
 from ..model import BiBoForCausalLM
 from ..model.bibo import IGNORE_INDEX
+from ..model.checkpoint import load_config
+from ..resources import check_training_fits
 from .backend import Backend, select_backend
 from .checkpointing import load_training_checkpoint, save_training_checkpoint
 from .data import DataSource, make_data_source
@@ -30,6 +32,9 @@ from .step import TrainStep
 
 # What a resumed run may change: the schedule's length, logging and checkpoint cadence, and
 # where it runs. Anything else would make the resumed run a different run.
+# Counts (steps, batch sizes, cadences) beyond this are typing mistakes, and past 2**31 some
+# index or schedule computation would overflow.
+MAX_COUNT = (1 << 31) - 1
 RESUMABLE = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
              "device", "mesh", "compile_mode")
 
@@ -72,8 +77,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "sequence_length", "log_every",
                      "eval_every", "checkpoint_every", "keep_checkpoints"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or \
+                    not 1 <= value <= MAX_COUNT:
+                raise ValueError(f"{name} must be an integer >= 1 (at most {MAX_COUNT:,}), got "
+                                 f"{value!r}")
         for name, low, high in (("lr", 0.0, math.inf), ("grad_clip", 0.0, math.inf),
                                 ("weight_decay", 0.0, math.inf), ("warmup_fraction", 0.0, 1.0),
                                 ("min_lr_ratio", 0.0, 1.0)):
@@ -208,7 +215,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
     latest = run.latest_checkpoint()
     if resume and latest is None:
         raise ValueError(f"nothing to resume: {run.checkpoints} holds no checkpoint")
-    if not resume and latest is not None:
+    if not resume and (latest is not None or run.final.exists()):
         raise ValueError(f"{run.root} already holds a run: pass --resume to continue it, or "
                          "choose another --out")
     if resume:
@@ -229,9 +236,11 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
     if latest is None:
         model_config = config.model_config_resolved(data.vocab_size)
         check_fits(data.sequence_length, data.kind, model_config, config)  # before a big model
+        check_training_fits(model_config, config.batch_size, data.sequence_length)
         torch.manual_seed(config.seed)
         model, saved_state, start = BiBoForCausalLM(model_config), None, 0
     else:
+        check_training_fits(load_config(latest)[0], config.batch_size, data.sequence_length)
         model, saved_state, start = load_training_checkpoint(latest)
         check_fits(data.sequence_length, data.kind, model.config, config)
     print(f"training on {backend.name}{parallel.describe()} "
@@ -303,8 +312,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
     bar.close()
 
     if end == config.steps:
-        model.save_pretrained(run.final)
-        run.copy_tokenizer(run.final)
+        run.save_final(model)
         print(f"final checkpoint: {run.final}", flush=True)
         return run.final
     return run.latest_checkpoint()
