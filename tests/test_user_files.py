@@ -125,6 +125,7 @@ def checkpoint(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.export  # exports need onnx / executorch (the export env)
 def test_two_writers_of_one_folder_one_wins_whole_the_other_ends_in_one_line(checkpoint,
                                                                            tmp_path):
     out = tmp_path / "onnx"
@@ -141,6 +142,7 @@ def test_two_writers_of_one_folder_one_wins_whole_the_other_ends_in_one_line(che
     assert hidden_temporaries(out) == []
 
 
+@pytest.mark.export  # exports need onnx / executorch (the export env)
 def test_an_export_replaces_its_own_kind_and_says_so_and_overwrite_takes_a_foreign_folder(
         checkpoint, tmp_path):
     out = tmp_path / "onnx"
@@ -176,6 +178,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
+@pytest.mark.export  # exports need onnx / executorch (the export env)
 def test_a_full_disk_is_one_line_and_keeps_the_previous_export(checkpoint, small_disk):
     """The first export fits; the second, which needs room for both while it publishes, does
     not: one line naming the output, the first export byte-identical, no temporaries left."""
@@ -201,6 +204,7 @@ def test_a_full_disk_during_training_is_one_line(small_disk, tmp_path):
     assert not any(p.name.endswith(".tmp") for p in small_disk.rglob("*"))
 
 
+@pytest.mark.export  # exports need onnx / executorch (the export env)
 def test_a_program_with_a_flipped_byte_is_one_line_in_generate_and_parity(trained_export,
                                                                          tmp_path):
     checkpoint, _, folder, _ = trained_export("executorch", "fp32")
@@ -214,6 +218,7 @@ def test_a_program_with_a_flipped_byte_is_one_line_in_generate_and_parity(traine
         assert "re-export it" in result.stderr
 
 
+@pytest.mark.export  # exports need onnx / executorch (the export env)
 def test_a_failing_operator_during_the_exports_verification_is_one_line(tmp_path):
     """One KV head makes ExecuTorch's llama::update_cache fail (error 0x12) while the export
     verifies its program: one line naming the operator and the error, nothing published."""
