@@ -7,7 +7,6 @@ import dataclasses
 import errno
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -238,9 +237,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.set:
         given["model_overrides"] = dict(parse_assignment(item) for item in args.set)
     config = requested_config(args.out, given, args.resume)
-    if args.overwrite and not args.resume and Path(args.out).exists():
-        shutil.rmtree(args.out)  # the user asked to start over (outputs.check_output said so)
-    train(config, args.out, resume=args.resume, stop_after=args.stop_after)
+    train(config, args.out, resume=args.resume, stop_after=args.stop_after,
+          overwrite=args.overwrite)
 
 
 def train_output_folders(args: argparse.Namespace) -> list[Output]:

@@ -271,3 +271,17 @@ def test_the_memory_estimate_counts_the_presets_parameters():
         with torch.device("meta"):
             model = BiBoForCausalLM(config)
         assert parameter_count(config) == model.num_parameters(), name
+
+
+def test_train_overwrite_starts_a_finished_run_over(tmp_path):
+    config = tmp_path / "model.json"
+    config.write_text(tiny_config(vocab_size=256).to_json())
+    train = ("train", "--config", config, "--data", "sort:4", "--steps", 2, "--batch-size", 4,
+             "--device", "cpu", "--out", tmp_path / "run")
+    run_cli(*train, check=True)
+    (tmp_path / "run" / "stale.txt").write_text("from before")
+    assert run_cli(*train).returncode == 2  # a trained run is kept without --overwrite
+    result = run_cli(*train, "--overwrite", check=True)
+    assert f"--overwrite: replacing {tmp_path / 'run'}" in result.stdout
+    assert not (tmp_path / "run" / "stale.txt").exists()
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()

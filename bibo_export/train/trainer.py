@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,20 +205,24 @@ def evaluate(model: BiBoForCausalLM, data: DataSource, backend: Backend,
 
 
 def train(config: TrainConfig, out: str | Path, resume: bool = False,
-          stop_after: int | None = None) -> Path:
+          stop_after: int | None = None, overwrite: bool = False) -> Path:
     """Run (or resume) training into ``out``; returns the final checkpoint folder.
 
     ``stop_after`` ends this invocation after that many steps (the schedule still spans
     ``config.steps``), as an interruption would: ``resume=True`` then continues exactly. A
     resumed run keeps its saved config, except for the ``RESUMABLE`` fields of ``config``.
+    ``overwrite`` starts over in a folder that holds anything: it is deleted first.
     """
     run = RunFolder(Path(out))
     latest = run.latest_checkpoint()
     if resume and latest is None:
         raise ValueError(f"nothing to resume: {run.checkpoints} holds no checkpoint")
-    if not resume and (latest is not None or run.final.exists()):
+    if not resume and not overwrite and (latest is not None or run.final.exists()):
         raise ValueError(f"{run.root} already holds a run: pass --resume to continue it, or "
                          "choose another --out")
+    if overwrite and not resume and run.root.exists():
+        shutil.rmtree(run.root)  # the caller asked to start over: nothing of the old run is read
+        latest = None
     if resume:
         config = resumed_config(TrainConfig.from_dict(run.read_train_config()), config)
 
