@@ -1,11 +1,13 @@
 """Training on eager CPU: exact resume, crash-safe checkpoints, learning, clear errors."""
 
+import importlib.util
 import json
 
 import pytest
 import torch
 
 from bibo_export.model import BiBoForCausalLM
+from bibo_export.train import backend as backend_module
 from bibo_export.train.backend import Backend, select_backend
 from bibo_export.train.checkpointing import checkpoint_dirs, load_training_checkpoint
 from bibo_export.train.data import make_data_source
@@ -213,3 +215,30 @@ def test_run_folder_is_found_from_final_or_any_checkpoint(tmp_path, model_file):
         assert run == RunFolder(out.resolve()), checkpoint
         assert run.task().lengths == (4,) and run.metrics_path.is_file()
     assert RunFolder.of_checkpoint(tmp_path) is None
+
+
+@pytest.mark.parametrize("tpu, cuda, xla, pjrt, spmd, expected", [
+    (True, True, True, None, False, "xla"),     # a TPU first, through XLA
+    (False, True, True, None, False, "cuda"),   # then a CUDA GPU
+    (False, False, True, None, False, "xla"),   # then XLA's CPU backend
+    (False, False, False, None, False, "cpu"),  # eager where torch_xla is missing
+    (False, True, True, "CPU", False, "xla"),   # PJRT_DEVICE asks for XLA
+    (False, True, True, None, True, "xla"),     # so does a mesh
+])
+def test_auto_device_picks_the_best_device_present(monkeypatch, tpu, cuda, xla, pjrt, spmd,
+                                                   expected):
+    monkeypatch.setattr(backend_module, "default_pjrt_device", lambda: "TPU" if tpu else "CPU")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if xla else None) if name == "torch_xla"
+                        else real_find_spec(name, *a))
+    if pjrt is None:
+        monkeypatch.delenv("PJRT_DEVICE", raising=False)
+    else:
+        monkeypatch.setenv("PJRT_DEVICE", pjrt)
+    assert backend_module.auto_device(spmd) == expected
+    if not spmd:  # the line make demo starts with names the same device
+        pjrt_device = pjrt or ("TPU" if tpu else "CPU")
+        prefix = {"xla": f"xla-{pjrt_device.lower()}", "cuda": "cuda", "cpu": "cpu"}[expected]
+        assert backend_module.describe_auto_device().startswith(prefix + ":")

@@ -1,4 +1,4 @@
-"""Where training runs: torch_xla (a TPU, else the XLA CPU backend), eager CPU, or CUDA.
+"""Where training runs: torch_xla (a TPU, or the XLA CPU backend), CUDA, or eager CPU.
 
 The XLA backends compile the whole train step (``torch_xla.compile(full_graph=True)``) and read
 metrics through step closures, so logging never forces an extra execution. CUDA compiles the
@@ -109,7 +109,7 @@ class Backend:
 
     def compile_stats(self) -> dict[str, Any]:
         """XLA graphs compiled so far and ops that fell back to the CPU (``aten::*`` counters):
-        after warm-up the first must stay flat and the second empty (DESIGN §5)."""
+        after warm-up the first must stay flat and the second empty (docs/design.md)."""
         if not self.is_xla:
             return {}
         import torch_xla.debug.metrics as met
@@ -134,15 +134,42 @@ def default_pjrt_device() -> str:
     return "TPU" if tpu else "CPU"
 
 
-def select_backend(device: str, precision: str = "auto") -> Backend:
-    """Resolve ``--device`` (auto: a TPU if present, else XLA's CPU backend, else eager CPU)."""
+def auto_device(spmd: bool = False) -> str:
+    """What ``--device auto`` trains on: the best device present. A TPU through XLA, else a
+    CUDA GPU, else XLA's CPU backend (the graphs a TPU would run), else eager on the CPU. An
+    explicit ``PJRT_DEVICE`` or a mesh (``spmd``) asks for XLA whatever else is present."""
+    has_xla = importlib.util.find_spec("torch_xla") is not None
+    if has_xla and (spmd or "PJRT_DEVICE" in os.environ or default_pjrt_device() == "TPU"):
+        return "xla"
+    if torch.cuda.is_available():
+        return "cuda"
+    return "xla" if has_xla else "cpu"
+
+
+DEVICE_DESCRIPTIONS = {"xla": "torch_xla", "cuda": "a CUDA GPU, compiled by torch.compile",
+                       "cpu": "eager PyTorch on the CPU (torch_xla is not installed here)"}
+
+
+def describe_auto_device() -> str:
+    """One line for a user: the device ``--device auto`` picks here, and why."""
+    device = auto_device()
+    if device != "xla":
+        return f"{device}: {DEVICE_DESCRIPTIONS[device]}"
+    pjrt = os.environ.get("PJRT_DEVICE") or default_pjrt_device()
+    why = "PJRT_DEVICE is set" if "PJRT_DEVICE" in os.environ else \
+        "a TPU is present" if pjrt == "TPU" else "no TPU and no CUDA GPU found"
+    return f"xla-{pjrt.lower()}: torch_xla's {pjrt} backend ({why})"
+
+
+def select_backend(device: str, precision: str = "auto", spmd: bool = False) -> Backend:
+    """Resolve ``--device`` (``auto``: see ``auto_device``)."""
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"unknown precision {precision!r}; choose auto, bf16 or fp32")
     has_xla = importlib.util.find_spec("torch_xla") is not None
     if device == "auto":
-        device = "xla" if has_xla else "cpu"
+        device = auto_device(spmd)
     if device == "xla":
         if not has_xla:
             raise ValueError("--device xla needs torch_xla: run in .venv-xla (make setup-xla)")

@@ -227,7 +227,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
         config = resumed_config(TrainConfig.from_dict(run.read_train_config()), config)
 
     parallel = Parallelism.from_spec(config.mesh, config.device)  # before any device exists
-    backend = select_backend(config.device, config.precision)
+    backend = select_backend(config.device, config.precision, spmd=parallel.axes is not None)
     backend.check_dispatch(config.moe_dispatch)
     backend.use_compile_mode(config.compile_mode)
     tokenizer = run.read_tokenizer(config.tokenizer, fresh=latest is None) \
