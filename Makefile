@@ -29,8 +29,9 @@ TRAIN_ARGS ?=
 BENCH_STEPS ?= 5
 CUDA_BENCH_STEPS ?= 12
 SCALE_MAX_LENGTH ?= 256
-# make demo: its own schedule, picked by the sweep in the README (Quick start) to learn the most
-# within the demo's time on 2 CPU cores, into its own run folder.
+# make demo: its own model and schedule, picked by the sweep in docs/training.md to learn the
+# most within the demo's time on 2 CPU cores, into its own run folder.
+DEMO_PRESET ?= sort-tiny
 DEMO_STEPS ?= 400
 DEMO_BATCH ?= 128
 DEMO_LR ?= 2e-3
@@ -51,10 +52,14 @@ TEXT_PROMPT ?= def __init__(self
 TEXT_NEW_TOKENS ?= 48
 # Exports that run at once in make demo and make export-executorch (one per core).
 EXPORT_JOBS ?= 2
-# make export-*: the checkpoint to export (default: what make train-tpu produced, trained first
-# if missing) and where the artifacts go.
-CKPT ?= $(RUN)/final
+# make export-* and parity: the checkpoint. By default the most recently trained run's final/
+# under runs/ (after make demo: runs/demo/final), and with none, make train-tpu's, trained first.
+LAST_TRAINED := $(shell ls -dt runs/*/final 2> /dev/null | head -1)
+CKPT ?= $(or $(LAST_TRAINED),$(RUN)/final)
 ARTIFACTS ?= artifacts
+# One line naming the checkpoint, and why it is the one when nobody chose it.
+SAY_CKPT = @echo "== checkpoint $(CKPT)$(if $(filter file,$(origin CKPT)),$(if $(LAST_TRAINED), \
+	(the last trained run), (make train-tpu's)): CKPT=DIR picks another)"
 
 # BiBo's ExecuTorch kernel library (bibo::moe_experts), built against .venv's ExecuTorch.
 KERNELS := bibo_export/kernels/lib/libbibo_kernels.so
@@ -69,20 +74,28 @@ QUIET_PIP := { grep -v "^WARNING: Location '.*' is ignored" || true; }
 
 .PHONY: help demo demo-text setup setup-export setup-xla test test-export test-xla train-tpu \
 	export-onnx export-onnx-int8 export-executorch export-executorch-fp32 export-executorch-int8 \
-	parity bench bench-train bench-dispatch bench-onnx bench-executorch bench-scale clean distclean \
+	parity bench bench-publish demo-publish bench-train bench-dispatch bench-onnx bench-executorch bench-scale clean distclean \
 	check-kernel-tools
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
-demo: setup ## the whole pipeline: train (XLA) → ONNX + ExecuTorch fp32/int8 → parity → artifacts/report/report.md
-	$(MAKE) --no-print-directory train-tpu RUN=$(DEMO_RUN) STEPS=$(DEMO_STEPS) BATCH=$(DEMO_BATCH) \
-		TRAIN_ARGS="--lr $(DEMO_LR) $(TRAIN_ARGS)"
+demo: setup ## the whole pipeline: train → ONNX + ExecuTorch fp32/int8 → parity → artifacts/report/report.md
+	@mkdir -p build && date +%s.%N > build/demo-started
+	@echo "== make demo: $$($(VENV_XLA)/bin/bibo-export device)"
+	$(MAKE) --no-print-directory train-tpu PRESET=$(DEMO_PRESET) RUN=$(DEMO_RUN) STEPS=$(DEMO_STEPS) \
+		BATCH=$(DEMO_BATCH) TRAIN_ARGS="--lr $(DEMO_LR) $(TRAIN_ARGS)"
+	@date +%s.%N > build/demo-trained
 	@# The exporters are mostly single-threaded Python. ExecuTorch int8 lowering takes longest,
 	@# so it starts first and keeps a core to itself while fp32 and then ONNX share the other.
 	$(MAKE) --no-print-directory -j$(EXPORT_JOBS) export-executorch-int8 export-executorch-fp32 \
 		export-onnx CKPT=$(DEMO_RUN)/final
 	$(MAKE) --no-print-directory parity CKPT=$(DEMO_RUN)/final
+	@$(VENV)/bin/python -m bench.publish record-demo --started "$$(cat build/demo-started)" \
+		--trained "$$(cat build/demo-trained)" --report $(ARTIFACTS)/report --out $(ARTIFACTS)/demo.json
+
+demo-publish: $(STAMP) ## publish make demo's record as a snapshot in docs/benchmarks/, regenerate README's results
+	$(VENV)/bin/python -m bench.publish demo $(ARTIFACTS)/demo.json
 
 demo-text: setup ## text in, text out: tokenizer + language model (XLA) → ExecuTorch/ONNX int8 → parity → continuations
 	$(VENV_XLA)/bin/bibo-export tokenizer train --data 'text:$(TEXT_CORPUS)' \
@@ -150,7 +163,7 @@ test-xla: $(XLA_STAMP) ## tests in the XLA env (model under torch 2.9, XLA compi
 		--dist loadfile --durations=10 \
 		$(PYTEST_ARGS)
 
-train-tpu: $(XLA_STAMP) ## train through torch_xla (TPU if present, else XLA CPU) → runs/PRESET/final
+train-tpu: $(XLA_STAMP) ## train in .venv-xla on the best device (TPU through XLA, CUDA, else XLA CPU) → runs/PRESET/final
 	$(VENV_XLA)/bin/bibo-export train --preset $(PRESET) --steps $(STEPS) --batch-size $(BATCH) \
 		--data '$(DATA)' --out $(RUN) $(if $(MESH),--mesh $(MESH)) \
 		$(if $(wildcard $(RUN)/checkpoints/step-*),--resume) $(TRAIN_ARGS)
@@ -162,11 +175,13 @@ $(RUN)/final/config.json:
 DEFAULT_CKPT := $(if $(filter $(RUN)/final,$(CKPT)),$(RUN)/final/config.json)
 
 export-onnx: $(STAMP) $(DEFAULT_CKPT) ## CKPT → artifacts/onnx/{fp32,int8}, verified against eager
+	$(SAY_CKPT)
 	$(VENV)/bin/bibo-export export onnx --checkpoint $(CKPT) --out $(ARTIFACTS)/onnx/fp32 \
 		--int8-out $(ARTIFACTS)/onnx/int8
 
 # int8 only (make demo-text).
 export-onnx-int8: $(STAMP) $(DEFAULT_CKPT)
+	$(SAY_CKPT)
 	$(VENV)/bin/bibo-export export onnx --checkpoint $(CKPT) --out $(ARTIFACTS)/onnx/int8 --int8
 
 export-executorch: ## CKPT → artifacts/executorch/{fp32,int8}/model.pte, verified
@@ -175,6 +190,7 @@ export-executorch: ## CKPT → artifacts/executorch/{fp32,int8}/model.pte, verif
 
 # One program each: make export-executorch-fp32, make export-executorch-int8.
 export-executorch-fp32 export-executorch-int8: export-executorch-%: $(STAMP) $(KERNELS) $(DEFAULT_CKPT)
+	$(SAY_CKPT)
 	$(VENV)/bin/bibo-export export executorch --checkpoint $(CKPT) \
 		--out $(ARTIFACTS)/executorch/$* $(if $(filter int8,$*),--int8)
 
@@ -182,9 +198,13 @@ export-executorch-fp32 export-executorch-int8: export-executorch-%: $(STAMP) $(K
 EXPORTED = $(wildcard $(ARTIFACTS)/onnx/fp32 $(ARTIFACTS)/onnx/int8 \
 	$(ARTIFACTS)/executorch/fp32 $(ARTIFACTS)/executorch/int8)
 
-parity: $(STAMP) $(KERNELS) ## every export vs eager on CKPT (DESIGN §7 bars) → artifacts/report/report.{md,json}, plots
+parity: $(STAMP) $(KERNELS) ## every export vs eager on CKPT (docs/parity.md bars) → artifacts/report/report.{md,json}, plots
 	$(if $(EXPORTED),,$(error no exports under $(ARTIFACTS)/: run make export-onnx and/or make export-executorch first))
+	$(SAY_CKPT)
 	$(VENV)/bin/bibo-export parity --checkpoint $(CKPT) $(EXPORTED) --report $(ARTIFACTS)/report
+
+bench-publish: $(STAMP) ## publish bench/results as a snapshot in docs/benchmarks/, regenerate README's results
+	$(VENV)/bin/python -m bench.publish bench
 
 bench: $(STAMP) $(XLA_STAMP) ## every benchmark, fresh → bench/results/*.json + summary.md
 	@# Start empty so that the summary holds this run only: its ratios compare rows of one run.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,13 +11,14 @@ from typing import Any
 import torch
 
 from bibo_export.io import atomic_write_text
+from bibo_export.provenance import provenance
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
 def machine() -> dict[str, Any]:
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    """Where and with what a section was measured (``bench-publish`` keeps it in snapshots)."""
+    return {**provenance(), "threads": torch.get_num_threads()}
 
 
 def interleaved_medians(measure: Callable[[Any], dict[str, float]], subjects: dict[str, Any],

@@ -34,7 +34,7 @@ def scalar_columns(rows: list[dict[str, Any]]) -> list[str]:
     return columns
 
 
-# Goals of the "int8 that is actually faster, training that uses the hardware" work (#14).
+# The project's goals for CUDA training: MFU of a same-run bf16 matmul, per shape.
 CUDA_MFU_GOALS = {"cuda reference 4x1024": 0.35, "cuda reference 8x2048": 0.45,
                   "cuda bench 16x512": 0.20}
 HEADLINE_COLUMNS = ["figure", "measured", "baseline (same run)", "goal", "met"]
@@ -71,7 +71,7 @@ def onnx_headline(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def executorch_headline(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """#13's goals: selected-experts programs read ≤ 1.2× the active minimum per decoded token
+    """The goals for selected experts: programs read ≤ 1.2× the active minimum per decoded token
     and decode int8 ≥ 1.8× as fast as the all-experts (fused) int8 program."""
     payload = results.get("executorch", {}).get("bench")
     rows = {row["runtime"]: row for row in (payload or {}).get("rows", [])}
@@ -119,23 +119,28 @@ def headline(results: dict[str, Any]) -> str:
     return table(rows, HEADLINE_COLUMNS) if rows else "(no results for the headline figures yet)"
 
 
-def summary() -> str:
-    parts = ["# Benchmark summary", "",
+def load_results() -> dict[str, dict[str, Any]]:
+    """Every ``bench/results/NAME.json``, by NAME."""
+    return {path.stem: json.loads(path.read_text()) for path in RESULTS_DIR.glob("*.json")}
+
+
+def summary(results: dict[str, dict[str, Any]], title: str = "# Benchmark summary") -> str:
+    """The headline figures, then one table per measured section of ``results``."""
+    parts = [title, "",
              "Medians on this machine; every ratio is against a baseline measured in the same "
              "run (the dynamic loop dispatch, eager fp32, the active-parameter minimum).", ""]
-    results = {path.stem: json.loads(path.read_text()) for path in RESULTS_DIR.glob("*.json")}
     parts += ["## Headline figures and their goals", "", headline(results), ""]
-    names = sorted(RESULTS_DIR.glob("*.json"), key=lambda p: (
-        ORDER.index(p.stem) if p.stem in ORDER else len(ORDER), p.stem))
-    for path in names:
-        for section, payload in results[path.stem].items():
+    names = sorted(results, key=lambda name: (ORDER.index(name) if name in ORDER else len(ORDER),
+                                              name))
+    for name in names:
+        for section, payload in results[name].items():
             if not isinstance(payload, dict) or not payload.get("rows"):
                 continue
             rows = with_eager_ratios(payload["rows"])
             machine = payload.get("machine", {})
-            parts += [f"## {path.stem}: {section}", "",
-                      f"torch {machine.get('torch', '?')}, {machine.get('threads', '?')} "
-                      f"thread(s); source `{path.relative_to(RESULTS_DIR.parent.parent)}`", "",
+            torch_version = machine.get("versions", {}).get("torch", machine.get("torch", "?"))
+            parts += [f"## {name}: {section}", "",
+                      f"torch {torch_version}, {machine.get('threads', '?')} thread(s)", "",
                       table(rows, scalar_columns(rows)), ""]
     return "\n".join(parts)
 
@@ -144,7 +149,7 @@ def main() -> None:
     if not RESULTS_DIR.is_dir():
         raise SystemExit("no benchmark results yet: run make bench (or one bench-* target)")
     path = RESULTS_DIR / "summary.md"
-    atomic_write_text(path, summary())
+    atomic_write_text(path, summary(load_results()))
     print(path.read_text())
     print(f"summary: {path}")
 

@@ -30,7 +30,7 @@ from .report import markdown_table, sorting_examples, text_examples, write_repor
 from .runtimes import load
 from .tasks.sorting import SortingTask, parse_sort_spec
 from .tokenizer import END_OF_TEXT, TextTokenizer, train_tokenizer
-from .train.backend import COMPILE_MODES
+from .train.backend import COMPILE_MODES, describe_auto_device
 from .train.run import RunFolder
 from .train.trainer import TrainConfig, requested_config, train
 
@@ -107,6 +107,9 @@ def parse_ids(text: str) -> list[int]:
 def cmd_generate(args: argparse.Namespace) -> None:
     """Greedy generation with any runtime: a checkpoint, an ONNX or an ExecuTorch export."""
     if args.prompt is None:
+        if args.llm_runner:
+            raise ValueError("--llm-runner takes text (--prompt): ExecuTorch's runner tokenizes "
+                             "it with the program's tokenizer.json")
         prompt = np.array([parse_ids(args.prompt_ids)], dtype=np.int64)
         runtime = load(args.model)
         new = runtime.generate(prompt, args.max_new_tokens)[0][prompt.shape[1]:]
@@ -163,7 +166,7 @@ def tokenizer_output_folders(args: argparse.Namespace) -> list[Output]:
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    """Compare artifacts with eager on a checkpoint (DESIGN §7 bars); exit 1 if a bar fails."""
+    """Compare artifacts with eager on a checkpoint (docs/parity.md bars); exit 1 if a bar fails."""
     checkpoint = checkpoint_folder(args.checkpoint)
     run = RunFolder.of_checkpoint(checkpoint)
     if args.data is not None:
@@ -193,7 +196,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     for failure in failures:
         print(f"bibo-export parity: FAILED {failure}", file=sys.stderr)
     if not failures:
-        print(f"parity: all DESIGN §7 bars met by {len(result['rows']) - 1} artifact(s)")
+        print(f"parity: every bar met by {len(result['rows']) - 1} artifact(s)")
     return 1 if failures else 0
 
 
@@ -226,6 +229,11 @@ def cmd_info(args: argparse.Namespace) -> None:
     for i, moe in enumerate(model.moe_layers):
         bias = ", ".join(f"{b:+.3f}" for b in moe.expert_bias.tolist())
         print(f"  moe layer {i}: router bias [{bias}]")
+
+
+def cmd_device(args: argparse.Namespace) -> None:
+    """Print the device that train --device auto picks on this machine, and why."""
+    print(f"training device: {describe_auto_device()}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -310,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW's (default 0.01)")
     p.add_argument("--sequence-length", dest="sequence_length", type=int)
     p.add_argument("--capacity-factor", dest="capacity_factor", type=float,
-                   help="expert capacity during training (default 1.25; null never drops)")
+                   help="expert capacity during training (default 1.25; at least "
+                        "experts / top-k never drops, as --moe-dispatch grouped never does)")
     p.add_argument("--moe-dispatch", dest="moe_dispatch", choices=DISPATCH_MODES,
                    help="MoE formulation during training (default index)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -402,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace --report's folder even when it holds something other than an "
                         "earlier report")
     p.set_defaults(func=cmd_parity, outputs=parity_output_folders)
+
+    p = sub.add_parser("device", help=cmd_device.__doc__)
+    p.set_defaults(func=cmd_device)
 
     p = sub.add_parser("info", help=cmd_info.__doc__)
     p.add_argument("checkpoint", help="a folder with config.json and model.safetensors")

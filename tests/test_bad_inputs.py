@@ -276,6 +276,8 @@ CASES = {
                                   "token id 999 is outside the vocabulary", None),
     "prompt too long": (("generate", "--model", "{onnx}", "--prompt-ids", "3",
                          "--max-new-tokens", "1000"), "exceeds the maximum length 32", None),
+    "llm runner with token ids": (("generate", "--model", "{onnx}", "--prompt-ids", "3",
+                                   "--llm-runner"), "--llm-runner takes text (--prompt)", None),
     "parity with text data": (("parity", "--checkpoint", "{ckpt}", "--data", "text:x", "{onnx}"),
                               "--data must be a sort[:LENGTHS] spec", None),
     "parity of a missing artifact": (("parity", "--checkpoint", "{ckpt}", "{root}/none"),
