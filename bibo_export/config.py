@@ -1,5 +1,5 @@
-"""The model as data: ``BiBoConfig`` (the architecture, DESIGN §3) and ``ExecutionOptions``
-(how the MoE layers compute it: capacity and dispatch, DESIGN §5).
+"""The model as data: ``BiBoConfig`` (the architecture, docs/design.md) and ``ExecutionOptions``
+(how the MoE layers compute it: capacity and dispatch, docs/design.md).
 
 ``BiBoConfig`` is what ``config.json`` holds. Its fields keep the reference's names; fields left
 as ``None`` are derived in ``__post_init__`` and written out resolved, so a saved config fully
@@ -181,7 +181,7 @@ class BiBoConfig:
 
 @dataclass(frozen=True)
 class ExecutionOptions:
-    """How MoE layers compute during training (DESIGN §5); not part of the model.
+    """How MoE layers compute during training (docs/design.md); not part of the model.
 
     ``capacity_factor``: slots per parameterised expert are ceil(factor · S · k / n); ``None``
     never drops (inference always uses ``None``). ``dispatch``: ``index`` (gather/scatter),
@@ -222,7 +222,7 @@ def parse_json_object(text: str) -> dict[str, Any]:
 
 
 def hill_bias_update_factor(num_experts: int) -> float:
-    """u = 0.35 · n^1.445 / (n^1.445 + 81): the aux-loss-free bias step size (DESIGN §3)."""
+    """u = 0.35 · n^1.445 / (n^1.445 + 81): the aux-loss-free bias step size (docs/design.md)."""
     power = num_experts ** 1.445
     return round(0.35 * power / (power + 81), 4)
 
@@ -244,7 +244,7 @@ def monte_carlo_shared_scaling(num_experts: int, top_k: int, num_shared: int,
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The reference's sorting ablation (DESIGN §8).
+    # The reference's sorting ablation (docs/design.md).
     "sort-tiny": dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
                       num_attention_heads=4, num_key_value_heads=2, num_routed_experts=8,
                       num_experts_per_tok=3, moe_intermediate_size=256,
@@ -255,7 +255,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                       num_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
                       max_position_embeddings=256, mlp_only_layers=[0]),
-    # About 80M parameters, for benchmarks.
+    # 83.4M parameters, for benchmarks.
     "bench": dict(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                   num_attention_heads=8, num_key_value_heads=2, num_routed_experts=16,
                   num_experts_per_tok=4, moe_intermediate_size=512, max_position_embeddings=2048),

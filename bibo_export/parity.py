@@ -1,4 +1,4 @@
-"""Parity: how far each runtime is from eager PyTorch (DESIGN §7), measured on one set of inputs
+"""Parity: how far each runtime is from eager PyTorch (docs/parity.md), measured on one set of inputs
 and judged by ``verdict``.
 
 ``run_parity(checkpoint, artifacts, task)`` takes the checkpoint as the eager reference, loads

@@ -1,4 +1,4 @@
-"""Does an artifact compute what eager PyTorch computes? The DESIGN §7 bars, the comparisons
+"""Does an artifact compute what eager PyTorch computes? The docs/parity.md bars, the comparisons
 behind them and the judgement of one measured row, in one place: both exporters' verify stage,
 ``bibo-export parity`` and the report all read them from here.
 
@@ -22,7 +22,7 @@ import numpy as np
 
 Scope = Literal["export", "task"]
 
-# DESIGN §7: fp32 max |Δ logits| by runtime (greedy tokens must also be identical) and int8.
+# docs/parity.md: fp32 max |Δ logits| by runtime (greedy tokens must also be identical) and int8.
 # A checkpoint compared as an artifact runs the same eager code: it must match exactly.
 FP32_MAX_ABS = {"onnx": 1e-4, "executorch": 1e-3, "eager": 0.0}
 INT8_BARS = {"top1_agreement": 0.98, "cosine": 0.99, "token_accuracy_drop": 0.01,
@@ -102,7 +102,7 @@ def judge(row: dict[str, Any], runtime: str, precision: str, scope: Scope) -> li
     if precision == "bf16":
         return [f for f in accuracy_failures(row, precision) if f.startswith("cosine")]
     if runtime not in FP32_MAX_ABS:
-        raise ValueError(f"no DESIGN §7 bar for runtime {runtime!r}")
+        raise ValueError(f"no parity bar for runtime {runtime!r}")
     failures = []
     if not row["max_abs"] <= FP32_MAX_ABS[runtime]:  # NaN fails too
         failures.append(f"max |Δ logits| {row['max_abs']:.2e} > {FP32_MAX_ABS[runtime]:.0e}")

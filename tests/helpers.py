@@ -103,7 +103,7 @@ def train_sort_tiny(out_dir: Path, steps: int = 250, length: int = 6, lr: float 
     config, written last, is there).
 
     Returns (final checkpoint folder, SortingTask). Int8 parity is only meaningful on a model
-    that has learned something (DESIGN §7), so the export tests share one such model.
+    that has learned something (docs/parity.md), so the export tests share one such model.
     """
     from bibo_export.tasks.sorting import SortingTask
     from bibo_export.train.trainer import TrainConfig  # torch_xla-free, but heavier

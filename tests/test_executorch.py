@@ -1,4 +1,4 @@
-"""ExecuTorch export, fp32: parity against eager (DESIGN §7), cache resets, errors.
+"""ExecuTorch export, fp32: parity against eager (docs/parity.md), cache resets, errors.
 
 Each program is exported once (fixtures); exports are slow, tests are not. The trained
 sort-tiny's program is the session's (``trained_export``), shared with the pipeline test; its

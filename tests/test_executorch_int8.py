@@ -1,5 +1,5 @@
 """ExecuTorch int8 ("8da8w" on XNNPACK) on a briefly trained sort-tiny: parity bars, size,
-what is delegated. Int8 parity is only meaningful on a trained model (DESIGN §7)."""
+what is delegated. Int8 parity is only meaningful on a trained model (docs/parity.md)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_int8_parity_on_trained_model(trained_int8):
 
 
 def test_int8_is_smaller(trained_int8):
-    """int8 program at most 0.35 of the fp32 weights it came from (issue 5); an fp32 program is
+    """int8 program at most 0.35 of the fp32 weights it came from; an fp32 program is
     those weights plus a few hundred kB (33.45 vs 33.18 MB on sort-tiny)."""
     checkpoint, _, int8_path, _ = trained_int8
     fp32_weights = (checkpoint / "model.safetensors").stat().st_size

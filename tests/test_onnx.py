@@ -1,4 +1,4 @@
-"""ONNX export and the ONNX Runtime runtime, against eager PyTorch (DESIGN §7)."""
+"""ONNX export and the ONNX Runtime runtime, against eager PyTorch (docs/parity.md)."""
 
 import json
 import re

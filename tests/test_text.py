@@ -1,7 +1,7 @@
 """Text in, text out, end to end: a small language model trained through the CLI on tokenized
 text, exported with its tokenizer (ONNX fp32, ExecuTorch int8), generating eager's greedy text
 in fp32 and the int8 program's own under ExecuTorch's ``TextLLMRunner`` too; parity measures
-held-out perplexity (int8's bar: DESIGN §7)."""
+held-out perplexity (int8's bar: docs/parity.md)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def greedy_text(model: Path) -> str:
     """A runtime's greedy continuation of PROMPT, decoded by the tokenizer library. The oracle
     of a checkpoint's fp32 exports is eager PyTorch's text (the checkpoint's); an int8
     program's is its own, through our runtime, since int8 is judged by its perplexity bar
-    (DESIGN §7), not by identical tokens."""
+    (docs/parity.md), not by identical tokens."""
     tokenizer = TextTokenizer.from_file(model)
     ids = tokenizer.encode(PROMPT)
     tokens = load(model).generate(np.array([ids]), NEW_TOKENS)[0, len(ids):].tolist()

@@ -215,7 +215,7 @@ def runner_metadata(metadata: ArtifactMetadata) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ quantize
 def quantize_int8(build: ProgramBuild) -> ProgramBuild:
     """8da8w (int8 per-channel weights, int8 dynamic per-token activations) on every Linear but
-    the routers (kept float, DESIGN §6); int8 embedding tables with one scale per row; the
+    the routers (kept float, docs/export.md); int8 embedding tables with one scale per row; the
     selected-experts operator's weights as int8 rows."""
     swap_modules(build.decoder, {SelectedExperts: SelectedExpertsInt8})
     routers = router_names(build.decoder)
@@ -247,7 +247,7 @@ def decode_weight_bytes(build: ProgramBuild) -> dict[str, int]:
 
     The minimum reads k routed MLP experts per MoE layer (a token that picks parameter-free
     experts reads fewer). ``FusedExperts`` reads all of them (XNNPACK cannot delegate linears
-    inside ``torch.cond``, DESIGN §6); the selected-experts kernel reads the chosen ones, at
+    inside ``torch.cond``, docs/export.md); the selected-experts kernel reads the chosen ones, at
     most the minimum (its own counter measures what it read: ``kernels.library``). Both read
     one embedding row. int8 tables (torchao's): 1 byte per weight plus an fp32 scale per row;
     every other tensor at its own element size (int8 Linears hold int8 weights and fp32

@@ -12,7 +12,7 @@ handles better:
     ``SelectedExpertsInt8`` is its int8 form (int8 rows, one scale each);
   * ``FusedExperts`` (ExecuTorch without the kernel library, and bf16): three wide
     ``nn.Linear`` for all experts, which XNNPACK delegates (it cannot delegate inside
-    ``cond``, DESIGN §6) at the price of reading every expert.
+    ``cond``, docs/export.md) at the price of reading every expert.
   int8 recipes quantize 2-D ``nn.Linear`` weights. All of them compute every selected expert:
   no capacity drops at inference.
 * ``SharedConvExpert`` → ``UnfoldedSharedExpert`` (both exporters): the causal Conv1d as one

@@ -4,7 +4,7 @@ for the experts each token selected and no others.
     out[t] = Σ_j [e < E] · weights[t, j] · down_e(silu(gate_e · x_t) ⊙ (up_e · x_t)),
     e = indices[t, j]
 
-``indices``/``weights`` [S, k] are BiBo's routing (DESIGN §3), computed in the graph before
+``indices``/``weights`` [S, k] are BiBo's routing (docs/design.md), computed in the graph before
 the call, so the operator needs no router of its own; indices ≥ E name the parameter-free
 experts, which the graph adds itself, and are skipped. Weights are stacked per expert:
 gate/up [E, m, h], down [E, h, m]; the int8 form stores them as int8 with one float32 scale

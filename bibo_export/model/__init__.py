@@ -1,4 +1,4 @@
-"""The BiBo Mixture-of-Experts decoder (DESIGN §3–§5)."""
+"""The BiBo Mixture-of-Experts decoder (docs/design.md)."""
 
 from .bibo import BiBoForCausalLM, CausalLMOutput, DecoderLayer
 from .checkpoint import CheckpointError

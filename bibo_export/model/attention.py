@@ -80,7 +80,7 @@ def ssmax_query_scale(log_n: Tensor, head_scale: Tensor) -> Tensor:
     """s_h · ln(max(N, 2)) with N = t + 1 keys seen by the query at position t: [H, T, 1], or
     [B, H, T, 1] for per-row ``log_n`` [B, T] (``AttentionInputs.log_n``).
 
-    Causal (DESIGN §4): N depends only on the query's own position, never on the call length,
+    Causal (docs/design.md): N depends only on the query's own position, never on the call length,
     so cached decoding sees the same scale as a full forward.
     """
     return (head_scale.float()[:, None] * log_n[..., None, :])[..., None]

@@ -1,4 +1,4 @@
-"""BiBoForCausalLM: embedding → decoder layers → final RMSNorm → LM head (DESIGN §3).
+"""BiBoForCausalLM: embedding → decoder layers → final RMSNorm → LM head (docs/design.md).
 
 Cached decoding: ``cache = model.new_cache(batch, max_len)`` then
 ``out = model(ids, cache=cache, start_pos=p)`` runs ``ids`` at absolute positions p … p+T-1 and

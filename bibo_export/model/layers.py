@@ -1,4 +1,4 @@
-"""Building blocks shared by the attention and feed-forward parts of BiBo (DESIGN §3)."""
+"""Building blocks shared by the attention and feed-forward parts of BiBo (docs/design.md)."""
 
 from __future__ import annotations
 

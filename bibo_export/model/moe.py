@@ -1,4 +1,4 @@
-"""BiBo's mixture-of-experts layer with static-shape capacity dispatch (DESIGN §3, §5).
+"""BiBo's mixture-of-experts layer with static-shape capacity dispatch (docs/design.md).
 
 Expert indices: 0 … n-4 are SwiGLU MLPs, n-3 Identity, n-2 Zero, n-1 ReLU². Only the MLP
 experts have parameters and capacity slots; the other three are elementwise. Three dispatch
@@ -60,7 +60,7 @@ class Selection:
 # --------------------------------------------------------------------------------- routing
 class Router(nn.Module):
     """Marks the modules whose outputs choose experts. Exporters find routers by this type and
-    keep them float: a routing flip is a discrete, unbounded error (DESIGN §6)."""
+    keep them float: a routing flip is a discrete, unbounded error (docs/export.md)."""
 
 
 def without_autocast(device_type: str) -> contextlib.AbstractContextManager:
@@ -146,7 +146,7 @@ def balance_loss(counts: Tensor, mean_probs: Tensor, coef: float) -> Tensor:
 
 def update_router_bias(bias: Tensor, tokens_seen: Tensor, counts: Tensor, stats: RoutingStats,
                        threshold: int, factor: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The aux-loss-free load-balancing rule as a pure function (DESIGN §3.9, §4).
+    """The aux-loss-free load-balancing rule as a pure function (docs/design.md).
 
     Counters accumulate; once ``threshold`` tokens are seen, b_e += u·sign(mean(counts) − counts_e)
     and the counters reset. ``torch.where`` keeps it one static graph: no host sync, no branch.
@@ -362,14 +362,14 @@ class MoE(nn.Module):
         self.register_buffer("expert_counts", torch.zeros(n))
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
-        # model.to(bf16) must not round the balancing counters and bias (DESIGN §4).
+        # model.to(bf16) must not round the balancing counters and bias (docs/design.md).
         super()._apply(fn, recurse)
         for name in ("expert_bias", "tokens_seen", "expert_counts"):
             self._buffers[name] = self._buffers[name].float()
         return self
 
     def select(self, logits: Tensor) -> Selection:
-        """Noise (training only), logit normalisation, biased top-k and weights (DESIGN §3)."""
+        """Noise (training only), logit normalisation, biased top-k and weights (docs/design.md)."""
         config = self.config
         if self.training and config.router_noise > 0:
             logits = logits + torch.randn_like(logits) * math.sqrt(config.router_noise)

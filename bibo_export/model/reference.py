@@ -2,7 +2,7 @@
 ``config.json`` + ``model.safetensors``, or shards listed in ``model.safetensors.index.json``)
 into a bibo-export checkpoint folder.
 
-What differs, and how it maps (``../shared/fixtures/reference-bibo/README.md`` lists the facts):
+What differs, and how it maps (``tests/fixtures/reference-bibo/README.md`` lists the facts):
 
 * tensor names carry a ``model.`` prefix (not ``lm_head.weight``); routed experts are separate
   modules, stacked here into [E, out, in]; the router is ``mlp.gate.gate_proj`` (mlp) or

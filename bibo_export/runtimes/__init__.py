@@ -3,7 +3,7 @@
 ``load`` picks the runtime from the artifact's kind (``artifacts.artifact_kind``): a checkpoint
 folder (eager PyTorch), an ONNX export folder (ONNX Runtime) or an ExecuTorch export (a folder
 with ``model.pte``, or the ``.pte`` itself). The ONNX and ExecuTorch runtimes are imported only
-when such an artifact is loaded: each environment has only its own packages (DESIGN §2).
+when such an artifact is loaded: each environment has only its own packages (docs/design.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The sorting task (DESIGN §8): the reference's ablation and the built-in default data.
+"""The sorting task (docs/design.md): the reference's ablation and the built-in default data.
 
 A sample of length s is s values uniform in 0…254, then SEP = 255, then the same values sorted:
 2s+1 tokens. input = sample[:-1]; labels = sample[1:] with the first s labels set to -100, so only

@@ -3,7 +3,7 @@
 torch.compile's ``reduce-overhead`` graphs only the compiled forward and backward: gradient
 clipping, AdamW, the router-bias update, the learning-rate schedule and the metrics still launch
 their kernels one by one from Python, and on a short step the GPU waits for them. The step is
-tensor code with no host synchronisation (DESIGN §5, written for XLA), and its AdamW keeps its
+tensor code with no host synchronisation (docs/design.md: written for XLA), and its AdamW keeps its
 step counts on the device (``capturable``), so the whole of it can be captured once and then
 replayed, which costs one launch per step.
 """

@@ -1,6 +1,6 @@
 """Training data sources behind one interface, chosen by a spec string.
 
-* ``sort`` / ``sort:6,8``: the sorting task (DESIGN §8) at the given lengths;
+* ``sort`` / ``sort:6,8``: the sorting task (docs/design.md) at the given lengths;
 * ``text:PATH``: a text corpus from a file or a folder, as raw bytes (vocab 256 + EOS = 257),
   or, given a ``tokenizer.json``, as its tokens (tokenized once into a cached token file);
 * ``bin:PATH[:uint16|uint32]``: pre-tokenized ids, read by memory map.

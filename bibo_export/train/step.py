@@ -2,7 +2,7 @@
 and with ``aux_loss_coef > 0`` the auxiliary load-balancing loss over the step's global batch.
 
 Everything is tensor code with no host synchronisation, so under ``torch_xla.compile`` the whole
-step is one graph that compiles once per input shape (DESIGN §5). The learning rate is computed
+step is one graph that compiles once per input shape (docs/design.md). The learning rate is computed
 in-graph from a step counter held on the device.
 """
 
