@@ -52,6 +52,9 @@ TEXT_PROMPT ?= def __init__(self
 TEXT_NEW_TOKENS ?= 48
 # Exports that run at once in make demo and make export-executorch (one per core).
 EXPORT_JOBS ?= 2
+# How many of our processes run side by side: each takes cores / BIBO_JOBS compute threads
+# (bibo_export/threads.py), so that parallel lanes do not preempt each other's threads.
+export BIBO_JOBS
 # make export-* and parity: the checkpoint. By default the most recently trained run's final/
 # under runs/ (after make demo: runs/demo/final), and with none, make train-tpu's, trained first.
 LAST_TRAINED := $(shell ls -dt runs/*/final 2> /dev/null | head -1)
@@ -74,7 +77,7 @@ QUIET_PIP := { grep -v "^WARNING: Location '.*' is ignored" || true; }
 
 .PHONY: help demo demo-text setup setup-export setup-xla test test-export test-xla train-tpu \
 	export-onnx export-onnx-int8 export-executorch export-executorch-fp32 export-executorch-int8 \
-	parity bench bench-publish demo-publish bench-train bench-dispatch bench-onnx bench-executorch bench-scale clean distclean \
+	parity bench bench-publish demo-publish bench-sharing bench-train bench-dispatch bench-onnx bench-executorch bench-scale clean distclean \
 	check-kernel-tools
 
 help: ## list the targets
@@ -88,7 +91,7 @@ demo: setup ## the whole pipeline: train → ONNX + ExecuTorch fp32/int8 → par
 	@date +%s.%N > build/demo-trained
 	@# The exporters are mostly single-threaded Python. ExecuTorch int8 lowering takes longest,
 	@# so it starts first and keeps a core to itself while fp32 and then ONNX share the other.
-	$(MAKE) --no-print-directory -j$(EXPORT_JOBS) export-executorch-int8 export-executorch-fp32 \
+	$(MAKE) --no-print-directory -j$(EXPORT_JOBS) BIBO_JOBS=$(EXPORT_JOBS) export-executorch-int8 export-executorch-fp32 \
 		export-onnx CKPT=$(DEMO_RUN)/final
 	$(MAKE) --no-print-directory parity CKPT=$(DEMO_RUN)/final
 	@$(VENV)/bin/python -m bench.publish record-demo --started "$$(cat build/demo-started)" \
@@ -104,7 +107,7 @@ demo-text: setup ## text in, text out: tokenizer + language model (XLA) → Exec
 		BATCH=$(TEXT_BATCH) DATA='text:$(TEXT_CORPUS)' TRAIN_ARGS="--tokenizer \
 		$(TEXT_RUN)-tokenizer/tokenizer.json --sequence-length $(TEXT_SEQUENCE) --lr $(TEXT_LR) \
 		$(TRAIN_ARGS)"
-	$(MAKE) --no-print-directory -j$(EXPORT_JOBS) export-executorch-int8 export-onnx-int8 \
+	$(MAKE) --no-print-directory -j$(EXPORT_JOBS) BIBO_JOBS=$(EXPORT_JOBS) export-executorch-int8 export-onnx-int8 \
 		CKPT=$(TEXT_RUN)/final ARTIFACTS=$(TEXT_ARTIFACTS)
 	$(VENV)/bin/bibo-export parity --checkpoint $(TEXT_RUN)/final $(TEXT_ARTIFACTS)/executorch/int8 \
 		$(TEXT_ARTIFACTS)/onnx/int8 --report $(TEXT_ARTIFACTS)/report
@@ -186,7 +189,7 @@ export-onnx-int8: $(STAMP) $(DEFAULT_CKPT)
 
 export-executorch: ## CKPT → artifacts/executorch/{fp32,int8}/model.pte, verified
 	@# Lowering is minutes of single-threaded Python per program: build both side by side.
-	$(MAKE) --no-print-directory -j$(EXPORT_JOBS) export-executorch-int8 export-executorch-fp32
+	$(MAKE) --no-print-directory -j$(EXPORT_JOBS) BIBO_JOBS=$(EXPORT_JOBS) export-executorch-int8 export-executorch-fp32
 
 # One program each: make export-executorch-fp32, make export-executorch-int8.
 export-executorch-fp32 export-executorch-int8: export-executorch-%: $(STAMP) $(KERNELS) $(DEFAULT_CKPT)
@@ -209,7 +212,7 @@ bench-publish: $(STAMP) ## publish bench/results as a snapshot in docs/benchmark
 bench: $(STAMP) $(XLA_STAMP) ## every benchmark, fresh → bench/results/*.json + summary.md
 	@# Start empty so that the summary holds this run only: its ratios compare rows of one run.
 	rm -rf bench/results
-	$(MAKE) --no-print-directory bench-dispatch bench-train bench-onnx bench-executorch
+	$(MAKE) --no-print-directory bench-dispatch bench-train bench-onnx bench-executorch bench-sharing
 	$(VENV)/bin/python -m bench.summary
 
 bench-onnx: $(STAMP) ## ONNX Runtime fp32/int8 vs eager: prefill, decode, bytes → bench/results/onnx.json
@@ -241,6 +244,9 @@ bench-scale: $(STAMP) $(KERNELS) ## reference preset (752.6M) exports: time, pea
 	@# under bench/work/scale, and up to 12 GB of memory per export.
 	$(VENV)/bin/python -m bench.scale --max-length $(SCALE_MAX_LENGTH)
 	$(VENV)/bin/python -m bench.summary
+
+bench-sharing: $(STAMP) ## eager decode alone and beside other processes, default threads vs BIBO_JOBS's share → bench/results/sharing.json
+	$(VENV)/bin/python -m bench.sharing
 
 bench-dispatch: $(STAMP) $(XLA_STAMP) ## MoE dispatch benchmark → bench/results/dispatch.json
 	$(VENV)/bin/python -m bench.dispatch --backend eager

@@ -39,7 +39,7 @@ from bibo_export.kernels.library import read_counters
 from bibo_export.model import BiBoForCausalLM
 from bibo_export.runtimes import load
 from bibo_export.runtimes.base import Runtime
-from bibo_export.runtimes.executorch import set_threads
+from bibo_export.threads import use_threads
 from bibo_export.timing import time_runtime
 
 PROGRAMS = [(experts, precision) for experts in ("fused", "selected")
@@ -99,8 +99,7 @@ def main() -> None:
                              "the model's positions (0: skip)")
     args = parser.parse_args()
     max_length = args.prompt + args.decode_steps
-    torch.set_num_threads(args.threads)
-    set_threads(args.threads)
+    use_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -41,6 +41,7 @@ from bibo_export.model import BiBoForCausalLM
 from bibo_export.runtimes.base import Runtime
 from bibo_export.runtimes.eager import EagerRuntime
 from bibo_export.runtimes.onnx import OnnxRuntime
+from bibo_export.threads import use_threads
 from bibo_export.timing import median_seconds, time_runtime
 
 
@@ -157,7 +158,7 @@ def main() -> None:
     parser.add_argument("--long-max-length", type=int, default=2048,
                         help="also time int8 exported at this maximum length (0: skip)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     max_length = args.prompt + args.new_tokens

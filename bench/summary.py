@@ -14,7 +14,7 @@ from typing import Any
 from bench.common import RESULTS_DIR, table
 from bibo_export.io import atomic_write_text
 
-ORDER = ["dispatch", "train", "onnx", "executorch", "scale"]
+ORDER = ["dispatch", "train", "onnx", "executorch", "sharing", "scale"]
 
 
 def with_eager_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

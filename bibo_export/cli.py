@@ -29,6 +29,7 @@ from .parity import run_parity
 from .report import markdown_table, sorting_examples, text_examples, write_report
 from .runtimes import load
 from .tasks.sorting import SortingTask, parse_sort_spec
+from .threads import use_thread_share
 from .tokenizer import END_OF_TEXT, TextTokenizer, train_tokenizer
 from .train.backend import COMPILE_MODES, describe_auto_device
 from .train.run import RunFolder
@@ -433,6 +434,7 @@ def run_command(args: argparse.Namespace) -> int:
     outputs: Callable[[argparse.Namespace], list[Output]] = getattr(args, "outputs",
                                                                    lambda _: [])
     try:
+        use_thread_share()  # beside other jobs of ours (make's lanes, test workers): a share
         with claimed_outputs(outputs(args), getattr(args, "overwrite", False)):
             status = func(args) or 0
     except (ValueError, FileNotFoundError) as err:

@@ -23,6 +23,7 @@ from .runtimes import load
 from .runtimes.base import Runtime, any_batch
 from .runtimes.eager import EagerRuntime
 from .tasks.sorting import SortingTask
+from .threads import parallel_jobs, thread_share
 from .timing import time_runtime
 from .verdict import (BF16_BARS, FP32_MAX_ABS, INT8_BARS, check_finite_reference,
                       compare_logits, compare_tokens, judge, perplexity)
@@ -132,6 +133,7 @@ def run_parity(checkpoint: str | Path, artifacts: list[str | Path],
             "text": None if text is None else {"windows": list(inputs.logits_sets[0].shape)},
             "prompts": inputs.prompts.tolist(), "new_tokens": inputs.new_tokens,
             "speed": {"prompt_tokens": speed_prompt.shape[1], "new_tokens": SPEED_NEW_TOKENS,
-                      "repeats": SPEED_REPEATS, "batch_size": 1} if speed else None,
+                      "repeats": SPEED_REPEATS, "batch_size": 1, "threads": thread_share(),
+                      "parallel_jobs": parallel_jobs()} if speed else None,
             "bars": {"fp32_max_abs": FP32_MAX_ABS, "int8": INT8_BARS, "bf16": BF16_BARS},
             "rows": rows, "passed": all(row["passed"] for row in rows[1:])}

@@ -40,6 +40,16 @@ def cell(row: dict[str, Any], key: str, fmt: str) -> str:
     return fmt.format(value)
 
 
+def speed_conditions(speed: dict[str, Any]) -> str:
+    """How the speed columns were timed, and a warning when other jobs of ours ran beside."""
+    text = f" with {speed['threads']} thread(s)"
+    others = speed["parallel_jobs"] - 1
+    if others:
+        text += (f", beside {others} other bibo-export job(s) (BIBO_JOBS): slower than on an "
+                 "idle machine, so compare them only with each other")
+    return text
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(header for _, header, _ in COLUMNS) + " |",
              "|" + "---|" * len(COLUMNS)]
@@ -160,7 +170,7 @@ def write_report_files(result: dict[str, Any], out: Path, metrics: Path | None,
         parts += [f"Speed: batch 1, prefill of {speed['prompt_tokens']} tokens, then "
                   f"{speed['new_tokens'] - 1} cached decode steps; the median prefill of "
                   f"{speed['repeats']} runs and the median of their decode steps, each timed "
-                  f"alone, on this machine.", ""]
+                  f"alone, on this machine{speed_conditions(speed)}.", ""]
     verdict = "all bars met" if result["passed"] else "SOME BARS FAILED"
     parts += [f"**Parity: {verdict}.**", ""]
     examples = sorting_examples(result)

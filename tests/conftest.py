@@ -4,11 +4,13 @@ import importlib.util
 import json
 import os
 
-# Under pytest-xdist the workers share the cores: give each its share of threads (torch, ORT,
-# XNNPACK and the CLI subprocesses read OMP_NUM_THREADS), or they preempt each other's threads.
+from bibo_export.threads import JOBS_VARIABLE, use_thread_share
+
+# pytest-xdist's workers run side by side: each takes its share of the cores (torch here, ORT
+# sessions, ExecuTorch's pool, and the CLI subprocesses the tests start, which inherit it).
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
-    os.environ.setdefault("OMP_NUM_THREADS", str(share))
+    os.environ.setdefault(JOBS_VARIABLE, os.environ["PYTEST_XDIST_WORKER_COUNT"])
+use_thread_share()
 
 # torch_xla tests run on its CPU backend unless the caller chose a device (a TPU VM).
 os.environ.setdefault("PJRT_DEVICE", "CPU")

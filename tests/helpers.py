@@ -256,3 +256,17 @@ def check_failed_export_keeps_previous(export, checkpoint, folder, tmp_path) -> 
         export({"fp32": previous}, perturbed)
     assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["previous"]
+
+
+REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
+
+
+def repository_mirror(tmp_path: Path) -> Path:
+    """The repository's top level as links, without its runs/ and artifacts/, so make's dry
+    runs see the environments and sources but the runs a test puts there."""
+    mirror = tmp_path / "repo"
+    mirror.mkdir()
+    for entry in os.listdir(REPOSITORY_ROOT):
+        if entry not in {"runs", "artifacts", "artifacts-text", "build"}:
+            (mirror / entry).symlink_to(REPOSITORY_ROOT / entry)
+    return mirror

@@ -17,13 +17,14 @@ import pytest
 
 from bench import publish
 from bibo_export.cli import build_parser
+from helpers import repository_mirror
 
 pytestmark = pytest.mark.export  # once per suite: nothing here depends on the environment
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Internal references a user cannot follow: the design brief outside the repository, its
-# section numbers, and issue numbers ("#12", "issue 12").
+# section numbers, and issue numbers (a hash or the word "issue" before digits).
 FORBIDDEN = [(re.compile(r"\.\./shared|\bshared/fixtures"), "a path outside the repository"),
              (re.compile(r"\bDESIGN(\.md|\s*§)"), "the design brief outside the repository"),
              (re.compile(r"(?<![\w&/#])#\d+\b"), "an issue number"),
@@ -52,8 +53,9 @@ def test_nothing_points_outside_the_repository_or_at_issue_numbers():
 
 
 def test_the_forbidden_patterns_catch_what_they_should():
-    for line in ["see ../shared/DESIGN.md", "the bars of DESIGN §7", "fixed in #13",
-                 "as issue 5 asked"]:
+    # Spelled in pieces, so that this file does not trip its own check.
+    for line in ["see ../" + "shared/notes", "the bars of DESIGN" + " §7", "fixed in #" + "13",
+                 "as issue" + " 5 asked", "read DESIGN" + ".md"]:
         assert any(pattern.search(line) for pattern, _ in FORBIDDEN), line
     for line in ["[Benchmarks](#benchmarks)", "&#8212;", "top-1 agreement", "layer 0 (3 MoE)"]:
         assert not any(pattern.search(line) for pattern, _ in FORBIDDEN), line
@@ -104,17 +106,6 @@ def test_snapshots_are_never_rewritten(tmp_path):
     publish.write_snapshot(root, fake_demo_record(100.0), "page")
     with pytest.raises(publish.PublishError, match="never rewritten"):
         publish.write_snapshot(root, fake_demo_record(200.0), "page")
-
-
-def repository_mirror(tmp_path: Path) -> Path:
-    """The repository's top level as links, without its runs/ and artifacts/, so make's dry
-    runs see the environments and sources but the runs a test puts there."""
-    mirror = tmp_path / "repo"
-    mirror.mkdir()
-    for entry in os.listdir(ROOT):
-        if entry not in {"runs", "artifacts", "artifacts-text", "build"}:
-            (mirror / entry).symlink_to(ROOT / entry)
-    return mirror
 
 
 def make_dry_run(mirror: Path, *args: str) -> subprocess.CompletedProcess:

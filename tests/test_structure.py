@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "bibo_export"
 # just above artifacts (it names its file) so that training, runtimes and export all read it.
 ALLOWED = {
     "config": set(), "io": set(), "logs": set(), "verdict": set(), "provenance": set(),
+    "threads": set(),
     "resources": {"config"},
     "artifacts": {"config", "io"},
     "outputs": {"config", "io", "artifacts"},
@@ -24,14 +25,16 @@ ALLOWED = {
     "kernels": set(),  # custom operators: torch definitions and the compiled library
     "tasks": {"model"},
     "train": {"config", "io", "artifacts", "tokenizer", "model", "tasks", "resources"},
-    "runtimes": {"config", "artifacts", "tokenizer", "model", "kernels"},
+    "runtimes": {"config", "artifacts", "tokenizer", "model", "kernels", "threads"},
     "timing": {"runtimes"},
     "export": {"config", "io", "artifacts", "tokenizer", "verdict", "model", "kernels",
                "runtimes"},
-    "parity": {"config", "artifacts", "verdict", "model", "tasks", "runtimes", "timing"},
+    "parity": {"config", "artifacts", "verdict", "model", "tasks", "runtimes", "timing",
+               "threads"},
     "report": {"io", "artifacts", "verdict", "tasks"},
-    "cli": {"config", "io", "logs", "artifacts", "outputs", "resources", "tokenizer", "verdict", "model", "tasks",
-            "train", "runtimes", "timing", "export", "parity", "report"},
+    "cli": {"config", "io", "logs", "artifacts", "outputs", "resources", "tokenizer", "verdict",
+            "model", "tasks", "train", "runtimes", "timing", "export", "parity", "report",
+            "threads"},
 }
 
 

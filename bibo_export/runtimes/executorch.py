@@ -21,12 +21,14 @@ import executorch.kernels.quantized  # noqa: F401 - registers embedding_byte wit
 import numpy as np
 import torch
 from executorch.exir._serialize._program import _get_extended_header
-from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+from executorch.extension.pybindings.portable_lib import (_threadpool_get_thread_count,
+                                                          _unsafe_reset_threadpool)
 from executorch.runtime import Runtime as ETRuntime
 
 from ..artifacts import (ArtifactMetadata, check_manifest, check_program_identifier,
                          program_file)
 from ..kernels.library import load_kernels_if_built
+from ..threads import thread_share
 from .base import ProgramError, Runtime
 
 METADATA_METHOD = "bibo_metadata"  # ArtifactMetadata as UTF-8 JSON bytes (a constant method)
@@ -142,6 +144,8 @@ class ExecuTorchRuntime(Runtime):
             check_manifest(path)
         path = program_file(path)
         check_file(path)
+        if _threadpool_get_thread_count() != thread_share():
+            set_threads(thread_share())
         hint = load_kernels_if_built()
         with native_log_as_error(None, "load", path, hint):
             program = ETRuntime.get().load_program(path)

@@ -21,6 +21,7 @@ import onnx
 import onnxruntime as ort
 
 from ..artifacts import ONNX_FILE, ArtifactMetadata, check_manifest
+from ..threads import thread_share
 from .base import Runtime
 
 METADATA_KEY = "bibo.metadata"  # ArtifactMetadata as JSON, in the model's metadata properties
@@ -52,6 +53,9 @@ class OnnxRuntime(Runtime):
         path = Path(path)
         if check:
             check_manifest(path)
+        options = options or ort.SessionOptions()
+        if not options.intra_op_num_threads:  # 0, ORT's default: a thread per core
+            options.intra_op_num_threads = thread_share()
         try:
             session = ort.InferenceSession(str(path / ONNX_FILE), options,
                                            providers=["CPUExecutionProvider"])

@@ -1,0 +1,107 @@
+"""Our processes share the cores: the rule (cores // BIBO_JOBS), and the thread counts two
+processes started side by side by make's export lanes read back from PyTorch, ONNX Runtime's
+session and ExecuTorch's thread pool."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bibo_export import threads
+from helpers import REPOSITORY_ROOT, repository_mirror
+
+pytestmark = pytest.mark.export
+
+
+@pytest.mark.parametrize("cores, jobs, explicit, expected", [
+    (2, None, None, 2),   # a lone process takes every core
+    (2, "2", None, 1),    # two lanes on two cores: one thread each
+    (16, "2", None, 8),
+    (16, "3", None, 5),
+    (2, "4", None, 1),    # never fewer than one
+    (16, "2", "3", 3),    # BIBO_THREADS sets it outright
+])
+def test_the_share_follows_the_number_of_parallel_jobs(monkeypatch, cores, jobs, explicit,
+                                                       expected):
+    monkeypatch.setattr(threads, "available_cores", lambda: cores)
+    for name, value in ((threads.JOBS_VARIABLE, jobs), (threads.THREADS_VARIABLE, explicit)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert threads.thread_share() == expected
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_a_bad_setting_is_one_clear_error(monkeypatch, value):
+    monkeypatch.setenv(threads.JOBS_VARIABLE, value)
+    with pytest.raises(ValueError, match="BIBO_JOBS must be a positive integer"):
+        threads.thread_share()
+
+
+# Stands in for .venv/bin/bibo-export: loads both exports through our runtimes, as an export's
+# verification does, and writes the thread counts each library holds.
+PROBE = """#!{python}
+import json, os, sys, time
+sys.path.insert(0, {root!r})
+from bibo_export.threads import use_thread_share
+from bibo_export.runtimes import load
+from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count
+import torch
+use_thread_share()
+onnx, executorch = load({onnx!r}), load({executorch!r})
+out = sys.argv[sys.argv.index("--out") + 1]
+os.makedirs(out, exist_ok=True)
+record = dict(jobs=os.environ.get("BIBO_JOBS"), torch=torch.get_num_threads(),
+              onnxruntime=onnx.session.get_session_options().intra_op_num_threads,
+              executorch=_threadpool_get_thread_count(), start=time.time())
+time.sleep(1)  # so that the two lanes overlap, as exports do
+record["end"] = time.time()
+with open(os.path.join(out, "threads.json"), "w") as f:
+    json.dump(record, f)
+"""
+
+
+def fake_export_environment(tmp_path: Path, onnx: Path, executorch: Path) -> Path:
+    """A virtual environment whose bibo-export is the probe; its stamp and kernel library are
+    up to date, so make goes straight to the export lanes."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    probe = venv / "bin" / "bibo-export"
+    probe.write_text(PROBE.format(python=sys.executable, root=str(REPOSITORY_ROOT), onnx=str(onnx),
+                                  executorch=str(executorch)))
+    probe.chmod(0o755)
+    (venv / ".stamp").touch()
+    time.sleep(0.01)
+    (tmp_path / "kernels.so").touch()  # newer than the stamp: nothing to build
+    return venv
+
+
+@pytest.mark.parametrize("jobs", [2, 1])
+def test_make_export_lanes_give_each_process_its_share(tmp_path, trained_export, jobs):
+    *_, onnx, _ = trained_export("onnx", "int8")
+    *_, executorch, _ = trained_export("executorch", "int8")
+    venv = fake_export_environment(tmp_path, onnx, executorch)
+    mirror = repository_mirror(tmp_path)
+    artifacts = tmp_path / "artifacts"
+    env = {k: v for k, v in os.environ.items()
+           if k not in (threads.JOBS_VARIABLE, threads.THREADS_VARIABLE, "MAKEFLAGS")}
+    result = subprocess.run(
+        ["make", "--no-print-directory", "export-executorch", f"VENV={venv}",
+         f"KERNELS={tmp_path / 'kernels.so'}", f"CKPT={tmp_path}", f"ARTIFACTS={artifacts}",
+         f"EXPORT_JOBS={jobs}"], cwd=mirror, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lanes = [json.loads((artifacts / "executorch" / precision / "threads.json").read_text())
+             for precision in ("fp32", "int8")]
+    expected = max(1, threads.available_cores() // jobs)
+    for lane in lanes:
+        assert lane["jobs"] == str(jobs)
+        assert (lane["torch"], lane["onnxruntime"], lane["executorch"]) == (expected,) * 3
+    if jobs == 2:  # the two lanes did run side by side
+        assert max(lane["start"] for lane in lanes) < min(lane["end"] for lane in lanes)
