@@ -31,10 +31,10 @@ CUDA_BENCH_STEPS ?= 12
 SCALE_MAX_LENGTH ?= 256
 # make demo: its own model and schedule, picked by the sweep in docs/training.md to learn the
 # most within the demo's time on 2 CPU cores, into its own run folder.
-DEMO_PRESET ?= sort-tiny
-DEMO_STEPS ?= 400
-DEMO_BATCH ?= 128
-DEMO_LR ?= 2e-3
+DEMO_PRESET ?= sort-demo
+DEMO_STEPS ?= 700
+DEMO_BATCH ?= 256
+DEMO_LR ?= 3e-3
 DEMO_RUN ?= runs/demo
 # make demo-text: a tokenizer and a small language model trained on the Python standard library's
 # own top-level modules (every machine with Python has them: ~4.7 MB of code and docstrings),

@@ -441,6 +441,9 @@ def run_command(args: argparse.Namespace) -> int:
         # Bad input is the user's to fix: one line, no traceback.
         print(f"bibo-export {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (``| head``): what it wanted, it has
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for a process that SIGPIPE ended
     except ModuleNotFoundError as err:  # e.g. an export run from .venv-xla
         print(f"bibo-export {args.command}: error: {err.name} is not installed in this "
               "environment (training runs in .venv-xla, export and runtimes in .venv)",

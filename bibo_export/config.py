@@ -250,6 +250,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                       num_experts_per_tok=3, moe_intermediate_size=256,
                       max_position_embeddings=512, router_type="conv", mlp_only_layers=[0],
                       bias_update_threshold=800),
+    # make demo's model: sort-tiny narrowed (h 128) and cut to 4 layers, which learns the task
+    # further than sort-tiny within the demo's minutes on 2 CPU cores (docs/training.md).
+    "sort-demo": dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, num_routed_experts=8,
+                      num_experts_per_tok=3, moe_intermediate_size=128,
+                      max_position_embeddings=512, router_type="conv", mlp_only_layers=[0],
+                      bias_update_threshold=800),
     # A small language model for text (make demo-text): vocab_size follows the tokenizer.
     "text-tiny": dict(vocab_size=2048, hidden_size=256, intermediate_size=512,
                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,

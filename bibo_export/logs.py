@@ -75,8 +75,11 @@ TOKENIZER_REGEX_INFO = re.compile(rb"^I tokenizers:regex\.cpp:\d+\] Registering 
 # devices (torch_xla 2.9), with nothing for a user to do.
 GSPMD_DEPRECATED = re.compile(rb"sharding_propagation\.cc:\d+\] GSPMD sharding propagation is "
                               rb"going to be deprecated")
+# ExecuTorch announces each resize of its thread pool, which our runtimes make to give a process
+# its share of the cores (bibo_export/threads.py).
+THREADPOOL_RESET = re.compile(rb"threadpool\.cpp:\d+\] Resetting threadpool to \d+ threads")
 KNOWN_NATIVE_LINES = (CPUINFO_MIDR_PROBE, LLM_RUNNER_INFO, TOKENIZER_REGEX_INFO,
-                      GSPMD_DEPRECATED)
+                      GSPMD_DEPRECATED, THREADPOOL_RESET)
 
 # How long the stderr filter holds a line without its newline (a progress bar, a prompt) in case
 # the rest follows, before showing it as it is.

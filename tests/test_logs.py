@@ -16,6 +16,7 @@ CPUINFO_LINE = b"[cpuinfo_utils.cpp:87] Failed to open midr file /sys/devices/so
 GSPMD_LINE = (b"2026-11-27 23:49:17.670312: W external/xla/xla/service/sharding_propagation.cc:"
               b"3120] GSPMD sharding propagation is going to be deprecated and not supported in "
               b"the future. Please consider migrating to Shardy (https://openxla.org/shardy).\n")
+THREADPOOL_LINE = b"[threadpool.cpp:66] Resetting threadpool to 1 threads.\n"
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -113,6 +114,7 @@ with filtered_native_stderr():
     os.write(2, b"x" * 300_000 + b"\\n")  # more than a pipe holds: must not block
     os.write(2, {CPUINFO_LINE!r})
     os.write(2, {GSPMD_LINE!r})
+    os.write(2, {THREADPOOL_LINE!r})
     os.write(2, b"partial, no newline")
 print(" / after the block", file=sys.stderr)
 """)
