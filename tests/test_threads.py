@@ -83,8 +83,10 @@ def fake_export_environment(tmp_path: Path, onnx: Path, executorch: Path) -> Pat
     return venv
 
 
-@pytest.mark.parametrize("jobs", [2, 1])
-def test_make_export_lanes_give_each_process_its_share(tmp_path, trained_export, jobs):
+def test_make_export_lanes_give_each_process_its_share(tmp_path, trained_export):
+    """make export-executorch starts its two lanes side by side (EXPORT_JOBS=2): each lane's
+    process holds half the cores in every library, read back from each library itself."""
+    jobs = 2
     *_, onnx, _ = trained_export("onnx", "int8")
     *_, executorch, _ = trained_export("executorch", "int8")
     venv = fake_export_environment(tmp_path, onnx, executorch)
@@ -103,5 +105,14 @@ def test_make_export_lanes_give_each_process_its_share(tmp_path, trained_export,
     for lane in lanes:
         assert lane["jobs"] == str(jobs)
         assert (lane["torch"], lane["onnxruntime"], lane["executorch"]) == (expected,) * 3
-    if jobs == 2:  # the two lanes did run side by side
-        assert max(lane["start"] for lane in lanes) < min(lane["end"] for lane in lanes)
+    # The two lanes did run side by side.
+    assert max(lane["start"] for lane in lanes) < min(lane["end"] for lane in lanes)
+
+
+@pytest.mark.parametrize("target", ["export-executorch", "demo", "demo-text"])
+def test_every_parallel_lane_of_make_says_how_many_run(tmp_path, target):
+    """Wherever make starts EXPORT_JOBS lanes at once, it tells them so (BIBO_JOBS)."""
+    result = subprocess.run(["make", "--no-print-directory", "-n", target, "EXPORT_JOBS=3"],
+                            cwd=repository_mirror(tmp_path), capture_output=True, text=True)
+    lanes = [line for line in result.stdout.splitlines() if " -j3 " in line]
+    assert lanes and all("BIBO_JOBS=3" in line for line in lanes), result.stdout[-2000:]
