@@ -77,17 +77,23 @@ def load_snapshots(root: Path, kind: str) -> list[tuple[str, dict[str, Any]]]:
     return sorted(snapshots, key=lambda item: item[1]["provenance"]["utc"])
 
 
-def merged_provenance(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """This publication's provenance, with the versions every measured section reports (the
-    XLA sections come from the other environment, so they add torch_xla)."""
-    source = provenance()
+def measured_provenance(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Where the results were measured, from the provenance each section recorded: one commit
+    and tree state for all (else they are not one run), the earliest time, and the versions of
+    every environment that measured (the XLA sections add torch_xla)."""
+    sources = [payload["machine"] for sections in results.values()
+               for payload in sections.values()
+               if isinstance(payload, dict) and "commit" in payload.get("machine", {})]
+    if not sources:
+        raise PublishError("bench/results records no provenance: run the benchmarks again")
+    if len({(source["commit"], source["dirty"]) for source in sources}) > 1:
+        raise PublishError("bench/results mixes runs of different code: run make bench (it "
+                           "starts from an empty bench/results) and publish that")
     versions: dict[str, str] = {}
-    for sections in results.values():
-        for payload in sections.values():
-            if isinstance(payload, dict):
-                versions.update(payload.get("machine", {}).get("versions", {}))
-    source["versions"] = {**versions, **source["versions"]} if versions else source["versions"]
-    return source
+    for source in sources:
+        versions.update(source["versions"])
+    first = {key: value for key, value in sources[0].items() if key != "threads"}
+    return {**first, "utc": min(source["utc"] for source in sources), "versions": versions}
 
 
 def publish_bench(root: Path) -> Path:
@@ -95,7 +101,7 @@ def publish_bench(root: Path) -> Path:
     if not results:
         raise PublishError("no benchmark results in bench/results: run make bench (or one "
                            "bench-* target) first")
-    record = {"kind": "bench", "provenance": merged_provenance(results), "results": results}
+    record = {"kind": "bench", "provenance": measured_provenance(results), "results": results}
     title = f"# Benchmarks, {record['provenance']['utc'][:10]}"
     page = "\n".join([title, "", describe_provenance(record["provenance"]), "",
                       summary(results, title="").lstrip()])

@@ -178,3 +178,19 @@ def test_every_command_shown_exists(page, tmp_path, capsys):
     problems = [f"{command}: {why}" for command in commands
                 if (why := checked(command, mirror)) is not None]
     assert not problems, "\n".join(problems)
+
+
+def test_a_bench_snapshot_names_the_code_that_measured_it():
+    def section(commit, utc, versions):
+        source = {**fake_demo_record(1.0)["provenance"], "commit": commit, "utc": utc,
+                  "versions": versions, "threads": 1}
+        return {"machine": source, "rows": [{"runtime": "eager", "decode_tok_s": 1.0}]}
+
+    results = {"onnx": {"bench": section("a" * 40, "2031-01-02T05:00:00Z", {"torch": "2.13"})},
+               "train": {"xla": section("a" * 40, "2031-01-02T04:00:00Z", {"torch_xla": "2.9"})}}
+    source = publish.measured_provenance(results)
+    assert source["commit"] == "a" * 40 and source["utc"] == "2031-01-02T04:00:00Z"
+    assert source["versions"] == {"torch": "2.13", "torch_xla": "2.9"} and "threads" not in source
+    results["train"]["xla"]["machine"]["commit"] = "b" * 40
+    with pytest.raises(publish.PublishError, match="different code"):
+        publish.measured_provenance(results)
