@@ -64,9 +64,10 @@ KNOWN_LOG_RECORDS = {
 CPUINFO_MIDR_PROBE = re.compile(rb"cpuinfo_utils\.cpp:\d+\] (Reading file |Failed to open midr "
                                 rb"file |CPU info and manual query on # of cpus dont match)")
 # ExecuTorch's LLM runner logs each step of loading and generating at Info level (e.g. "I
-# 08:45:46.866 executorch:llm_runner_helper.cpp:137] Metadata: use_kv_cache = 1"), and its
+# 08:45:46.866 executorch:llm_runner_helper.cpp:137] Metadata: use_kv_cache = 1", or in the
+# short form "[llm_runner_helper.cpp:137] Metadata: ..." that its runtime also prints), and its
 # tokenizer library announces its regex engine on load; warnings and errors ("W", "E") still show.
-LLM_RUNNER_INFO = re.compile(rb"^I [\d:. ]*executorch:(llm_runner_helper|text_llm_runner|"
+LLM_RUNNER_INFO = re.compile(rb"^(I [\d:. ]*executorch:|\[)(llm_runner_helper|text_llm_runner|"
                              rb"text_prefiller|text_token_generator|stats)\.(cpp|h):\d+\] ")
 TOKENIZER_REGEX_INFO = re.compile(rb"^I tokenizers:regex\.cpp:\d+\] Registering override "
                                   rb"fallback regex")

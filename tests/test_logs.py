@@ -17,6 +17,7 @@ GSPMD_LINE = (b"2026-11-27 23:49:17.670312: W external/xla/xla/service/sharding_
               b"3120] GSPMD sharding propagation is going to be deprecated and not supported in "
               b"the future. Please consider migrating to Shardy (https://openxla.org/shardy).\n")
 THREADPOOL_LINE = b"[threadpool.cpp:66] Resetting threadpool to 1 threads.\n"
+RUNNER_SHORT_LINE = b"[llm_runner_helper.cpp:137] Metadata: use_kv_cache = 1\n"
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -115,6 +116,7 @@ with filtered_native_stderr():
     os.write(2, {CPUINFO_LINE!r})
     os.write(2, {GSPMD_LINE!r})
     os.write(2, {THREADPOOL_LINE!r})
+    os.write(2, {RUNNER_SHORT_LINE!r})
     os.write(2, b"partial, no newline")
 print(" / after the block", file=sys.stderr)
 """)
