@@ -95,7 +95,8 @@ demo: setup ## the whole pipeline: train → ONNX + ExecuTorch fp32/int8 → par
 		export-onnx CKPT=$(DEMO_RUN)/final
 	$(MAKE) --no-print-directory parity CKPT=$(DEMO_RUN)/final
 	@$(VENV)/bin/python -m bench.publish record-demo --started "$$(cat build/demo-started)" \
-		--trained "$$(cat build/demo-trained)" --report $(ARTIFACTS)/report --out $(ARTIFACTS)/demo.json
+		--trained "$$(cat build/demo-trained)" --report $(ARTIFACTS)/report --out $(ARTIFACTS)/demo.json \
+		--training-python $(VENV_XLA)/bin/python
 
 demo-publish: $(STAMP) ## publish make demo's record as a snapshot in docs/benchmarks/, regenerate README's results
 	$(VENV)/bin/python -m bench.publish demo $(ARTIFACTS)/demo.json

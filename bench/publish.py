@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +51,9 @@ def snapshot_name(record: dict[str, Any], kind: str) -> str:
 
 def describe_provenance(source: dict[str, Any]) -> str:
     versions = ", ".join(f"{name} {version}" for name, version in source["versions"].items())
+    if "training_versions" in source:
+        versions += "; trained with " + ", ".join(
+            f"{name} {version}" for name, version in source["training_versions"].items())
     dirty = " (uncommitted changes)" if source.get("dirty") else ""
     gpu = f", GPU {source['gpu']}" if source.get("gpu") else ", no GPU"
     return (f"Commit `{source['commit'][:12]}`{dirty}, {source['utc']}; {source['cpu']}, "
@@ -120,12 +124,23 @@ def demo_page(record: dict[str, Any]) -> str:
         "All bars met." if report["passed"] else "SOME BARS FAILED.", ""])
 
 
-def record_demo(started: float, train_seconds: float, report: Path) -> dict[str, Any]:
-    """What ``make demo`` measured: its wall time after set-up and its parity report."""
+def environment_versions(python: Path) -> dict[str, str]:
+    """PACKAGES' versions in another environment (the one that trained), asked of its Python."""
+    return json.loads(subprocess.run(
+        [str(python), "-c", "import json; from bibo_export.provenance import package_versions; "
+                            "print(json.dumps(package_versions()))"],
+        capture_output=True, text=True, check=True).stdout)
+
+
+def record_demo(started: float, train_seconds: float, report: Path,
+                training_python: Path) -> dict[str, Any]:
+    """What ``make demo`` measured: its wall time after set-up and its parity report, with the
+    versions of both environments (training ran in the other one)."""
     path = report / "report.json"
     if not path.is_file():
         raise PublishError(f"no parity report at {path}: the demo did not finish")
-    return {"kind": "demo", "provenance": provenance(), "wall_s": time.time() - started,
+    source = {**provenance(), "training_versions": environment_versions(training_python)}
+    return {"kind": "demo", "provenance": source, "wall_s": time.time() - started,
             "train_s": train_seconds, "report": json.loads(path.read_text())}
 
 
@@ -268,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--started", type=float, required=True, help="the demo's start (Unix time)")
     p.add_argument("--trained", type=float, required=True, help="the end of its training")
     p.add_argument("--report", type=Path, required=True, help="its parity report folder")
+    p.add_argument("--training-python", type=Path, required=True,
+                   help="the Python of the environment that trained (its versions are recorded)")
     p.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("demo", help="publish a demo record as a snapshot")
     p.add_argument("record", type=Path)
@@ -276,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.action == "record-demo":
-            record = record_demo(args.started, args.trained - args.started, args.report)
+            record = record_demo(args.started, args.trained - args.started, args.report,
+                                 args.training_python)
             atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
             print(f"make demo: {minutes(record['wall_s'])} after set-up; recorded in "
                   f"{args.out} (make demo-publish publishes it)")
