@@ -5,10 +5,10 @@ core's worth of threads (PyTorch's default) and with the share ``BIBO_JOBS`` giv
 
 Each row runs the decode in a fresh process (thread counts are fixed at a process's start),
 beside nothing, beside a busy process that is not PyTorch (``yes``), or beside another PyTorch
-process looping over small matmuls, as a second export lane or test worker does. "default"
-rows run both processes with PyTorch's default threads (one per core); "share" rows start both
-as make's two parallel lanes do (``BIBO_JOBS`` = 2). The baseline of every ratio is a lone
-process with every core: the idle "default" row.
+process that keeps all its threads busy (matmuls and elementwise operators), as a second export
+lane or test worker does. "default" rows run both processes with PyTorch's default threads (one
+per core); "share" rows start both as make's two parallel lanes do (``BIBO_JOBS`` = 2). The
+baseline of every ratio is a lone process with every core: the idle "default" row.
 """
 
 from __future__ import annotations
@@ -44,15 +44,16 @@ for attempt in range({rounds} + 1):
         steps += decode
 print(json.dumps(dict(threads=threads, ms_per_token=statistics.median(steps) * 1e3)))
 """
-# The neighbour: small matmuls in a loop, as a busy PyTorch process runs many small operators.
+# The neighbour: operators big enough that PyTorch runs them on all its threads (matmuls and
+# elementwise work over a million values), back to back, as an export's eager stages do.
 NEIGHBOUR = """
 import torch
 from bibo_export.threads import use_thread_share
 use_thread_share()
-a = torch.randn(64, 256)
-b = torch.randn(256, 256)
+a, b, x = torch.randn(256, 512), torch.randn(512, 512) / 23, torch.randn(1 << 20)
 while True:
     a = torch.tanh(a @ b)
+    x.mul_(0.999).add_(0.001)
 """
 CONDITIONS = ("idle", "beside yes", "beside PyTorch")
 

@@ -45,21 +45,29 @@ def test_a_bad_setting_is_one_clear_error(monkeypatch, value):
         threads.thread_share()
 
 
-# Stands in for .venv/bin/bibo-export: loads both exports through our runtimes, as an export's
-# verification does, and writes the thread counts each library holds.
+# Stands in for .venv/bin/bibo-export: starts ONNX Runtime and ExecuTorch the way our runtimes
+# do (a session made with our options on a one-node graph; our runtime's pool set-up) and
+# writes the thread counts each library then reports.
 PROBE = """#!{python}
 import json, os, sys, time
 sys.path.insert(0, {root!r})
-from bibo_export.threads import use_thread_share
-from bibo_export.runtimes import load
+import onnx, onnxruntime as ort, torch
+from onnx import TensorProto, helper
 from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count
-import torch
+from bibo_export.runtimes.executorch import share_threads
+from bibo_export.runtimes.onnx import session_options
+from bibo_export.threads import use_thread_share
 use_thread_share()
-onnx, executorch = load({onnx!r}), load({executorch!r})
+value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [value],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+session = ort.InferenceSession(helper.make_model(graph).SerializeToString(), session_options(),
+                               providers=["CPUExecutionProvider"])
+share_threads()
 out = sys.argv[sys.argv.index("--out") + 1]
 os.makedirs(out, exist_ok=True)
 record = dict(jobs=os.environ.get("BIBO_JOBS"), torch=torch.get_num_threads(),
-              onnxruntime=onnx.session.get_session_options().intra_op_num_threads,
+              onnxruntime=session.get_session_options().intra_op_num_threads,
               executorch=_threadpool_get_thread_count(), start=time.time())
 time.sleep(1)  # so that the two lanes overlap, as exports do
 record["end"] = time.time()
@@ -68,14 +76,13 @@ with open(os.path.join(out, "threads.json"), "w") as f:
 """
 
 
-def fake_export_environment(tmp_path: Path, onnx: Path, executorch: Path) -> Path:
+def fake_export_environment(tmp_path: Path) -> Path:
     """A virtual environment whose bibo-export is the probe; its stamp and kernel library are
     up to date, so make goes straight to the export lanes."""
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     probe = venv / "bin" / "bibo-export"
-    probe.write_text(PROBE.format(python=sys.executable, root=str(REPOSITORY_ROOT), onnx=str(onnx),
-                                  executorch=str(executorch)))
+    probe.write_text(PROBE.format(python=sys.executable, root=str(REPOSITORY_ROOT)))
     probe.chmod(0o755)
     (venv / ".stamp").touch()
     time.sleep(0.01)
@@ -83,13 +90,11 @@ def fake_export_environment(tmp_path: Path, onnx: Path, executorch: Path) -> Pat
     return venv
 
 
-def test_make_export_lanes_give_each_process_its_share(tmp_path, trained_export):
+def test_make_export_lanes_give_each_process_its_share(tmp_path):
     """make export-executorch starts its two lanes side by side (EXPORT_JOBS=2): each lane's
     process holds half the cores in every library, read back from each library itself."""
     jobs = 2
-    *_, onnx, _ = trained_export("onnx", "int8")
-    *_, executorch, _ = trained_export("executorch", "int8")
-    venv = fake_export_environment(tmp_path, onnx, executorch)
+    venv = fake_export_environment(tmp_path)
     mirror = repository_mirror(tmp_path)
     artifacts = tmp_path / "artifacts"
     env = {k: v for k, v in os.environ.items()

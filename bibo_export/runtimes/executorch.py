@@ -123,6 +123,12 @@ def set_threads(count: int) -> None:
     _unsafe_reset_threadpool(count)
 
 
+def share_threads() -> None:
+    """Give ExecuTorch's pool this process's share of the cores (bibo_export/threads.py)."""
+    if _threadpool_get_thread_count() != thread_share():
+        set_threads(thread_share())
+
+
 class ExecuTorchRuntime(Runtime):
     name = "executorch"
 
@@ -144,8 +150,7 @@ class ExecuTorchRuntime(Runtime):
             check_manifest(path)
         path = program_file(path)
         check_file(path)
-        if _threadpool_get_thread_count() != thread_share():
-            set_threads(thread_share())
+        share_threads()
         hint = load_kernels_if_built()
         with native_log_as_error(None, "load", path, hint):
             program = ETRuntime.get().load_program(path)

@@ -28,6 +28,15 @@ METADATA_KEY = "bibo.metadata"  # ArtifactMetadata as JSON, in the model's metad
 PRESENT = "present."  # a cache output's name: this prefix and its input's name
 
 
+def session_options(options: ort.SessionOptions | None = None) -> ort.SessionOptions:
+    """``options`` for one of our sessions: this process's share of the cores, unless the
+    caller set a thread count (0 is ORT's default, a thread per core)."""
+    options = options or ort.SessionOptions()
+    if not options.intra_op_num_threads:
+        options.intra_op_num_threads = thread_share()
+    return options
+
+
 class OnnxRuntime(Runtime):
     name = "onnx"
 
@@ -53,11 +62,8 @@ class OnnxRuntime(Runtime):
         path = Path(path)
         if check:
             check_manifest(path)
-        options = options or ort.SessionOptions()
-        if not options.intra_op_num_threads:  # 0, ORT's default: a thread per core
-            options.intra_op_num_threads = thread_share()
         try:
-            session = ort.InferenceSession(str(path / ONNX_FILE), options,
+            session = ort.InferenceSession(str(path / ONNX_FILE), session_options(options),
                                            providers=["CPUExecutionProvider"])
         except Exception as err:  # ORT raises its own exception types for unreadable models
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
