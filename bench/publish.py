@@ -168,22 +168,26 @@ def spread(values: list[float], show: Callable[[float], str]) -> str:
 
 
 def link(name: str, prefix: str) -> str:
-    return f"[{name[:10]}]({prefix}{name}.md)"
+    """A snapshot's link, labelled by its date and commit (DATE_MACHINE_COMMIT_KIND)."""
+    date, _, commit, _ = name.split("_")
+    return f"[{date} {commit}]({prefix}{name}.md)"
 
 
 def speed(value: float) -> str:
     return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
 
 
-def bench_rows(snapshots: list[tuple[str, dict[str, Any]]]) -> dict[tuple[str, str], list]:
-    """(machine, runtime) → [(snapshot name, row)] over the README's bench sections."""
-    found: dict[tuple[str, str], list] = {}
+def bench_rows(snapshots: list[tuple[str, dict[str, Any]]]
+               ) -> dict[tuple[str, str, str], list]:
+    """(machine, benchmark, runtime) → [(snapshot name, row)] over the README's sections: each
+    benchmark times its own eager baseline, so rows of different benchmarks stay apart."""
+    found: dict[tuple[str, str, str], list] = {}
     for name, record in snapshots:
         machine = machine_slug(record["provenance"])
         for result, section in BENCH_SECTIONS:
             for row in record["results"].get(result, {}).get(section, {}).get("rows", []):
                 if "decode_tok_s" in row and "prefill_ms" in row:
-                    found.setdefault((machine, row["runtime"]), []).append((name, row))
+                    found.setdefault((machine, result, row["runtime"]), []).append((name, row))
     return found
 
 
@@ -192,10 +196,11 @@ def bench_block(snapshots: list[tuple[str, dict[str, Any]]], prefix: str) -> str
         return "No benchmark snapshot is published yet (`make bench`, then `make bench-publish`)."
     lines = ["Batch 1, the `bench` preset (83.4M parameters, random weights): decode tokens/s and "
              "prefill ms, as ranges over the published snapshots of each machine.", "",
-             "| machine | runtime | decode tok/s | prefill ms | snapshots |", "|---|---|---|---|---|"]
-    for (machine, runtime), found in bench_rows(snapshots).items():
+             "| machine | benchmark | runtime | decode tok/s | prefill ms | snapshots |",
+             "|---|---|---|---|---|---|"]
+    for (machine, benchmark, runtime), found in bench_rows(snapshots).items():
         rows = [row for _, row in found]
-        lines.append(f"| {machine} | {runtime} | "
+        lines.append(f"| {machine} | `make bench-{benchmark}` | {runtime} | "
                      f"{spread([r['decode_tok_s'] for r in rows], speed)} | "
                      f"{spread([r['prefill_ms'] for r in rows], lambda v: f'{v:.1f}')} | "
                      f"{', '.join(link(name, prefix) for name, _ in found)} |")
