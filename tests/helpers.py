@@ -270,3 +270,8 @@ def repository_mirror(tmp_path: Path) -> Path:
         if entry not in {"runs", "artifacts", "artifacts-text", "build"}:
             (mirror / entry).symlink_to(REPOSITORY_ROOT / entry)
     return mirror
+
+
+def make_dry_run(mirror: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=mirror,
+                          capture_output=True, text=True)

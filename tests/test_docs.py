@@ -17,7 +17,7 @@ import pytest
 
 from bench import publish
 from bibo_export.cli import build_parser
-from helpers import repository_mirror
+from helpers import make_dry_run, repository_mirror
 
 pytestmark = pytest.mark.export  # once per suite: nothing here depends on the environment
 
@@ -106,11 +106,6 @@ def test_snapshots_are_never_rewritten(tmp_path):
     publish.write_snapshot(root, fake_demo_record(100.0), "page")
     with pytest.raises(publish.PublishError, match="never rewritten"):
         publish.write_snapshot(root, fake_demo_record(200.0), "page")
-
-
-def make_dry_run(mirror: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=mirror,
-                          capture_output=True, text=True)
 
 
 def trained_run(mirror: Path, name: str, age_s: float) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from bibo_export import threads
-from helpers import REPOSITORY_ROOT, repository_mirror
+from bibo_export.report import speed_conditions
+from helpers import REPOSITORY_ROOT, make_dry_run, repository_mirror
 
 pytestmark = pytest.mark.export
 
@@ -117,7 +118,14 @@ def test_make_export_lanes_give_each_process_its_share(tmp_path):
 @pytest.mark.parametrize("target", ["export-executorch", "demo", "demo-text"])
 def test_every_parallel_lane_of_make_says_how_many_run(tmp_path, target):
     """Wherever make starts EXPORT_JOBS lanes at once, it tells them so (BIBO_JOBS)."""
-    result = subprocess.run(["make", "--no-print-directory", "-n", target, "EXPORT_JOBS=3"],
-                            cwd=repository_mirror(tmp_path), capture_output=True, text=True)
+    result = make_dry_run(repository_mirror(tmp_path), target, "EXPORT_JOBS=3")
     lanes = [line for line in result.stdout.splitlines() if " -j3 " in line]
     assert lanes and all("BIBO_JOBS=3" in line for line in lanes), result.stdout[-2000:]
+
+
+def test_the_report_says_when_its_timings_ran_beside_other_jobs():
+    speed = {"threads": 1, "parallel_jobs": 2}
+    assert speed_conditions(speed) == (" with 1 thread(s), beside 1 other bibo-export job(s) "
+                                       "(BIBO_JOBS): slower than on an idle machine, so compare "
+                                       "them only with each other")
+    assert speed_conditions({"threads": 2, "parallel_jobs": 1}) == " with 2 thread(s)"

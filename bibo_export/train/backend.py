@@ -146,7 +146,8 @@ def auto_device(spmd: bool = False) -> str:
     return "xla" if has_xla else "cpu"
 
 
-DEVICE_DESCRIPTIONS = {"xla": "torch_xla", "cuda": "a CUDA GPU, compiled by torch.compile",
+# What the devices other than XLA mean to a user (XLA's line also names its backend).
+DEVICE_DESCRIPTIONS = {"cuda": "a CUDA GPU, compiled by torch.compile",
                        "cpu": "eager PyTorch on the CPU (torch_xla is not installed here)"}
 
 
