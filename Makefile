@@ -64,10 +64,19 @@ ARTIFACTS ?= artifacts
 SAY_CKPT = @echo "== checkpoint $(CKPT)$(if $(filter file,$(origin CKPT)),$(if $(LAST_TRAINED), \
 	(the last trained run), (make train-tpu's)): CKPT=DIR picks another)"
 
-# BiBo's ExecuTorch kernel library (bibo::moe_experts), built against .venv's ExecuTorch.
+# BiBo's ExecuTorch kernel library (experts, attention over the cache) and the C++ runner
+# (runner/), built against .venv's ExecuTorch.
 KERNELS := bibo_export/kernels/lib/libbibo_kernels.so
-KERNEL_SOURCES := $(wildcard bibo_export/kernels/csrc/*)
+RUNNER := bibo_export/kernels/lib/bibo_runner
+KERNEL_SOURCES := $(wildcard bibo_export/kernels/csrc/* runner/*)
 CMAKE ?= cmake
+# make setup-aarch64: the same two, cross-built for 64-bit Arm against the aarch64 wheel of the
+# pinned ExecuTorch (downloaded by pip into build/aarch64), run here under qemu-user.
+EXECUTORCH_VERSION := $(shell sed -n 's/^executorch==//p' requirements/export.txt)
+AARCH64 := build/aarch64
+AARCH64_EXECUTORCH := $(AARCH64)/wheel-$(EXECUTORCH_VERSION)/executorch
+AARCH64_RUNNER := $(AARCH64)/bin/bibo_runner
+AARCH64_TOOLS := aarch64-linux-gnu-g++:g++-aarch64-linux-gnu qemu-aarch64:qemu-user
 XLA_PACKAGE := torch_xla$(if $(TORCH_XLA_EXTRA),[$(TORCH_XLA_EXTRA)])==2.9.0
 STAMP := $(VENV)/.stamp
 XLA_STAMP := $(VENV_XLA)/.stamp$(if $(TORCH_XLA_EXTRA),-$(TORCH_XLA_EXTRA))
@@ -78,7 +87,7 @@ QUIET_PIP := { grep -v "^WARNING: Location '.*' is ignored" || true; }
 .PHONY: help demo demo-text setup setup-export setup-xla test test-export test-xla train-tpu \
 	export-onnx export-onnx-int8 export-executorch export-executorch-fp32 export-executorch-int8 \
 	parity bench bench-publish demo-publish bench-sharing bench-train bench-dispatch bench-onnx bench-executorch bench-scale clean distclean \
-	check-kernel-tools
+	check-kernel-tools setup-aarch64 check-aarch64-tools
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -120,7 +129,7 @@ demo-text: setup ## text in, text out: tokenizer + language model (XLA) → Exec
 
 setup: setup-export setup-xla ## create both virtual environments (idempotent)
 
-setup-export: $(STAMP) $(KERNELS) ## the export/test env .venv (torch 2.13, executorch, onnx) + kernel library
+setup-export: $(STAMP) $(KERNELS) $(RUNNER) ## the export/test env .venv (torch 2.13, executorch, onnx) + kernel library and C++ runner
 
 setup-xla: $(XLA_STAMP) ## the XLA env .venv-xla (torch 2.9, torch_xla 2.9)
 
@@ -134,15 +143,47 @@ $(STAMP): requirements/export.txt pyproject.toml
 	$(VENV)/bin/pip install --disable-pip-version-check -q --no-deps -e . 2>&1 | $(QUIET_PIP)
 	touch $@
 
-# The compiled experts kernel (README "ExecuTorch custom kernels"): cmake and a C++ compiler.
-$(KERNELS): $(STAMP) $(KERNEL_SOURCES) | check-kernel-tools
-	@echo "== building $@ against .venv's ExecuTorch (log: build/kernels.log)"
+# The compiled kernels and runner (docs/export.md "The kernel library"): cmake and a C++ compiler.
+$(KERNELS) $(RUNNER) &: $(STAMP) $(KERNEL_SOURCES) | check-kernel-tools
+	@echo "== building $(KERNELS) and $(RUNNER) against .venv's ExecuTorch (log: build/kernels.log)"
 	@mkdir -p build
-	@{ $(CMAKE) -S bibo_export/kernels/csrc -B build/kernels -DCMAKE_CXX_COMPILER="$$(command -v $(CXX))" \
+	@{ $(CMAKE) -S runner -B build/native -DCMAKE_CXX_COMPILER="$$(command -v $(CXX))" \
 		-Dexecutorch_DIR="$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/executorch/share/cmake" \
-		-DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$(CURDIR)/$(dir $@)" \
-		&& $(CMAKE) --build build/kernels -j2; } > build/kernels.log 2>&1 \
-		|| { tail -20 build/kernels.log; echo "error: building $@ failed (full log: build/kernels.log)" >&2; exit 1; }
+		-DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$(CURDIR)/$(dir $(KERNELS))" \
+		-DCMAKE_RUNTIME_OUTPUT_DIRECTORY="$(CURDIR)/$(dir $(RUNNER))" \
+		&& $(CMAKE) --build build/native -j2; } > build/kernels.log 2>&1 \
+		|| { tail -20 build/kernels.log; echo "error: building $(KERNELS) failed (full log: build/kernels.log)" >&2; exit 1; }
+
+setup-aarch64: $(AARCH64_RUNNER) ## cross-build the kernel library and runner for aarch64 (installs Debian's cross compiler and qemu-user if missing)
+
+# ExecuTorch's aarch64 wheel: its C++ runtime, headers and CMake package (not its Python).
+$(AARCH64_EXECUTORCH)/share/cmake/executorch-config.cmake: requirements/export.txt | $(STAMP)
+	@echo "== downloading ExecuTorch $(EXECUTORCH_VERSION)'s aarch64 wheel into $(AARCH64)/wheels"
+	$(VENV)/bin/pip download --disable-pip-version-check -q --no-deps --only-binary=:all: \
+		--platform manylinux_2_28_aarch64 --python-version 3.11 \
+		executorch==$(EXECUTORCH_VERSION) -d $(AARCH64)/wheels 2>&1 | $(QUIET_PIP)
+	rm -rf $(dir $(AARCH64_EXECUTORCH)) && $(VENV)/bin/python -m zipfile -e \
+		$(AARCH64)/wheels/executorch-$(EXECUTORCH_VERSION)-*aarch64.whl $(dir $(AARCH64_EXECUTORCH))
+
+$(AARCH64_RUNNER): $(AARCH64_EXECUTORCH)/share/cmake/executorch-config.cmake $(KERNEL_SOURCES) | check-aarch64-tools check-kernel-tools
+	@echo "== cross-building $(AARCH64)/bin/{bibo_runner,libbibo_kernels.so} for aarch64 (log: $(AARCH64)/build.log)"
+	@{ $(CMAKE) -S runner -B $(AARCH64)/build \
+		-DCMAKE_TOOLCHAIN_FILE=$(CURDIR)/bibo_export/kernels/csrc/aarch64-linux-gnu.cmake \
+		-DBIBO_MARCH=armv8-a -Dexecutorch_DIR=$(CURDIR)/$(AARCH64_EXECUTORCH)/share/cmake \
+		-DCMAKE_LIBRARY_OUTPUT_DIRECTORY=$(CURDIR)/$(AARCH64)/bin \
+		-DCMAKE_RUNTIME_OUTPUT_DIRECTORY=$(CURDIR)/$(AARCH64)/bin \
+		&& $(CMAKE) --build $(AARCH64)/build -j2; } > $(AARCH64)/build.log 2>&1 \
+		|| { tail -20 $(AARCH64)/build.log; echo "error: cross-building for aarch64 failed (full log: $(AARCH64)/build.log)" >&2; exit 1; }
+
+# Debian's packages, installed where they are missing (as root, as CI runs; else say how).
+check-aarch64-tools:
+	@for tool in $(AARCH64_TOOLS); do command -v $${tool%%:*} > /dev/null || missing="$$missing $${tool#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null; then \
+			echo "== installing$$missing (apt-get)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing > /dev/null; \
+		else echo "error: the aarch64 build needs$$missing: sudo apt-get install$$missing" >&2; exit 1; fi; \
+	fi
 
 check-kernel-tools:
 	@command -v $(CMAKE) > /dev/null || { echo "error: $(CMAKE) not found: it builds BiBo's ExecuTorch kernel library (install cmake >= 3.19)" >&2; exit 1; }
@@ -158,7 +199,7 @@ $(XLA_STAMP): requirements/xla.txt pyproject.toml
 
 test: test-export test-xla ## run the whole suite in both environments
 
-test-export: $(STAMP) $(KERNELS) ## tests in the export env (model, export, runtimes)
+test-export: $(STAMP) $(KERNELS) $(RUNNER) ## tests in the export env (model, export, runtimes)
 	$(VENV)/bin/python -m pytest -m "not xla" -n $(TEST_WORKERS) --dist loadfile --durations=10 \
 		$(PYTEST_ARGS)
 
@@ -219,7 +260,7 @@ bench: $(STAMP) $(XLA_STAMP) ## every benchmark, fresh → bench/results/*.json 
 bench-onnx: $(STAMP) ## ONNX Runtime fp32/int8 vs eager: prefill, decode, bytes → bench/results/onnx.json
 	$(VENV)/bin/python -m bench.onnx
 
-bench-executorch: $(STAMP) $(KERNELS) ## ExecuTorch fp32/int8 vs eager → bench/results/executorch.json
+bench-executorch: $(STAMP) $(KERNELS) $(RUNNER) ## ExecuTorch fp32/int8 vs eager → bench/results/executorch.json
 	$(VENV)/bin/python -m bench.executorch
 
 bench-train: $(STAMP) $(XLA_STAMP) ## train-step tokens/s, static vs dynamic dispatch → bench/results/train.json

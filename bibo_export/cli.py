@@ -28,8 +28,10 @@ from .outputs import Output, claimed_outputs
 from .parity import run_parity
 from .report import markdown_table, sorting_examples, text_examples, write_report
 from .runtimes import load
+from .runtimes.cpp_runner import run_cpp_runner
 from .tasks.sorting import SortingTask, parse_sort_spec
-from .threads import use_thread_share
+from .threads import thread_share, use_thread_share
+from .timing import time_runtime
 from .tokenizer import END_OF_TEXT, TextTokenizer, train_tokenizer
 from .train.backend import COMPILE_MODES, describe_auto_device
 from .train.run import RunFolder
@@ -107,32 +109,65 @@ def parse_ids(text: str) -> list[int]:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     """Greedy generation with any runtime: a checkpoint, an ONNX or an ExecuTorch export."""
+    if args.llm_runner and args.runner != "python":
+        raise ValueError("--llm-runner and --runner choose the runner twice: choose one")
+    tokenizer = None
     if args.prompt is None:
         if args.llm_runner:
             raise ValueError("--llm-runner takes text (--prompt): ExecuTorch's runner tokenizes "
                              "it with the program's tokenizer.json")
-        prompt = np.array([parse_ids(args.prompt_ids)], dtype=np.int64)
-        runtime = load(args.model)
-        new = runtime.generate(prompt, args.max_new_tokens)[0][prompt.shape[1]:]
-        print(f"{runtime.name}: prompt {','.join(map(str, prompt[0]))} -> "
-              f"{','.join(map(str, new))}")
-        return
-    path = tokenizer_beside(args.model)
-    if path is None:
-        raise ValueError(f"{args.model} holds no {TOKENIZER_FILE}: give --prompt-ids instead")
-    tokenizer = TextTokenizer.from_file(path)
-    ids = tokenizer.encode(args.prompt)
-    if not ids:
-        raise ValueError("--prompt is empty")
+        ids = parse_ids(args.prompt_ids)
+    else:
+        path = tokenizer_beside(args.model)
+        if path is None:
+            raise ValueError(f"{args.model} holds no {TOKENIZER_FILE}: give --prompt-ids instead")
+        tokenizer = TextTokenizer.from_file(path)
+        ids = tokenizer.encode(args.prompt)
+        if not ids:
+            raise ValueError("--prompt is empty")
     if args.llm_runner:
         name, text = llm_runner_continuation(args)
-    else:
-        runtime = load(args.model)
-        new = runtime.generate(np.array([ids], dtype=np.int64), args.max_new_tokens)[0][len(ids):]
-        name = f"{runtime.name} {runtime.precision}"
-        text = tokenizer.decode(truncate_at(new.tolist(), tokenizer.eos_id))
-    # One line per runtime (escapes shown as JSON does), so runtimes compare line by line.
-    print(f"{name}: {json.dumps(args.prompt + text, ensure_ascii=False)}")
+        print(f"{name}: {json.dumps(args.prompt + text, ensure_ascii=False)}")
+        return
+    for name, new, measured in generations(args, ids):
+        if tokenizer is None:
+            shown = f"prompt {','.join(map(str, ids))} -> {','.join(map(str, new))}"
+        else:  # one line per runtime (escapes shown as JSON does): they compare line by line
+            text = tokenizer.decode(truncate_at(list(new), tokenizer.eos_id))
+            shown = json.dumps(args.prompt + text, ensure_ascii=False)
+        print(f"{name}: {shown}{measured}")
+
+
+def generations(args: argparse.Namespace,
+                ids: list[int]) -> list[tuple[str, Sequence[int], str]]:
+    """(label, new tokens, timings or "") for each runner ``--runner`` asks for. bibo-export's
+    own runtime alone keeps its plain line; beside the C++ runner both say how fast they ran."""
+    prompt = np.array([ids], dtype=np.int64)
+    runtime = load(args.model)
+    if args.runner == "python":
+        new = runtime.generate(prompt, args.max_new_tokens)[0][len(ids):]
+        return [(runtime.name if args.prompt is None else f"{runtime.name} {runtime.precision}",
+                 new.tolist(), "")]
+    if runtime.name != "executorch":
+        raise ValueError(f"--runner {args.runner} runs ExecuTorch programs; {args.model} is not "
+                         "one")
+    if args.max_new_tokens < 2:
+        raise ValueError("--runner cpp and both time decode steps: --max-new-tokens must be >= 2")
+    lines = []
+    if args.runner == "both":
+        new = runtime.generate(prompt, args.max_new_tokens)[0][len(ids):]
+        speed = time_runtime(runtime, prompt, args.max_new_tokens, repeats=3)
+        lines.append((f"executorch {runtime.precision} python", new.tolist(),
+                      speed_note(speed["prefill_ms"], speed["decode_tok_s"])))
+    cpp = run_cpp_runner(args.model, [ids], args.max_new_tokens, threads=thread_share())
+    lines.append((f"executorch {runtime.precision} c++ runner", cpp.tokens[0],
+                  speed_note(cpp.prefill_ms, cpp.decode_tok_s, cpp.int8_path)))
+    return lines
+
+
+def speed_note(prefill_ms: float, decode_tok_s: float, int8_path: str = "") -> str:
+    kernels = f", int8 kernels {int8_path}" if int8_path else ""
+    return f" (prefill {prefill_ms:.2f} ms, decode {decode_tok_s:,.0f} tokens/s{kernels})"
 
 
 def llm_runner_continuation(args: argparse.Namespace) -> tuple[str, str]:
@@ -395,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-runner", dest="llm_runner", action="store_true",
                    help="with --prompt and an ExecuTorch export: generate with ExecuTorch's own "
                         "TextLLMRunner (C++) instead of bibo-export's runtime")
+    p.add_argument("--runner", choices=("python", "cpp", "both"), default="python",
+                   help="for an ExecuTorch export: bibo-export's Python runtime (default), BiBo's "
+                        "C++ runner (make setup builds it), or both, each line with its prefill "
+                        "time and decode tokens/s")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=16)
     p.set_defaults(func=cmd_generate)
 

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 LEAFSPEC_DEPRECATED = (r".*LeafSpec.* is deprecated", FutureWarning)
 # executorch 1.5's emitter says that mutated buffers (our KV cache and conv states) are saved
 # without their initial contents. The program never reads those: the call at position 0 zeroes
-# the conv states, and attention (its mask, or custom_sdpa's causal bound) never reads a cache
+# the conv states, and attention (its mask, or the cache kernel's causal bound) never reads a cache
 # slot not yet written.
 MUTABLE_BUFFER_STATE = (r"Mutation on a buffer in the model is detected", UserWarning)
 # The shape checks of executorch 1.5's llama::update_cache (its fake implementation, run while

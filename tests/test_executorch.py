@@ -85,11 +85,11 @@ def test_experts_run_as_exported(sort_tiny_fp32, mlp_router_fp32):
         assert calls == (moe_layers if mode == "selected" else 0)
 
 
-def test_norms_stay_inside_xnnpack_and_attention_runs_custom_sdpa(sort_tiny_fp32,
-                                                                   mlp_router_fp32):
+def test_norms_stay_inside_xnnpack_and_attention_runs_the_cache_kernel(sort_tiny_fp32,
+                                                                        mlp_router_fp32):
     """What stays outside XNNPACK is routing, cache writes and, in programs with selected
-    experts, attention as ExecuTorch's ``llama::custom_sdpa`` over a cache that
-    ``llama::update_cache`` writes in place, not the layers' arithmetic: no
+    experts, attention as BiBo's ``bibo::cache_attention`` over a cache that
+    ``bibo::update_cache`` writes in place, not the layers' arithmetic: no
     norm (the routers' logit normalisation is the only mean left), no copy of the KV cache to
     repeat its heads, no slice of a dynamic-length tensor. The fused program keeps the masked
     attention inside XNNPACK: it needs no custom kernel."""
@@ -97,12 +97,13 @@ def test_norms_stay_inside_xnnpack_and_attention_runs_custom_sdpa(sort_tiny_fp32
     config = BiBoConfig.from_file(checkpoint / "config.json")
     moe_layers = config.num_hidden_layers - len(config.mlp_only_layers)
     portable = manifest["ops"]["portable_by_op"]
-    assert portable.get("llama.custom_sdpa", 0) == config.num_hidden_layers
+    assert portable.get("bibo.cache_attention", 0) == config.num_hidden_layers
     # Keys and values are written in place: no out-of-place index_put copies the cache.
-    assert portable.get("llama.update_cache", 0) == 2 * config.num_hidden_layers
+    assert portable.get("bibo.update_cache", 0) == 2 * config.num_hidden_layers
+    assert not any(op.startswith("llama.") for op in portable)  # ExecuTorch's LLM ops: none
     assert "aten.index_put" not in portable
     fused = mlp_router_fp32[2]["ops"]
-    assert "llama.custom_sdpa" not in fused["portable_by_op"]
+    assert not any(op.startswith("bibo.") for op in fused["portable_by_op"])
     assert fused["delegated_by_op"]["aten.bmm"] == 2 * 2  # QKᵀ and PV of its 2 layers
     assert portable.get("aten.mean.dim", 0) == moe_layers
     assert "aten.expand_copy" not in portable

@@ -1,8 +1,10 @@
-"""BiBo's ExecuTorch kernels (``bibo::moe_experts``, ``bibo::moe_experts_int8``) against the
-operators' PyTorch implementations, and those against plain per-token expert sums.
+"""BiBo's ExecuTorch kernels against the operators' PyTorch implementations, and those against
+independent formulations: the experts (``bibo::moe_experts``, ``bibo::moe_experts_int8``)
+against plain per-token expert sums, attention over the cache (``bibo::update_cache``,
+``bibo::cache_attention``) against the model's own cache write and masked attention.
 
-The C++ kernels only run inside an ExecuTorch program, so each case exports a one-operator
-program (no delegate: the operator stays a kernel call) with a dynamic token count.
+The C++ kernels only run inside an ExecuTorch program, so each case exports a small program
+(no delegate: the operators stay kernel calls) with a dynamic token count.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ from executorch.runtime import Runtime
 from helpers import swiglu_reference
 from torch import Tensor, nn
 
+from bibo_export.config import BiBoConfig
+from bibo_export.export.transforms import CacheAttention, InPlaceCacheWrite
 from bibo_export.kernels.library import KernelCounters, load_kernels, read_counters
 from bibo_export.kernels.moe_experts import quantize_rows
+from bibo_export.model.attention import AttentionInputs, GroupedAttention, TokenPositions
+from bibo_export.model.layers import CacheWrite
 
 pytestmark = pytest.mark.export
 
@@ -173,3 +179,57 @@ def test_missing_compiler_is_a_one_line_error():
         assert done.returncode != 0
         errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and tool in errors[0], done.stderr
+
+
+# ------------------------------------------------------------------------------ attention
+HEADS, HEAD_DIM, SLOTS = 8, 12, 24  # a head size that is not a multiple of 8: the dot's tail
+
+
+class CacheCalls(nn.Module):
+    """A program's attention over its cache, alone: each call writes its keys and values into
+    the cache (a mutable buffer) in place and attends over it, from slot ``input_pos``."""
+
+    def __init__(self, kv_heads: int) -> None:
+        super().__init__()
+        for name in ("key", "value"):
+            self.register_buffer(name, torch.zeros(1, kv_heads, SLOTS, HEAD_DIM),
+                                 persistent=False)
+        self.write, self.attend = InPlaceCacheWrite(), CacheAttention()
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+        slots = input_pos[0] + torch.arange(q.shape[2])
+        k = self.write(self.key, slots, k)
+        v = self.write(self.value, slots, v)
+        return self.attend(q, k, v, attention_inputs(slots), 0.3)
+
+
+def attention_inputs(slots: Tensor) -> AttentionInputs:
+    return AttentionInputs.of(TokenPositions(slots), BiBoConfig.preset("sort-tiny"),
+                              torch.arange(SLOTS), torch.float32)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 8])  # one KV head, grouped, one per query head
+def test_cache_kernels_equal_the_models_cache_and_masked_attention(kv_heads, tmp_path):
+    """A prefill of 5, decode steps, a chunk of 4, a prefill of 7 that starts a new sequence
+    over stale slots, and a call that ends at the cache's last slot: each call's output, from
+    the C++ kernels, equals the model's ``CacheWrite`` + masked ``GroupedAttention`` over a cache
+    kept the same way in PyTorch."""
+    load_kernels()
+    calls = torch.export.Dim("calls", min=1, max=SLOTS)
+    example = (torch.zeros(1, HEADS, 2, HEAD_DIM), torch.zeros(1, kv_heads, 2, HEAD_DIM),
+               torch.zeros(1, kv_heads, 2, HEAD_DIM), torch.tensor([0]))
+    exported = torch.export.export(CacheCalls(kv_heads), example,
+                                   dynamic_shapes=({2: calls}, {2: calls}, {2: calls}, None))
+    path = tmp_path / "attention.pte"
+    path.write_bytes(to_edge_transform_and_lower(exported).to_executorch().buffer)
+    method = Runtime.get().load_program(path).load_method("forward")
+    generator = torch.Generator().manual_seed(kv_heads)
+    key, value = torch.zeros(2, 1, kv_heads, SLOTS, HEAD_DIM).unbind(0)
+    for start, length in [(0, 5), (5, 1), (6, 1), (7, 4), (0, 7), (7, 1), (SLOTS - 3, 3)]:
+        q = torch.randn(1, HEADS, length, HEAD_DIM, generator=generator)
+        k, v = torch.randn(2, 1, kv_heads, length, HEAD_DIM, generator=generator).unbind(0)
+        got = method.execute([q, k, v, torch.tensor([start])])[0]
+        slots = torch.arange(start, start + length)
+        key, value = CacheWrite()(key, slots, k), CacheWrite()(value, slots, v)
+        want = GroupedAttention()(q, key, value, attention_inputs(slots), 0.3)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -4,14 +4,13 @@ oracle); the int8 Linear computes 8da8w as written out here by hand."""
 
 from __future__ import annotations
 
-import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401 - llama::custom_sdpa
 import pytest
 import torch
 
 from bibo_export.config import BiBoConfig
-from bibo_export.export.transforms import (CustomSdpaAttention, DynamicInt8Linear,
-                                           MatmulMeanRMSNorm, MatmulRotary, ScatterCacheWrite,
-                                           SdpaGroupedAttention, SlotMajorCacheWrite)
+from bibo_export.export.transforms import (CacheAttention, DynamicInt8Linear,
+                                           InPlaceCacheWrite, MatmulMeanRMSNorm, MatmulRotary,
+                                           ScatterCacheWrite, SdpaGroupedAttention)
 from bibo_export.model.attention import AttentionInputs, GroupedAttention, TokenPositions
 from bibo_export.model.layers import CacheWrite, RMSNorm, Rotary, rotary_cos_sin
 
@@ -75,10 +74,13 @@ def test_sdpa_attention_equals_grouped_attention(pad, kv_heads, cache):
 
 @pytest.mark.parametrize("start, length", [(0, 5), (5, 1), (5, 4), (11, 1)])
 @pytest.mark.parametrize("kv_heads", [1, 2, 8])
-def test_custom_sdpa_over_a_slot_major_cache_equals_grouped_attention(start, length, kv_heads):
+def test_cache_kernels_reference_equals_grouped_attention_over_the_static_cache(start, length,
+                                                                                kv_heads):
     """A call of ``length`` tokens from slot ``start`` (a prefill, decode steps, the cache's last
-    slot) writes the same keys and values into a slot-major cache and attends as the masked
-    form does over the whole static cache, whose later slots hold stale values."""
+    slot) writes the same keys and values in place and attends as the model's masked form does
+    over the whole static cache, whose later slots hold stale values: the reference semantics
+    of ``bibo::update_cache`` and ``bibo::cache_attention`` that the C++ kernels are tested
+    against (test_kernels.py)."""
     torch.manual_seed(0)
     heads, head_dim, slots = 8, 16, 12
     q = torch.randn(1, heads, length, head_dim)
@@ -90,13 +92,11 @@ def test_custom_sdpa_over_a_slot_major_cache_equals_grouped_attention(start, len
     k_want = CacheWrite()(k_cache, positions.slots, k_new)
     v_want = CacheWrite()(v_cache, positions.slots, v_new)
     want = GroupedAttention()(q, k_want, v_want, inputs, 0.25)
-    slot_major = [cache.transpose(1, 2).contiguous() for cache in (k_cache, v_cache)]
-    k_got, v_got = (SlotMajorCacheWrite()(cache, positions.slots, new)
-                    for cache, new in zip(slot_major, (k_new, v_new)))
-    assert k_got is slot_major[0] and v_got is slot_major[1]  # written in place
-    assert torch.equal(k_got.transpose(1, 2), k_want)
-    assert torch.equal(v_got.transpose(1, 2), v_want)
-    got = CustomSdpaAttention()(q, k_got, v_got, inputs, 0.25)
+    k_got, v_got = (InPlaceCacheWrite()(cache, positions.slots, new)
+                    for cache, new in zip((k_cache, v_cache), (k_new, v_new)))
+    assert k_got is k_cache and v_got is v_cache  # written in place
+    assert torch.equal(k_got, k_want) and torch.equal(v_got, v_want)
+    got = CacheAttention()(q, k_got, v_got, inputs, 0.25)
     assert got.shape == (1, length, heads * head_dim)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

@@ -57,17 +57,12 @@ class StatefulDecoder(nn.Module):
     ``to_edge`` runs) functionalizes them into buffer mutations of the program.
     """
 
-    def __init__(self, model: BiBoForCausalLM, batch_size: int, max_length: int,
-                 slot_major: bool = False) -> None:
-        """``slot_major``: key and value buffers laid out [B, max_len, G, d], for a model whose
-        cache writes and attention take that layout (``SlotMajorCacheWrite``)."""
+    def __init__(self, model: BiBoForCausalLM, batch_size: int, max_length: int) -> None:
         super().__init__()
         self.model = model
         self.batch_size, self.max_length = batch_size, max_length
         self.names = [name.replace(".", "_") for name in cache_names(model)]
         for name, tensor in zip(self.names, flatten_cache(model.new_cache(batch_size, max_length))):
-            if slot_major and not name.endswith("conv"):
-                tensor = tensor.transpose(1, 2).contiguous()
             self.register_buffer(name, tensor, persistent=False)
 
     def forward(self, input_ids: Tensor, input_pos: Tensor) -> Tensor:
@@ -81,6 +76,6 @@ class StatefulDecoder(nn.Module):
                          start_pos=start_pos)
         for name, tensor in zip(self.names, flatten_cache(out.cache)):
             buffer = getattr(self, name)
-            if tensor is not buffer:  # else written in place (``SlotMajorCacheWrite``)
+            if tensor is not buffer:  # else written in place (``InPlaceCacheWrite``)
                 buffer.copy_(tensor)
         return out.logits

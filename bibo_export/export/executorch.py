@@ -3,8 +3,9 @@
 
 * **transform**: the export form by module swaps (``UnfoldedSharedExpert``,
   ``MatmulMeanRMSNorm``, ``MatmulRotary``; the experts as ``SelectedExperts`` with attention as
-  ``CustomSdpaAttention`` over a slot-major cache, or with ``experts="fused"``, for runtimes
-  without custom kernels, ``FusedExperts`` with the masked attention XNNPACK delegates),
+  ``CacheAttention`` over a cache ``InPlaceCacheWrite`` writes, or with ``experts="fused"``, for
+  runtimes without custom kernels, ``FusedExperts`` with the masked attention XNNPACK
+  delegates),
   wrapped in ``StatefulDecoder``: the KV cache and conv states are mutable buffers.
 * **quantize**: "8da8w" (int8 per-channel weights, int8 dynamic per-token activations) on
   every ``nn.Linear`` except the routers (found by type), whose discrete top-k flips would be
@@ -19,8 +20,8 @@
   contract of ExecuTorch's LLM runner (``TextLLMRunner``, the C++ runner of its phone apps),
   which also reads the constant methods ``runner_metadata`` builds.
 * **lower**: ``to_edge_transform_and_lower`` with the XNNPACK partitioner (the experts' custom
-  operator stays outside the delegates and runs BiBo's kernel library; attention runs
-  ExecuTorch's ``llama::custom_sdpa`` kernel, which its LLM runner links), then
+  operator stays outside the delegates and runs BiBo's kernel library, as attention over the
+  cache does), then
   ``to_executorch``, whose quant fusion turns the embedding's dequantize + lookup into
   ExecuTorch's ``quantized_decomposed::embedding_byte`` kernel. What was delegated and what
   stays as portable kernels is counted.
@@ -37,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401 - llama::custom_sdpa
 import torch
 from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 from executorch.exir import (EdgeCompileConfig, EdgeProgramManager, ExecutorchBackendConfig,
@@ -58,8 +58,8 @@ from ..model.moe import MLPExperts, SharedConvExpert
 from ..runtimes.executorch import METADATA_METHOD
 from .decoders import StatefulDecoder
 from .pipeline import ExportSettings, Recipe, Stage, run_export
-from .transforms import (CustomSdpaAttention, DynamicInt8Linear, FusedExperts, MatmulMeanRMSNorm,
-                         MatmulRotary, SelectedExperts, SelectedExpertsInt8, SlotMajorCacheWrite,
+from .transforms import (CacheAttention, DynamicInt8Linear, FusedExperts, InPlaceCacheWrite,
+                         MatmulMeanRMSNorm, MatmulRotary, SelectedExperts, SelectedExpertsInt8,
                          UnfoldedSharedExpert, export_form, router_names, swap_modules)
 
 QUANTIZATION = ("8da8w (int8 per-channel weights, int8 dynamic per-token activations); "
@@ -107,14 +107,14 @@ class ExecuTorchRecipe(Recipe):
         swaps = {SharedConvExpert: UnfoldedSharedExpert, RMSNorm: MatmulMeanRMSNorm,
                  Rotary: MatmulRotary}
         selected = self.experts == "selected"
-        if selected:  # programs that need custom kernels anyway: ExecuTorch's attention too
+        if selected:  # programs that need BiBo's kernel library anyway: its attention too
             swaps.update({MLPExperts: SelectedExperts,
-                          CacheWrite: lambda _: SlotMajorCacheWrite(),
-                          GroupedAttention: lambda _: CustomSdpaAttention()})
+                          CacheWrite: lambda _: InPlaceCacheWrite(),
+                          GroupedAttention: lambda _: CacheAttention()})
         else:  # only what every ExecuTorch runtime has: XNNPACK and portable kernels
             swaps[MLPExperts] = FusedExperts.of
         decoder = StatefulDecoder(export_form(model, swaps), self.settings.batch_size,
-                                  self.settings.max_length, slot_major=selected)
+                                  self.settings.max_length)
         return ProgramBuild(decoder.eval())
 
     def export(self, build: ProgramBuild) -> ProgramBuild:
@@ -291,7 +291,7 @@ def target_name(target: Any) -> str:
 
 def kernel_ops(graph: torch.fx.Graph) -> Counter:
     """Operator calls of a graph, by name (not getitem, not symbolic-int arithmetic). An
-    operator that writes its input in place (``llama::update_cache``) is wrapped in
+    operator that writes its input in place (``bibo::update_cache``) is wrapped in
     ``auto_functionalized_v2`` here, until ``to_executorch`` writes in place again: it counts
     as itself."""
     ops: Counter = Counter()

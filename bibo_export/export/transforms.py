@@ -32,10 +32,11 @@ handles better:
   with grouped KV heads, which the exporter writes at opset 23 as one ``Attention`` node where
   the grouped matmuls were a dozen nodes per layer (at opset 23 ORT also fuses the rotate-half
   RoPE into one ``RotaryEmbedding``: `bench` int8, 703 → 541 nodes per decode step).
-* ``CacheWrite`` → ``SlotMajorCacheWrite`` and ``GroupedAttention`` → ``CustomSdpaAttention``
-  (ExecuTorch): the cache laid out slots before heads and attention as ExecuTorch's
-  ``llama::custom_sdpa``, which reads only the slots up to each query's; the masked form,
-  which XNNPACK delegates, read the whole static cache at every decode step.
+* ``CacheWrite`` → ``InPlaceCacheWrite`` and ``GroupedAttention`` → ``CacheAttention``
+  (ExecuTorch): the cache written in place and attention over it by the kernels of BiBo's
+  library (``bibo::update_cache``, ``bibo::cache_attention``), which read only the slots up to
+  each query's; the masked form, which XNNPACK delegates, read the whole static cache at every
+  decode step.
 * ``Rotary`` → ``MatmulRotary`` (ExecuTorch): RoPE's half rotation as a product with a constant
   signed permutation, which XNNPACK delegates; it takes no slice of a tensor whose length is
   dynamic, which the halves were.
@@ -52,6 +53,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels import attention  # noqa: F401 - registers bibo::update_cache, cache_attention
 from ..kernels.moe_experts import quantize_rows
 from ..model import BiBoForCausalLM
 from ..model.attention import AttentionInputs, GroupedAttention
@@ -272,23 +274,20 @@ class ScatterCacheWrite(CacheWrite):
         return cache.scatter(2, index, new.to(cache.dtype))
 
 
-class SlotMajorCacheWrite(CacheWrite):
-    """``CacheWrite`` into a cache laid out [B, max_len, G, d] (slots before heads), the layout
-    of ExecuTorch's ``llama::custom_sdpa``, in place, by its ``llama::update_cache``: the call's
-    keys or values [B, G, T, d] land in the same slots (consecutive, from the first), and the
-    cache returned is ``cache`` itself. An out-of-place write (``index_put``) copies the whole
-    cache in every layer of every decode step."""
+class InPlaceCacheWrite(CacheWrite):
+    """``CacheWrite`` in place, by BiBo's ``bibo::update_cache``: the call's keys or values land
+    in the same slots (consecutive, from the first), and the cache returned is ``cache`` itself.
+    An out-of-place write (``index_copy``) copies the whole cache in every layer of every
+    decode step."""
 
     def forward(self, cache: Tensor, slots: Tensor, new: Tensor) -> Tensor:
-        start = first_slot(slots, new.shape[2], cache.shape[1])
-        torch.ops.llama.update_cache(new.transpose(1, 2).contiguous().to(cache.dtype), cache,
-                                     start)
+        torch.ops.bibo.update_cache(new, cache, first_slot(slots, new.shape[2], cache.shape[2]))
         return cache
 
 
 def first_slot(slots: Tensor, length: int, cache_length: int) -> int:
-    """The first of a call's ``length`` consecutive ``slots``, as the number ExecuTorch's llama
-    kernels take, bounded for the exporter: the call fits in the cache."""
+    """The first of a call's ``length`` consecutive ``slots``, as the number the cache kernels
+    take, bounded for the exporter: the call fits in the cache."""
     start = slots[0].item()
     torch._check(start >= 0)
     torch._check(start + length <= cache_length)
@@ -342,15 +341,13 @@ class MatmulRotary(Rotary):
         return F.linear(x, self.rotation.to(x.dtype))
 
 
-class CustomSdpaAttention(GroupedAttention):
-    """``GroupedAttention`` over a slot-major cache (``SlotMajorCacheWrite``) as ExecuTorch's
-    ``llama::custom_sdpa``, the kernel of its own LLM exports: causal from the call's first
-    slot, it reads only the cache slots up to each query's, where the masked form reads the
-    whole static cache at every step. Unpadded calls only (the ExecuTorch program's)."""
+class CacheAttention(GroupedAttention):
+    """``GroupedAttention`` over the static cache as BiBo's ``bibo::cache_attention``: causal
+    from the call's first slot, each query reads the cache slots up to its own, where the
+    masked form reads the whole static cache at every step. Unpadded calls only (the
+    ExecuTorch program's)."""
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs,
                 scale: float) -> Tensor:
-        B, H, T, d = q.shape
-        start = first_slot(inputs.positions.slots, T, k.shape[1])
-        out = torch.ops.llama.custom_sdpa(q.transpose(1, 2), k, v, start, None, 0.0, True, scale)
-        return out.reshape(B, T, H * d)
+        start = first_slot(inputs.positions.slots, q.shape[2], k.shape[2])
+        return torch.ops.bibo.cache_attention(q, k, v, start, scale)

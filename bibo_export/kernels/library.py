@@ -1,12 +1,12 @@
-"""The compiled kernel library, ``libbibo_kernels.so``: where ``make setup`` builds it, how a
-process loads it, and the counters it keeps.
+"""The compiled kernel library, ``libbibo_kernels.so``, and the C++ runner built with it: where
+``make setup`` builds them, how a process loads the library, and the counters it keeps.
 
-Loading the library registers its kernels (``bibo::moe_experts.out``, ``…_int8.out``) with the
-ExecuTorch runtime of this process: it links the runtime (``libexecutorch.so``, where the
+Loading the library registers its kernels (``bibo::moe_experts.out``, ``…_int8.out``,
+``bibo::update_cache.out``, ``bibo::cache_attention.out``) with the ExecuTorch runtime of this
+process: it links the runtime (``libexecutorch.so``, where the
 operator registry lives) that ``executorch.runtime`` and ExecuTorch's LLM runner also link,
 and the loader keeps one copy of it per process (same soname). Programs that call these
-operators must be loaded afterwards. A device build links the same source instead (README
-"ExecuTorch custom kernels").
+operators must be loaded afterwards. The C++ runner (``runner/``) links the library instead.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-# make setup builds it here; BIBO_KERNELS_LIB points elsewhere (a build of your own).
+# make setup builds both here; BIBO_KERNELS_LIB and BIBO_RUNNER point elsewhere (builds of
+# your own).
 DEFAULT_PATH = Path(__file__).parent / "lib" / "libbibo_kernels.so"
+DEFAULT_RUNNER = Path(__file__).parent / "lib" / "bibo_runner"
 BUILD_HINT = "build it with `make setup` (needs cmake and a C++ compiler)"
 
 _loaded: ctypes.CDLL | None = None
@@ -41,6 +43,10 @@ def load_kernels() -> ctypes.CDLL:
             getattr(library, name).restype = ctypes.c_uint64
         _loaded = library
     return _loaded
+
+
+def runner_path() -> Path:
+    return Path(os.environ.get("BIBO_RUNNER", DEFAULT_RUNNER))
 
 
 def kernels_available() -> bool:

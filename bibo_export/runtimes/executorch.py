@@ -16,7 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401 - llama::custom_sdpa
+# ExecuTorch's attention kernels (llama::custom_sdpa, update_cache), which programs exported by
+# earlier versions of bibo-export call: they still run here.
+import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
 import executorch.kernels.quantized  # noqa: F401 - registers embedding_byte with the runtime
 import numpy as np
 import torch

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401 - llama::custom_sdpa
+# ExecuTorch's attention kernels (llama::custom_sdpa, update_cache), which programs exported by
+# earlier versions of bibo-export call: they still run here.
+import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
 import executorch.kernels.quantized  # noqa: F401 - registers embedding_byte (int8 tables)
 from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 

@@ -16,13 +16,25 @@
 // that chose it, so a decode step reads k experts and a prefill reads each chosen expert once.
 // A counter of the weight bytes read lets benchmarks and tests check that claim from what the
 // kernel actually touched (bibo_kernels_weight_bytes_read).
+//
+// The int8 dot products use the x86 instructions the library is compiled for (AVX2, VNNI), or
+// on aarch64 the CPU's own: sdot where it has ARMv8.2's dot product, NEON otherwise, chosen
+// when the library loads, so that one build runs on every ARMv8-A CPU; a scalar loop
+// elsewhere. All give the same exact int32 sums (x86's for weights in [-127, 127], as
+// quantize_rows makes them); bibo_kernels_int8_path names the path this process uses.
 
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
 
+#include "float8.h"
+
 #if defined(__AVX2__)
 #include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#include <asm/hwcap.h>  // HWCAP_ASIMDDP: Linux's, which not every libc's <sys/auxv.h> includes
+#include <sys/auxv.h>
 #endif
 
 #include <algorithm>
@@ -44,21 +56,6 @@ using executorch::runtime::tensors_have_same_shape;
 std::atomic<uint64_t> weight_bytes_read{0};
 std::atomic<uint64_t> experts_run{0};
 
-// GCC/Clang vector extensions: eight floats, lowered to whatever SIMD the target has.
-typedef float f8 __attribute__((vector_size(32)));
-
-inline f8 load8(const float* p) {
-  f8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline float sum8(f8 v) {
-  float s = 0.f;
-  for (int i = 0; i < 8; ++i) s += v[i];
-  return s;
-}
-
 // One expert matrix [rows, cols]: float rows, or int8 rows with one scale each.
 template <typename T>
 struct Matrix {
@@ -79,7 +76,7 @@ struct FloatTokens {
 
 struct Int8Tokens {
   std::vector<int8_t> q;
-  std::vector<uint8_t> magnitude;  // |q|: the unsigned operand of the u8 x s8 dot product
+  std::vector<uint8_t> magnitude;  // |q|: the unsigned operand of x86's u8 x s8 dot product
   std::vector<float> scale;
   int64_t count, cols;
 };
@@ -172,13 +169,7 @@ void dot4x4(const Matrix<float>& w, int64_t r0, const float* xs, int64_t x_strid
 }
 
 float dot1(const Matrix<float>& w, int64_t r, const float* x) {
-  const float* row = w.data + r * w.cols;
-  f8 a = {};
-  int64_t i = 0;
-  for (; i + 8 <= w.cols; i += 8) a += load8(row + i) * load8(x + i);
-  float s = sum8(a);
-  for (; i < w.cols; ++i) s += row[i] * x[i];
-  return s;
+  return dot(w.data + r * w.cols, x, w.cols);
 }
 
 // ys[t][r] = W[r] . xs[t] for rows [r0, r1) and every token t.
@@ -223,9 +214,67 @@ inline int32_t sum_lanes(__m256i v) {
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
   return _mm_cvtsi128_si32(s);
 }
+#elif defined(__aarch64__)
+// Arm's products take two signed operands, so the magnitudes are not used here. The CPU is
+// asked once, when the library loads.
+const bool cpu_has_sdot = getauxval(AT_HWCAP) & HWCAP_ASIMDDP;
+
+// acc[t][r] over the columns [0, c) that fill 16-byte vectors, returning c: sdot adds the
+// four products of each group of bytes into an int32 lane. Compiled for ARMv8.2 plus the
+// extension (a CPU that has it implements ARMv8.2), and called only where the CPU has it.
+template <int TOKENS, int ROWS>
+__attribute__((target("arch=armv8.2-a+dotprod"))) int64_t sdot_dots(
+    const int8_t* w0, const int8_t* x0, int64_t n, int32_t acc[TOKENS][ROWS]) {
+  int32x4_t a[TOKENS][ROWS];
+  for (int t = 0; t < TOKENS; ++t) {
+    for (int r = 0; r < ROWS; ++r) a[t][r] = vdupq_n_s32(0);
+  }
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    int8x16_t wv[ROWS];
+    for (int r = 0; r < ROWS; ++r) wv[r] = vld1q_s8(w0 + r * n + c);
+    for (int t = 0; t < TOKENS; ++t) {
+      const int8x16_t x = vld1q_s8(x0 + t * n + c);
+      for (int r = 0; r < ROWS; ++r) a[t][r] = vdotq_s32(a[t][r], wv[r], x);
+    }
+  }
+  for (int t = 0; t < TOKENS; ++t) {
+    for (int r = 0; r < ROWS; ++r) acc[t][r] = vaddvq_s32(a[t][r]);
+  }
+  return c;
+}
+
+// The same with ARMv8.0's NEON: smull and smlal2 put the products of the low and the high
+// eight bytes into the same int16 lanes, two products to a lane, and sadalp adds adjacent
+// lanes into int32. A lane cannot overflow: tokens are quantized to |x| <= 127 and weights
+// are int8, |w| <= 128, so two products are at most 2 * 127 * 128 = 32512 <= 32767.
+template <int TOKENS, int ROWS>
+int64_t neon_dots(const int8_t* w0, const int8_t* x0, int64_t n, int32_t acc[TOKENS][ROWS]) {
+  int32x4_t a[TOKENS][ROWS];
+  for (int t = 0; t < TOKENS; ++t) {
+    for (int r = 0; r < ROWS; ++r) a[t][r] = vdupq_n_s32(0);
+  }
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    int8x16_t wv[ROWS];
+    for (int r = 0; r < ROWS; ++r) wv[r] = vld1q_s8(w0 + r * n + c);
+    for (int t = 0; t < TOKENS; ++t) {
+      const int8x16_t x = vld1q_s8(x0 + t * n + c);
+      for (int r = 0; r < ROWS; ++r) {
+        const int16x8_t pairs = vmlal_high_s8(vmull_s8(vget_low_s8(wv[r]), vget_low_s8(x)),
+                                              wv[r], x);
+        a[t][r] = vpadalq_s16(a[t][r], pairs);
+      }
+    }
+  }
+  for (int t = 0; t < TOKENS; ++t) {
+    for (int r = 0; r < ROWS; ++r) acc[t][r] = vaddvq_s32(a[t][r]);
+  }
+  return c;
+}
 #endif
 
-// acc[t][r] = <W[r0 + r], q[t0 + t]> for TOKENS tokens and ROWS rows, exact in int32. The
+// acc[t][r] = <W[r0 + r], q[t0 + t]> for TOKENS tokens and ROWS rows, exact in int32. x86's
 // integer product takes an unsigned operand: |x| times w with x's sign moved onto w.
 template <int TOKENS, int ROWS>
 void int8_dots(const Matrix<int8_t>& w, int64_t r0, const Int8Tokens& xs, int64_t t0,
@@ -254,6 +303,9 @@ void int8_dots(const Matrix<int8_t>& w, int64_t r0, const Int8Tokens& xs, int64_
   for (int t = 0; t < TOKENS; ++t) {
     for (int r = 0; r < ROWS; ++r) acc[t][r] = sum_lanes(a[t][r]);
   }
+#elif defined(__aarch64__)
+  c = cpu_has_sdot ? sdot_dots<TOKENS, ROWS>(w0, x0, n, acc)
+                   : neon_dots<TOKENS, ROWS>(w0, x0, n, acc);
 #else
   for (int t = 0; t < TOKENS; ++t) {
     for (int r = 0; r < ROWS; ++r) acc[t][r] = 0;
@@ -264,6 +316,21 @@ void int8_dots(const Matrix<int8_t>& w, int64_t r0, const Int8Tokens& xs, int64_
       for (int r = 0; r < ROWS; ++r) acc[t][r] += int32_t{w0[r * n + c]} * x0[t * n + c];
     }
   }
+}
+
+// The path int8_dots takes in this process, by the conditions it tests.
+const char* int8_path() {
+#if defined(__AVXVNNI__)
+  return "avx-vnni";
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return "avx512-vnni";
+#elif defined(__AVX2__)
+  return "avx2";
+#elif defined(__aarch64__)
+  return cpu_has_sdot ? "sdot" : "neon";
+#else
+  return "scalar";
+#endif
 }
 
 // ys[t][r] for a tile: the integer dot product times the token's and the row's scales, in
@@ -467,5 +534,10 @@ __attribute__((visibility("default"))) uint64_t bibo_kernels_experts_run() {
 __attribute__((visibility("default"))) void bibo_kernels_reset_counters() {
   bibo::weight_bytes_read = 0;
   bibo::experts_run = 0;
+}
+// Which int8 dot product this process runs: "avx-vnni", "avx512-vnni", "avx2", "sdot",
+// "neon" or "scalar", for tests and runners to report beside their results.
+__attribute__((visibility("default"))) const char* bibo_kernels_int8_path() {
+  return bibo::int8_path();
 }
 }
