@@ -199,7 +199,8 @@ $(XLA_STAMP): requirements/xla.txt pyproject.toml
 
 test: test-export test-xla ## run the whole suite in both environments
 
-test-export: $(STAMP) $(KERNELS) $(RUNNER) ## tests in the export env (model, export, runtimes)
+# An aarch64 build made before (make setup-aarch64) is brought up to date for its tests.
+test-export: $(STAMP) $(KERNELS) $(RUNNER) $(wildcard $(AARCH64_RUNNER)) ## tests in the export env (model, export, runtimes)
 	$(VENV)/bin/python -m pytest -m "not xla" -n $(TEST_WORKERS) --dist loadfile --durations=10 \
 		$(PYTEST_ARGS)
 

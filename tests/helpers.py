@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -120,13 +122,16 @@ def train_sort_tiny(out_dir: Path, steps: int = 250, length: int = 6, lr: float 
 
 
 def trained_export_command(runtime: str, precision: str, root: Path) -> tuple[str, list[Any]]:
-    """How the trained sort-tiny's ``runtime`` / ``precision`` export is made: (the name of the
+    """How the trained sort-tiny's ``runtime`` / ``precision`` export is made (ExecuTorch's
+    ``fused-*`` precisions: the program without BiBo's kernels): (the name of the
     command that makes it, the arguments of ``bibo-export export RUNTIME`` that follow the
     checkpoint). ONNX writes fp32 and int8 in one command, which traces once; ExecuTorch lowers
     each precision in a command of its own, so that two workers can lower two at once."""
     if runtime == "onnx":
         return "onnx", ["--out", root / "onnx" / "fp32", "--int8-out", root / "onnx" / "int8"]
-    flags = {"fp32": [], "int8": ["--int8"], "bf16": ["--dtype", "bf16"]}[precision]
+    flags = {"fp32": [], "int8": ["--int8"], "bf16": ["--dtype", "bf16"],
+             "fused-fp32": ["--experts", "fused"],
+             "fused-int8": ["--int8", "--experts", "fused"]}[precision]
     return f"{runtime}-{precision}", [*flags, "--out", root / runtime / precision]
 
 
@@ -275,3 +280,27 @@ def repository_mirror(tmp_path: Path) -> Path:
 def make_dry_run(mirror: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=mirror,
                           capture_output=True, text=True)
+
+
+# BiBo's C++ runner: this machine's build (make setup), or the aarch64 one (make setup-aarch64)
+# under qemu-user, with a CPU model pinned: qemu's default, "max", also emulates SME, under
+# which XNNPACK's int8 kernels returned garbage (qemu 7.2; not seen on hardware). One model
+# has ARMv8.2's dot product and one has not, so both int8 paths of the kernels run.
+AARCH64_RUNNER = REPOSITORY_ROOT / "build" / "aarch64" / "bin" / "bibo_runner"
+ARM_CPUS = {"neoverse-n1": "sdot", "cortex-a53": "neon"}  # CPU model: the int8 path it takes
+AARCH64_MISSING = ("the aarch64 runner is not built: `make setup-aarch64` builds it (it "
+                   "installs g++-aarch64-linux-gnu and qemu-user with apt-get)")
+
+
+def runner_target(target: str) -> dict[str, Any]:
+    """``run_cpp_runner``'s ``runner`` and ``launcher`` for "native" or an ``ARM_CPUS`` model.
+    Where the aarch64 build is missing the test skips, saying what to install; in CI (which
+    builds it) it fails instead."""
+    if target == "native":
+        return {}
+    if not AARCH64_RUNNER.is_file() or shutil.which("qemu-aarch64") is None:
+        if os.environ.get("CI"):
+            pytest.fail(AARCH64_MISSING)
+        pytest.skip(AARCH64_MISSING)
+    return {"runner": AARCH64_RUNNER,
+            "launcher": ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", "-cpu", target]}

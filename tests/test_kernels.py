@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from executorch.exir import to_edge_transform_and_lower
 from executorch.runtime import Runtime
-from helpers import swiglu_reference
+from helpers import ARM_CPUS, runner_target, swiglu_reference
 from torch import Tensor, nn
 
 from bibo_export.config import BiBoConfig
@@ -26,6 +26,7 @@ from bibo_export.kernels.library import KernelCounters, load_kernels, read_count
 from bibo_export.kernels.moe_experts import quantize_rows
 from bibo_export.model.attention import AttentionInputs, GroupedAttention, TokenPositions
 from bibo_export.model.layers import CacheWrite
+from bibo_export.runtimes.cpp_runner import run_cpp_runner
 
 pytestmark = pytest.mark.export
 
@@ -168,6 +169,44 @@ def test_kernel_reads_each_chosen_expert_once(kernel, case):
     read_counters(reset=True)
     methods[indices.shape[1]].execute([x, indices, weights])
     assert read_counters() == KernelCounters(len(chosen) * per_expert, len(chosen))
+
+
+class RoutedTokens(nn.Module):
+    """The experts operator behind the C++ runner's contract, forward(tokens [1, T], input_pos
+    [1]) → [1, T, h]: token i stands for row i of fixed inputs and routing, so the runner
+    computes the kernel on them (its "logits" are the experts' output)."""
+
+    def __init__(self, experts: ExpertsCall, x: Tensor, indices: Tensor,
+                 weights: Tensor) -> None:
+        super().__init__()
+        self.experts = experts
+        for name, table in (("x", x), ("indices", indices), ("weights", weights)):
+            self.register_buffer(f"{name}_table", table)
+
+    def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        rows = tokens[0]
+        return self.experts(self.x_table[rows], self.indices_table[rows],
+                            self.weights_table[rows])[None]
+
+
+@pytest.mark.parametrize("cpu", ARM_CPUS)
+@pytest.mark.parametrize("case", ["k=1", "k=n", "repeated and parameter-free", "decode"])
+def test_the_arm_int8_kernel_paths_equal_the_reference(cpu, case, tmp_path):
+    """The aarch64 build of the int8 kernel (sdot on neoverse-n1, NEON on cortex-a53, under
+    qemu-user) equals the operator's reference and the per-token sums, as the x86 one does."""
+    where = runner_target(cpu)
+    module = ExpertsCall(int8=True)
+    x, indices, weights = case_inputs(case)
+    path = tmp_path / "experts.pte"
+    exported = torch.export.export(RoutedTokens(module, x, indices, weights),
+                                   (torch.zeros(1, len(x), dtype=torch.long), torch.tensor([0])))
+    path.write_bytes(to_edge_transform_and_lower(exported).to_executorch().buffer)
+    done = run_cpp_runner(path, [list(range(len(x)))], 1, logits=True, **where)
+    assert done.int8_path == ARM_CPUS[cpu]
+    got = torch.from_numpy(done.logits)
+    torch.testing.assert_close(got, module(x, indices, weights), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, per_token_sum(module, x, indices, weights),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_missing_compiler_is_a_one_line_error():

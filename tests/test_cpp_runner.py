@@ -1,0 +1,87 @@
+"""BiBo's C++ runner (runner/bibo_runner.cpp) against eager PyTorch: the trained sort-tiny's
+programs, default (BiBo's kernels) and fused (ExecuTorch's own kernels only), fp32 and int8,
+run with no Python on ExecuTorch's released C++ runtime, on this machine (x86-64) and as an
+aarch64 build under qemu-user on two pinned CPU models (with and without ARMv8.2's sdot).
+
+Each comparison runs held-out sorting sequences through the runner (the prefill's logits at
+every position) and one greedy generation, against eager's logits and tokens, with the bars of
+docs/parity.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import ARM_CPUS, REPOSITORY_ROOT, runner_target, untied_prompt
+
+from bibo_export.runtimes import load
+from bibo_export.runtimes.cpp_runner import run_cpp_runner
+from bibo_export.runtimes.eager import EagerRuntime
+from bibo_export.verdict import FP32_MAX_ABS, INT8_BARS, compare_logits
+
+pytestmark = pytest.mark.export
+
+PROGRAMS = ["fp32", "int8", "fused-fp32", "fused-int8"]
+TARGETS = ["native", *ARM_CPUS]
+HELD_OUT = 48  # sequences: enough for the int8 bars, few enough for emulated Arm
+NEW_TOKENS = 24
+OLD_PROGRAM = REPOSITORY_ROOT / "tests" / "fixtures" / "llama-ops-program"
+
+
+def held_out_sample(task) -> tuple[np.ndarray, np.ndarray]:
+    ids, labels = task.held_out()[0]
+    return ids[:HELD_OUT], labels[:HELD_OUT]
+
+
+def token_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    supervised = labels >= 0
+    return float((logits.argmax(-1) == labels)[supervised].mean())
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_cpp_runner_computes_what_eager_computes(target, program, trained_export):
+    where = runner_target(target)
+    checkpoint, task, folder, _ = trained_export("executorch", program)
+    eager = EagerRuntime.from_path(checkpoint)
+    ids, labels = held_out_sample(task)
+    held = run_cpp_runner(folder, ids.tolist(), 1, logits=True, **where)
+    logits = held.logits.reshape(*ids.shape, -1)
+    reference = eager.logits(ids)
+    delta = compare_logits(logits, reference)
+    prompt = untied_prompt(eager.model, 12, seed=1, new_tokens=NEW_TOKENS)
+    generated = run_cpp_runner(folder, prompt.tolist(), NEW_TOKENS, **where)
+    greedy = eager.generate(prompt, NEW_TOKENS)[0, prompt.shape[1]:].tolist()
+    if target != "native":
+        assert held.int8_path == ARM_CPUS[target]
+    if program.endswith("fp32"):
+        assert delta["max_abs"] <= FP32_MAX_ABS["executorch"], delta
+        assert generated.tokens == [greedy]
+    else:
+        assert delta["top1_agreement"] >= INT8_BARS["top1_agreement"], delta
+        assert delta["cosine"] >= INT8_BARS["cosine"], delta
+        drop = token_accuracy(reference, labels) - token_accuracy(logits, labels)
+        assert drop <= INT8_BARS["token_accuracy_drop"], drop
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_program_that_calls_executorchs_llm_ops_is_one_line_naming_the_library(target):
+    """A default program exported before attention became BiBo's own kernels calls
+    ExecuTorch's llama::custom_sdpa and llama::update_cache, which only a libtorch-linked
+    library of ExecuTorch has: the runner says so in one line, naming it."""
+    with pytest.raises(ValueError) as failure:
+        run_cpp_runner(OLD_PROGRAM / "pte", [[3, 4, 5]], 2, **runner_target(target))
+    message = str(failure.value)
+    assert "\n" not in message
+    assert "llama::custom_sdpa.out" in message and "libcustom_ops_aot_lib.so" in message
+    assert "re-export it" in message
+
+
+def test_a_program_exported_before_the_cache_kernels_still_runs_in_python():
+    """The same program in bibo-export's Python runtime, which still loads ExecuTorch's LLM
+    ops: it computes what eager computes on the checkpoint it came from."""
+    runtime, eager = load(OLD_PROGRAM / "pte"), EagerRuntime.from_path(OLD_PROGRAM / "ckpt")
+    ids = untied_prompt(eager.model, 6, seed=3, new_tokens=6)
+    delta = compare_logits(runtime.logits(ids), eager.logits(ids))
+    assert delta["max_abs"] <= FP32_MAX_ABS["executorch"]
+    np.testing.assert_array_equal(runtime.generate(ids, 6), eager.generate(ids, 6))
