@@ -16,6 +16,11 @@ times the int8 selected program exported at the CLI's default maximum length
 (``--long-max-length``): a longer static cache, which a decode step must not pay for. Runtimes
 are timed in alternating rounds (medians), so the machine's drift hits every row alike.
 
+The same four programs also run in BiBo's C++ runner (rows ending "c++ runner"): no Python,
+ExecuTorch's released C++ runtime, each call timed inside the runner (three generations per
+round, medians). ``python_us_per_token`` is what the Python runtime adds to a decode step:
+1/its tokens/s minus 1/the runner's, in microseconds.
+
 Decode bytes per token: fused programs read every weight (counted from the program's
 tensors); selected programs are measured, the experts' part by the kernel's own counter over
 the decode steps, plus everything outside the routed experts. Both are compared with the
@@ -39,12 +44,15 @@ from bibo_export.kernels.library import read_counters
 from bibo_export.model import BiBoForCausalLM
 from bibo_export.runtimes import load
 from bibo_export.runtimes.base import Runtime
+from bibo_export.runtimes.cpp_runner import run_cpp_runner
 from bibo_export.threads import use_threads
 from bibo_export.timing import time_runtime
 
 PROGRAMS = [(experts, precision) for experts in ("fused", "selected")
             for precision in ("fp32", "int8")]
-COLUMNS = ["runtime", "prefill_ms", "decode_tok_s", "decode_vs_fused", "bytes",
+CPP = " c++ runner"
+COLUMNS = ["runtime", "prefill_ms", "decode_tok_s", "decode_vs_fused", "python_us_per_token",
+           "bytes",
            "size_ratio_int8_fp32", "decode_weight_bytes", "active_minimum_bytes",
            "touched_vs_minimum", "bytes_measured_by", "delegate_calls", "portable_ops",
            "max_abs_vs_eager"]
@@ -63,6 +71,14 @@ def kernel_bytes_per_decode_step(runtime: Runtime, prompt: np.ndarray, new_token
     prefill = read_counters(reset=True).weight_bytes
     runtime.generate(prompt, new_tokens)
     return (read_counters(reset=True).weight_bytes - prefill) / (new_tokens - 1)
+
+
+def runner_timing(program: Path, prompt: np.ndarray, new_tokens: int,
+                  threads: int) -> dict[str, float]:
+    """The C++ runner's own timings of three generations in one process: the median prefill
+    (the first follows the program's load) and the median decode step."""
+    done = run_cpp_runner(program, [prompt[0].tolist()] * 3, new_tokens, threads=threads)
+    return {"prefill_ms": done.prefill_ms, "decode_tok_s": done.decode_tok_s}
 
 
 def program_row(record: dict[str, Any], runtime: Runtime, prompt: np.ndarray,
@@ -121,16 +137,27 @@ def main() -> None:
             records[name] = export_executorch(checkpoint, {"int8": tmp / "long"},
                                               max_length=long_max_length)["int8"]
             runtimes[name] = load(tmp / "long")
-        timings = interleaved_medians(
-            lambda runtime: time_runtime(runtime, prompt, args.decode_steps, repeats=1),
-            runtimes, args.rounds)
+        measures = {name: lambda runtime=runtime: time_runtime(runtime, prompt,
+                                                               args.decode_steps, repeats=1)
+                    for name, runtime in runtimes.items()}
+        measures.update({
+            f"executorch {precision} {experts}{CPP}":
+                lambda folder=tmp / f"{experts}-{precision}": runner_timing(
+                    folder, prompt, args.decode_steps, args.threads)
+            for experts, precision in PROGRAMS})
+        timings = interleaved_medians(lambda measure: measure(), measures, args.rounds)
         rows = []
         for name, runtime in runtimes.items():
             row = {"runtime": name, **timings[name]}
             if name in records:
                 row.update(program_row(records[name], runtime, prompt, args.decode_steps))
             rows.append(row)
+        rows += [{"runtime": name, **timings[name]} for name in measures if name.endswith(CPP)]
     by_name = {row["runtime"]: row for row in rows}
+    for row in rows:
+        if row["runtime"].endswith(CPP):
+            python = by_name[row["runtime"].removesuffix(CPP)]["decode_tok_s"]
+            row["python_us_per_token"] = (1 / python - 1 / row["decode_tok_s"]) * 1e6
     for experts, precision in PROGRAMS:
         row = by_name[f"executorch {precision} {experts}"]
         row["decode_vs_fused"] = row["decode_tok_s"] / \

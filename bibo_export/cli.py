@@ -153,6 +153,7 @@ def generations(args: argparse.Namespace,
                          "one")
     if args.max_new_tokens < 2:
         raise ValueError("--runner cpp and both time decode steps: --max-new-tokens must be >= 2")
+    runtime.check_input_ids(prompt, args.max_new_tokens)  # the runner's own checks are terser
     lines = []
     if args.runner == "both":
         new = runtime.generate(prompt, args.max_new_tokens)[0][len(ids):]

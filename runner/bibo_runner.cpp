@@ -174,12 +174,12 @@ void load_forward(Module& module, const std::string& path) {
        "): is it a BiBo ExecuTorch program? --verbose shows ExecuTorch's log");
 }
 
-// The program's maximum sequence length, from the constant method its export writes.
-int64_t max_sequence_length(Module& module) {
+// A constant the export writes as a method (get_max_seq_len, get_vocab_size), or `missing`.
+int64_t program_constant(Module& module, const char* name, int64_t missing) {
   const auto names = module.method_names();
-  if (!names.ok() || !names->count("get_max_seq_len")) return INT64_MAX;
-  const auto result = module.execute("get_max_seq_len");
-  return result.ok() ? result->at(0).toInt() : INT64_MAX;
+  if (!names.ok() || !names->count(name)) return missing;
+  const auto result = module.execute(name);
+  return result.ok() ? result->at(0).toInt() : missing;
 }
 
 struct Call {
@@ -275,7 +275,16 @@ int main(int argc, char** argv) {
   if (!probe) fail(options.model + " not found or not readable");
   Module module(options.model, Module::LoadMode::MmapUseMlockIgnoreErrors);
   load_forward(module, options.model);
-  const int64_t limit = max_sequence_length(module);
+  const int64_t limit = program_constant(module, "get_max_seq_len", INT64_MAX);
+  const int64_t vocab_size = program_constant(module, "get_vocab_size", INT64_MAX);
+  for (const auto& prompt : options.prompts) {
+    for (const int64_t id : prompt) {
+      if (id >= vocab_size) {
+        fail("token id " + std::to_string(id) + " is outside the vocabulary (" +
+             std::to_string(vocab_size) + " tokens)");
+      }
+    }
+  }
 
   std::ofstream logits;
   if (!options.logits_path.empty()) {

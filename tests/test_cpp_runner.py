@@ -10,10 +10,13 @@ docs/parity.md.
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pytest
-from helpers import ARM_CPUS, REPOSITORY_ROOT, runner_target, untied_prompt
+from helpers import ARM_CPUS, REPOSITORY_ROOT, run_cli, runner_target, untied_prompt
 
+from bibo_export.kernels.library import runner_path
 from bibo_export.runtimes import load
 from bibo_export.runtimes.cpp_runner import run_cpp_runner
 from bibo_export.runtimes.eager import EagerRuntime
@@ -85,3 +88,34 @@ def test_a_program_exported_before_the_cache_kernels_still_runs_in_python():
     delta = compare_logits(runtime.logits(ids), eager.logits(ids))
     assert delta["max_abs"] <= FP32_MAX_ABS["executorch"]
     np.testing.assert_array_equal(runtime.generate(ids, 6), eager.generate(ids, 6))
+
+
+def test_generate_runs_the_python_runtime_and_the_runner_side_by_side(trained_export):
+    """``generate --runner both``: a line per runner, the same greedy tokens as eager in each,
+    and each with its timings."""
+    checkpoint, _, folder, _ = trained_export("executorch", "fp32")
+    eager = EagerRuntime.from_path(checkpoint)
+    prompt = untied_prompt(eager.model, 12, seed=2, new_tokens=8)
+    greedy = ",".join(map(str, eager.generate(prompt, 8)[0, 12:]))
+    result = run_cli("generate", "--model", folder, "--prompt-ids",
+                     ",".join(map(str, prompt[0])), "--max-new-tokens", 8, "--runner", "both",
+                     check=True)
+    lines = result.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["executorch fp32 python",
+                                                      "executorch fp32 c++ runner"]
+    for line in lines:
+        assert f" -> {greedy} (prefill " in line and " tokens/s" in line, line
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--prompt-ids", "3,9999"), "token id 9999 is outside the vocabulary"),
+    (("--prompt-ids", "3,x"), "--prompt-ids must be comma-separated non-negative integers"),
+    (("--prompt-ids", "3", "--max-new-tokens", "999"), "the program holds"),
+    (("--max-new-tokens", "4"), "usage: bibo_runner MODEL.pte --prompt-ids"),
+])
+def test_bad_input_to_the_runner_is_one_line(trained_export, args, message):
+    _, _, folder, _ = trained_export("executorch", "fp32")
+    done = subprocess.run([str(runner_path()), str(folder / "model.pte"), *args],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr

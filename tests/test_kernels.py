@@ -228,10 +228,10 @@ class CacheCalls(nn.Module):
     """A program's attention over its cache, alone: each call writes its keys and values into
     the cache (a mutable buffer) in place and attends over it, from slot ``input_pos``."""
 
-    def __init__(self, kv_heads: int) -> None:
+    def __init__(self, kv_heads: int, dtype: torch.dtype) -> None:
         super().__init__()
         for name in ("key", "value"):
-            self.register_buffer(name, torch.zeros(1, kv_heads, SLOTS, HEAD_DIM),
+            self.register_buffer(name, torch.zeros(1, kv_heads, SLOTS, HEAD_DIM, dtype=dtype),
                                  persistent=False)
         self.write, self.attend = InPlaceCacheWrite(), CacheAttention()
 
@@ -242,33 +242,40 @@ class CacheCalls(nn.Module):
         return self.attend(q, k, v, attention_inputs(slots), 0.3)
 
 
-def attention_inputs(slots: Tensor) -> AttentionInputs:
+def attention_inputs(slots: Tensor, dtype: torch.dtype = torch.float32) -> AttentionInputs:
     return AttentionInputs.of(TokenPositions(slots), BiBoConfig.preset("sort-tiny"),
-                              torch.arange(SLOTS), torch.float32)
+                              torch.arange(SLOTS), dtype)
 
 
-@pytest.mark.parametrize("kv_heads", [1, 2, 8])  # one KV head, grouped, one per query head
-def test_cache_kernels_equal_the_models_cache_and_masked_attention(kv_heads, tmp_path):
+# One KV head, grouped, one per query head; and bf16 (bf16 programs), computed in float by the
+# kernel, by PyTorch in bf16: they then differ by bf16's rounding (2^-8 relative).
+@pytest.mark.parametrize("kv_heads, dtype, tolerance", [
+    (1, torch.float32, 1e-5), (2, torch.float32, 1e-5), (8, torch.float32, 1e-5),
+    (2, torch.bfloat16, 2e-2)])
+def test_cache_kernels_equal_the_models_cache_and_masked_attention(kv_heads, dtype, tolerance,
+                                                                   tmp_path):
     """A prefill of 5, decode steps, a chunk of 4, a prefill of 7 that starts a new sequence
     over stale slots, and a call that ends at the cache's last slot: each call's output, from
     the C++ kernels, equals the model's ``CacheWrite`` + masked ``GroupedAttention`` over a cache
     kept the same way in PyTorch."""
     load_kernels()
     calls = torch.export.Dim("calls", min=1, max=SLOTS)
-    example = (torch.zeros(1, HEADS, 2, HEAD_DIM), torch.zeros(1, kv_heads, 2, HEAD_DIM),
-               torch.zeros(1, kv_heads, 2, HEAD_DIM), torch.tensor([0]))
-    exported = torch.export.export(CacheCalls(kv_heads), example,
+    example = (torch.zeros(1, HEADS, 2, HEAD_DIM, dtype=dtype),
+               torch.zeros(1, kv_heads, 2, HEAD_DIM, dtype=dtype),
+               torch.zeros(1, kv_heads, 2, HEAD_DIM, dtype=dtype), torch.tensor([0]))
+    exported = torch.export.export(CacheCalls(kv_heads, dtype), example,
                                    dynamic_shapes=({2: calls}, {2: calls}, {2: calls}, None))
     path = tmp_path / "attention.pte"
     path.write_bytes(to_edge_transform_and_lower(exported).to_executorch().buffer)
     method = Runtime.get().load_program(path).load_method("forward")
     generator = torch.Generator().manual_seed(kv_heads)
-    key, value = torch.zeros(2, 1, kv_heads, SLOTS, HEAD_DIM).unbind(0)
+    key, value = torch.zeros(2, 1, kv_heads, SLOTS, HEAD_DIM, dtype=dtype).unbind(0)
     for start, length in [(0, 5), (5, 1), (6, 1), (7, 4), (0, 7), (7, 1), (SLOTS - 3, 3)]:
-        q = torch.randn(1, HEADS, length, HEAD_DIM, generator=generator)
-        k, v = torch.randn(2, 1, kv_heads, length, HEAD_DIM, generator=generator).unbind(0)
+        q = torch.randn(1, HEADS, length, HEAD_DIM, generator=generator).to(dtype)
+        k, v = torch.randn(2, 1, kv_heads, length, HEAD_DIM, generator=generator).to(dtype)
         got = method.execute([q, k, v, torch.tensor([start])])[0]
         slots = torch.arange(start, start + length)
         key, value = CacheWrite()(key, slots, k), CacheWrite()(value, slots, v)
-        want = GroupedAttention()(q, key, value, attention_inputs(slots), 0.3)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        want = GroupedAttention()(q, key, value, attention_inputs(slots, dtype), 0.3)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance)
