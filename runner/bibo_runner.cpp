@@ -60,13 +60,17 @@ struct Options {
   bool json = false, verbose = false;
 };
 
+const char* const USAGE =
+    "usage: bibo_runner MODEL.pte --prompt-ids 3,1,2 [--prompt-ids ...] [--max-new-tokens N] "
+    "[--threads N] [--logits FILE] [--json] [--verbose]";
+
 [[noreturn]] void fail(const std::string& message) {
   std::fprintf(stderr, "error: %s\n", message.c_str());
   std::exit(1);
 }
 
-// ExecuTorch's log lines are kept, not printed (with --verbose they are): a failure is then
-// one line of ours, and a missing operator's name is read from the line that reports it.
+// ExecuTorch's log lines are not printed (with --verbose they are): a failure is then one line
+// of ours, and a missing operator's name is read from the line that reports it.
 bool verbose_log = false;
 std::set<std::string> missing_operators;
 
@@ -135,13 +139,11 @@ Options parse_options(int argc, char** argv) {
     } else if (arg.rfind("--", 0) != 0 && options.model.empty()) {
       options.model = arg;
     } else {
-      fail("unexpected argument '" + arg + "' (usage: bibo_runner MODEL.pte --prompt-ids 3,1,2 "
-           "[--max-new-tokens N] [--threads N] [--logits FILE] [--json] [--verbose])");
+      fail("unexpected argument '" + arg + "' (" + USAGE + ")");
     }
   }
   if (options.model.empty() || options.prompts.empty()) {
-    fail("usage: bibo_runner MODEL.pte --prompt-ids 3,1,2 [--max-new-tokens N] [--threads N] "
-         "[--logits FILE] [--json] [--verbose]");
+    fail(USAGE);
   }
   return options;
 }
