@@ -1,7 +1,8 @@
+import contextlib
+import fcntl
 import importlib.util
 import json
 import os
-import signal
 
 from bibo_export.threads import JOBS_VARIABLE, use_thread_share
 
@@ -56,35 +57,44 @@ def shared_tmp(tmp_path_factory):
     return base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
 
 
+@contextlib.contextmanager
+def exclusive(lock_file):
+    """Hold ``lock_file``'s lock: what is made under it is made by one worker, once."""
+    with open(lock_file, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(scope="session")
 def trained_sort_tiny(shared_tmp):
     """(checkpoint folder, SortingTask) of a briefly trained sort-tiny, trained once per test
-    run: the first worker to ask trains it while the others wait, then they reuse it. That
-    worker then starts making its exports in the background; at the end of its session the
-    background process stops, and any export not made yet is made by the worker that asks."""
-    from helpers import exclusive, start_trained_exports, train_sort_tiny
+    run: the first worker to ask trains it while the others wait, then they reuse it."""
+    from helpers import train_sort_tiny
 
     with exclusive(shared_tmp / "trained-sort-tiny.lock"):
-        trained = train_sort_tiny(shared_tmp / "trained-sort-tiny")
-        background = start_trained_exports(shared_tmp, trained[0])
-    yield trained
-    if background is not None and background.poll() is None:
-        os.killpg(background.pid, signal.SIGTERM)  # its CLI processes too
-        background.wait()
+        return train_sort_tiny(shared_tmp / "trained-sort-tiny")
 
 
 @pytest.fixture(scope="session")
 def trained_export(trained_sort_tiny, shared_tmp):
     """``export(runtime, precision)`` → (checkpoint, task, folder, manifest): the trained
     sort-tiny exported through the command line at ``TRAINED_MAX_LENGTH``, each export made
-    once per test run (``helpers.make_trained_export``) and shared by every test (and worker)
-    that reads it. Tests copy an export before they change anything in it."""
-    from helpers import make_trained_export
+    once per test run and shared by every test (and worker) that reads it. Tests copy an export
+    before they change anything in it. What each command wrote to stderr is kept beside the
+    exports, in ``trained-exports/COMMAND.stderr``."""
+    from helpers import TRAINED_MAX_LENGTH, run_cli, trained_export_command
 
     checkpoint, task = trained_sort_tiny
+    root = shared_tmp / "trained-exports"
 
     def export(runtime, precision):
-        folder = make_trained_export(shared_tmp, checkpoint, runtime, precision)
+        folder = root / runtime / precision
+        command, args = trained_export_command(runtime, precision, root)
+        with exclusive(shared_tmp / f"trained-export-{command}.lock"):
+            if not (folder / "manifest.json").exists():  # written last, when verified
+                result = run_cli("export", runtime, "--checkpoint", checkpoint, "--max-length",
+                                 TRAINED_MAX_LENGTH, *args, check=True)
+                (root / f"{command}.stderr").write_text(result.stderr)  # for test_pipeline
         return checkpoint, task, folder, json.loads((folder / "manifest.json").read_text())
 
     return export

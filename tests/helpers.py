@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import multiprocessing
 import os
@@ -135,52 +133,6 @@ def trained_export_command(runtime: str, precision: str, root: Path) -> tuple[st
              "fused-fp32": ["--experts", "fused"],
              "fused-int8": ["--int8", "--experts", "fused"]}[precision]
     return f"{runtime}-{precision}", [*flags, "--out", root / runtime / precision]
-
-
-# Every export of the trained sort-tiny that the tests read, in the order a background process
-# makes them (``start_trained_exports``).
-TRAINED_EXPORTS = (("executorch", "fp32"), ("executorch", "int8"), ("onnx", "fp32"),
-                   ("executorch", "fused-fp32"), ("executorch", "fused-int8"),
-                   ("executorch", "bf16"))
-
-
-@contextlib.contextmanager
-def exclusive(lock_file: Path):
-    """Hold ``lock_file``'s lock: what is made under it is made by one process, once."""
-    with open(lock_file, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def make_trained_export(shared: Path, checkpoint: Path, runtime: str, precision: str) -> Path:
-    """The trained sort-tiny's ``runtime`` / ``precision`` export under ``shared``, made by
-    whichever process asks first (a test worker, or the background process) while any other
-    waits; the folder once it is verified. What the command wrote to stderr is kept beside the
-    exports, in ``trained-exports/COMMAND.stderr``."""
-    root = shared / "trained-exports"
-    folder = root / runtime / precision
-    command, args = trained_export_command(runtime, precision, root)
-    with exclusive(shared / f"trained-export-{command}.lock"):
-        if not (folder / "manifest.json").exists():  # written last, when verified
-            result = run_cli("export", runtime, "--checkpoint", checkpoint, "--max-length",
-                             TRAINED_MAX_LENGTH, *args, check=True)
-            (root / f"{command}.stderr").write_text(result.stderr)  # for test_pipeline
-    return folder
-
-
-def start_trained_exports(shared: Path, checkpoint: Path) -> subprocess.Popen | None:
-    """Start making every ``TRAINED_EXPORTS`` entry in a background process, once per test
-    run (None if it was started already). Lowering is single-threaded Python, and a worker
-    that needs an export another is making waits idle: exports made beside the tests keep
-    both cores busy."""
-    started = shared / "trained-exports.started"
-    if started.exists():
-        return None
-    started.touch()
-    script = Path(__file__).with_name("trained_exports.py")
-    with open(shared / "trained-exports.log", "w") as log:
-        return subprocess.Popen([sys.executable, str(script), str(shared), str(checkpoint)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 # Two correct fp32 programs differ in the last bits (about 1e-6 of the logits), so where a

@@ -26,14 +26,16 @@ pytestmark = pytest.mark.export
 
 PROGRAMS = ["fp32", "int8", "fused-fp32", "fused-int8"]
 TARGETS = ["native", *ARM_CPUS]
-HELD_OUT = 32  # sequences: enough for the int8 bars (384 positions), few for emulated Arm
+# Held-out sequences: for int8, enough for its bars (384 positions); fp32's bar is a maximum
+# difference, which fewer show (emulated Arm runs each prefill at about 1/100 of the speed).
+HELD_OUT = {"fp32": 8, "int8": 32}
 NEW_TOKENS = 16
 OLD_PROGRAM = REPOSITORY_ROOT / "tests" / "fixtures" / "llama-ops-program"
 
 
-def held_out_sample(task) -> tuple[np.ndarray, np.ndarray]:
+def held_out_sample(task, precision: str) -> tuple[np.ndarray, np.ndarray]:
     ids, labels = task.held_out()[0]
-    return ids[:HELD_OUT], labels[:HELD_OUT]
+    return ids[:HELD_OUT[precision]], labels[:HELD_OUT[precision]]
 
 
 def token_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -41,13 +43,18 @@ def token_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(-1) == labels)[supervised].mean())
 
 
-@pytest.mark.parametrize("program", PROGRAMS)
-@pytest.mark.parametrize("target", TARGETS)
+# Every program natively and on the Arm CPU with sdot; on the one without, the default programs
+# (BiBo's kernels take their NEON path there; fused programs run ExecuTorch's kernels only).
+CASES = [(target, program) for target in TARGETS for program in PROGRAMS
+         if target != "cortex-a53" or not program.startswith("fused")]
+
+
+@pytest.mark.parametrize("target, program", CASES)
 def test_the_cpp_runner_computes_what_eager_computes(target, program, trained_export):
     where = runner_target(target)
     checkpoint, task, folder, _ = trained_export("executorch", program)
     eager = EagerRuntime.from_path(checkpoint)
-    ids, labels = held_out_sample(task)
+    ids, labels = held_out_sample(task, program.removeprefix("fused-"))
     held = run_cpp_runner(folder, ids.tolist(), 1, logits=True, **where)
     logits = held.logits.reshape(*ids.shape, -1)
     reference = eager.logits(ids)

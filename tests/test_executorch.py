@@ -42,17 +42,25 @@ def sort_tiny_fp32(trained_export):
 
 
 @pytest.fixture(scope="module")
+def sort_tiny_fused_fp32(trained_export):
+    """The trained sort-tiny's program without the kernel library: all experts fused into
+    XNNPACK linears, attention masked inside XNNPACK."""
+    checkpoint, _, folder, manifest = trained_export("executorch", "fused-fp32")
+    return checkpoint, folder, manifest
+
+
+@pytest.fixture(scope="module")
 def mlp_router_fp32(tmp_path_factory):
-    """A random second config (mlp router, other n and k, a MoE layer before the dense one) as
-    the program without the kernel library: all experts fused into XNNPACK linears."""
+    """A random second config (mlp router, other n and k, a MoE layer before the dense one, one
+    KV head, where ExecuTorch's own cache operator failed) as a default program: experts and
+    attention through BiBo's kernels."""
     config = tiny_config(router_type="mlp", num_routed_experts=6, num_experts_per_tok=2,
-                         num_hidden_layers=2, mlp_only_layers=[1])
+                         num_hidden_layers=2, mlp_only_layers=[1], num_key_value_heads=1)
     torch.manual_seed(0)
     checkpoint = tmp_path_factory.mktemp("mlp-router") / "checkpoint"
     BiBoForCausalLM(config).save_pretrained(checkpoint)
     out = checkpoint.parent / "fp32"
-    manifest = et_export.export_executorch(checkpoint, {"fp32": out}, max_length=MAX_LENGTH,
-                                           experts="fused")
+    manifest = et_export.export_executorch(checkpoint, {"fp32": out}, max_length=MAX_LENGTH)
     return checkpoint, out, manifest["fp32"]
 
 
@@ -63,7 +71,8 @@ def prompt(vocab_size: int, length: int, seed: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ fp32 parity
-@pytest.mark.parametrize("exported", ["sort_tiny_fp32", "mlp_router_fp32"])
+@pytest.mark.parametrize("exported", ["sort_tiny_fp32", "sort_tiny_fused_fp32",
+                                      "mlp_router_fp32"])
 def test_fp32_logits_and_greedy_tokens_match_eager(exported, request):
     checkpoint, out, _ = request.getfixturevalue(exported)
     runtime, eager = load(out), EagerRuntime.from_path(checkpoint)
@@ -74,10 +83,11 @@ def test_fp32_logits_and_greedy_tokens_match_eager(exported, request):
                                   eager.generate(ids, NEW_TOKENS))
 
 
-def test_experts_run_as_exported(sort_tiny_fp32, mlp_router_fp32):
-    """The default program calls the kernel once per MoE layer; the fused one never does."""
+def test_experts_run_as_exported(sort_tiny_fp32, sort_tiny_fused_fp32, mlp_router_fp32):
+    """Default programs call the kernel once per MoE layer; the fused one never does."""
     for (checkpoint, _, manifest), mode in ((sort_tiny_fp32, "selected"),
-                                            (mlp_router_fp32, "fused")):
+                                            (sort_tiny_fused_fp32, "fused"),
+                                            (mlp_router_fp32, "selected")):
         config = BiBoConfig.from_file(checkpoint / "config.json")
         moe_layers = config.num_hidden_layers - len(config.mlp_only_layers)
         calls = manifest["ops"]["portable_by_op"].get("bibo.moe_experts", 0)
@@ -86,7 +96,7 @@ def test_experts_run_as_exported(sort_tiny_fp32, mlp_router_fp32):
 
 
 def test_norms_stay_inside_xnnpack_and_attention_runs_the_cache_kernel(sort_tiny_fp32,
-                                                                        mlp_router_fp32):
+                                                                        sort_tiny_fused_fp32):
     """What stays outside XNNPACK is routing, cache writes and, in programs with selected
     experts, attention as BiBo's ``bibo::cache_attention`` over a cache that
     ``bibo::update_cache`` writes in place, not the layers' arithmetic: no
@@ -102,9 +112,9 @@ def test_norms_stay_inside_xnnpack_and_attention_runs_the_cache_kernel(sort_tiny
     assert portable.get("bibo.update_cache", 0) == 2 * config.num_hidden_layers
     assert not any(op.startswith("llama.") for op in portable)  # ExecuTorch's LLM ops: none
     assert "aten.index_put" not in portable
-    fused = mlp_router_fp32[2]["ops"]
+    fused = sort_tiny_fused_fp32[2]["ops"]
     assert not any(op.startswith("bibo.") for op in fused["portable_by_op"])
-    assert fused["delegated_by_op"]["aten.bmm"] == 2 * 2  # QKᵀ and PV of its 2 layers
+    assert fused["delegated_by_op"]["aten.bmm"] == 2 * config.num_hidden_layers  # QKᵀ and PV
     assert portable.get("aten.mean.dim", 0) == moe_layers
     assert "aten.expand_copy" not in portable
     # The windows and states of each MoE layer's two causal convolutions slice (5 slices);

@@ -219,12 +219,13 @@ inline int32_t sum_lanes(__m256i v) {
 // asked once, when the library loads.
 const bool cpu_has_sdot = getauxval(AT_HWCAP) & HWCAP_ASIMDDP;
 
-// acc[t][r] over the columns [0, c) that fill 16-byte vectors, returning c: sdot adds the
-// four products of each group of bytes into an int32 lane. Compiled for ARMv8.2 plus the
-// extension (a CPU that has it implements ARMv8.2), and called only where the CPU has it.
-template <int TOKENS, int ROWS>
-__attribute__((target("arch=armv8.2-a+dotprod"))) int64_t sdot_dots(
-    const int8_t* w0, const int8_t* x0, int64_t n, int32_t acc[TOKENS][ROWS]) {
+// acc[t][r] over the columns [0, c) that fill 16-byte vectors, returning c. `step(a, w, x)`
+// adds the products of 16 weight and 16 token bytes into the four int32 lanes of a; inlined
+// into each caller, the loop is compiled for that caller's instruction set.
+template <int TOKENS, int ROWS, typename Step>
+__attribute__((always_inline)) inline int64_t arm_dots(const int8_t* w0, const int8_t* x0,
+                                                       int64_t n, int32_t acc[TOKENS][ROWS],
+                                                       Step step) {
   int32x4_t a[TOKENS][ROWS];
   for (int t = 0; t < TOKENS; ++t) {
     for (int r = 0; r < ROWS; ++r) a[t][r] = vdupq_n_s32(0);
@@ -235,7 +236,7 @@ __attribute__((target("arch=armv8.2-a+dotprod"))) int64_t sdot_dots(
     for (int r = 0; r < ROWS; ++r) wv[r] = vld1q_s8(w0 + r * n + c);
     for (int t = 0; t < TOKENS; ++t) {
       const int8x16_t x = vld1q_s8(x0 + t * n + c);
-      for (int r = 0; r < ROWS; ++r) a[t][r] = vdotq_s32(a[t][r], wv[r], x);
+      for (int r = 0; r < ROWS; ++r) a[t][r] = step(a[t][r], wv[r], x);
     }
   }
   for (int t = 0; t < TOKENS; ++t) {
@@ -244,33 +245,27 @@ __attribute__((target("arch=armv8.2-a+dotprod"))) int64_t sdot_dots(
   return c;
 }
 
-// The same with ARMv8.0's NEON: smull and smlal2 put the products of the low and the high
-// eight bytes into the same int16 lanes, two products to a lane, and sadalp adds adjacent
-// lanes into int32. A lane cannot overflow: tokens are quantized to |x| <= 127 and weights
-// are int8, |w| <= 128, so two products are at most 2 * 127 * 128 = 32512 <= 32767.
+// sdot adds the four products of each group of bytes into an int32 lane. Compiled for ARMv8.2
+// plus the extension (a CPU that has it implements ARMv8.2), and called only where the CPU
+// has it.
+template <int TOKENS, int ROWS>
+__attribute__((target("arch=armv8.2-a+dotprod"))) int64_t sdot_dots(
+    const int8_t* w0, const int8_t* x0, int64_t n, int32_t acc[TOKENS][ROWS]) {
+  return arm_dots<TOKENS, ROWS>(
+      w0, x0, n, acc,
+      [](int32x4_t a, int8x16_t w, int8x16_t x)
+          __attribute__((target("arch=armv8.2-a+dotprod"))) { return vdotq_s32(a, w, x); });
+}
+
+// ARMv8.0's NEON: smull and smlal2 put the products of the low and the high eight bytes into
+// the same int16 lanes, two products to a lane, and sadalp adds adjacent lanes into int32. A
+// lane cannot overflow: tokens are quantized to |x| <= 127 and weights are int8, |w| <= 128,
+// so two products are at most 2 * 127 * 128 = 32512 <= 32767.
 template <int TOKENS, int ROWS>
 int64_t neon_dots(const int8_t* w0, const int8_t* x0, int64_t n, int32_t acc[TOKENS][ROWS]) {
-  int32x4_t a[TOKENS][ROWS];
-  for (int t = 0; t < TOKENS; ++t) {
-    for (int r = 0; r < ROWS; ++r) a[t][r] = vdupq_n_s32(0);
-  }
-  int64_t c = 0;
-  for (; c + 16 <= n; c += 16) {
-    int8x16_t wv[ROWS];
-    for (int r = 0; r < ROWS; ++r) wv[r] = vld1q_s8(w0 + r * n + c);
-    for (int t = 0; t < TOKENS; ++t) {
-      const int8x16_t x = vld1q_s8(x0 + t * n + c);
-      for (int r = 0; r < ROWS; ++r) {
-        const int16x8_t pairs = vmlal_high_s8(vmull_s8(vget_low_s8(wv[r]), vget_low_s8(x)),
-                                              wv[r], x);
-        a[t][r] = vpadalq_s16(a[t][r], pairs);
-      }
-    }
-  }
-  for (int t = 0; t < TOKENS; ++t) {
-    for (int r = 0; r < ROWS; ++r) acc[t][r] = vaddvq_s32(a[t][r]);
-  }
-  return c;
+  return arm_dots<TOKENS, ROWS>(w0, x0, n, acc, [](int32x4_t a, int8x16_t w, int8x16_t x) {
+    return vpadalq_s16(a, vmlal_high_s8(vmull_s8(vget_low_s8(w), vget_low_s8(x)), w, x));
+  });
 }
 #endif
 
