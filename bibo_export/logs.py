@@ -31,15 +31,10 @@ from collections.abc import Iterator
 LEAFSPEC_DEPRECATED = (r".*LeafSpec.* is deprecated", FutureWarning)
 # executorch 1.5's emitter says that mutated buffers (our KV cache and conv states) are saved
 # without their initial contents. The program never reads those: the call at position 0 zeroes
-# the conv states, and attention (its mask, or the cache kernel's causal bound) never reads a cache
-# slot not yet written.
+# the conv states, and attention (its mask, or the cache kernel's causal bound) never reads a
+# cache slot not yet written.
 MUTABLE_BUFFER_STATE = (r"Mutation on a buffer in the model is detected", UserWarning)
-# The shape checks of executorch 1.5's llama::update_cache (its fake implementation, run while
-# torch.export traces our cache writes) call torch._check_is_size, which torch 2.13 deprecates
-# for torch._check(i >= 0); the check itself still holds. Text: "_check_is_size will be removed
-# in a future PyTorch release along with guard_size_oblivious. Use _check(i >= 0) instead."
-CHECK_IS_SIZE_DEPRECATED = (r"_check_is_size will be removed", FutureWarning)
-KNOWN_WARNINGS = (LEAFSPEC_DEPRECATED, MUTABLE_BUFFER_STATE, CHECK_IS_SIZE_DEPRECATED)
+KNOWN_WARNINGS = (LEAFSPEC_DEPRECATED, MUTABLE_BUFFER_STATE)
 
 # Logging records: logger name -> message regexes matched from the message's start.
 # `import torchao` tries to load its CUDA-only kernel libraries (torchao/_C*.so) and fails on a
