@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .moe_experts import fake_out, out_variant
+
 _library = torch.library.Library("bibo", "FRAGMENT")
 _library.define("update_cache(Tensor value, Tensor(a!) cache, SymInt start) -> Tensor")
 _library.define("update_cache.out(Tensor value, Tensor(a!) cache, SymInt start, *, "
@@ -54,24 +56,8 @@ def cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: int,
     return out.transpose(1, 2).reshape(B, T, H * d)
 
 
-def _update_cache_out(value: Tensor, cache: Tensor, start: int, *, out: Tensor) -> Tensor:
-    out.resize_(1).copy_(update_cache(value, cache, start))
-    return out
-
-
-def _cache_attention_out(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: int,
-                         scale: float, *, out: Tensor) -> Tensor:
-    result = cache_attention(q, k_cache, v_cache, start, scale)
-    out.resize_(result.shape).copy_(result)
-    return out
-
-
 def _update_cache_fake(value: Tensor, cache: Tensor, start: int) -> Tensor:
     return value.new_empty(1)
-
-
-def _fake_out(*args: Tensor | int | float, out: Tensor) -> Tensor:
-    return out
 
 
 def _cache_attention_fake(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: int,
@@ -80,10 +66,9 @@ def _cache_attention_fake(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: in
     return q.new_empty(B, T, H * d)
 
 
-for _name, _impl, _out, _fake in (
-        ("update_cache", update_cache, _update_cache_out, _update_cache_fake),
-        ("cache_attention", cache_attention, _cache_attention_out, _cache_attention_fake)):
+for _name, _impl, _fake in (("update_cache", update_cache, _update_cache_fake),
+                            ("cache_attention", cache_attention, _cache_attention_fake)):
     _library.impl(_name, _impl, "CompositeExplicitAutograd")
-    _library.impl(f"{_name}.out", _out, "CompositeExplicitAutograd")
+    _library.impl(f"{_name}.out", out_variant(_impl), "CompositeExplicitAutograd")
     _library.impl(_name, _fake, "Meta")
-    _library.impl(f"{_name}.out", _fake_out, "Meta")
+    _library.impl(f"{_name}.out", fake_out, "Meta")

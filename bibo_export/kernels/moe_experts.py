@@ -89,7 +89,8 @@ def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale.float()
 
 
-def _out_variant(fn):  # noqa: ANN001, ANN202 - wraps either implementation
+def out_variant(fn):  # noqa: ANN001, ANN202 - wraps any operator's implementation
+    """The ``.out`` form of an operator implementation: its result copied into ``out``."""
     def run(*args: Tensor, out: Tensor) -> Tensor:
         result = fn(*args)
         out.resize_(result.shape).copy_(result)
@@ -101,12 +102,13 @@ def _fake(x: Tensor, *args: Tensor) -> Tensor:
     return torch.empty_like(x)
 
 
-def _fake_out(x: Tensor, *args: Tensor, out: Tensor) -> Tensor:
+def fake_out(*args: Tensor, out: Tensor) -> Tensor:
+    """Any ``.out`` operator's fake implementation: the result is ``out``."""
     return out
 
 
 for _name, _fn in (("moe_experts", selected_experts), ("moe_experts_int8", selected_experts_int8)):
     _library.impl(_name, _fn, "CompositeExplicitAutograd")
-    _library.impl(f"{_name}.out", _out_variant(_fn), "CompositeExplicitAutograd")
+    _library.impl(f"{_name}.out", out_variant(_fn), "CompositeExplicitAutograd")
     _library.impl(_name, _fake, "Meta")
-    _library.impl(f"{_name}.out", _fake_out, "Meta")
+    _library.impl(f"{_name}.out", fake_out, "Meta")
