@@ -1,6 +1,6 @@
 """BiBo's ExecuTorch kernels against the operators' PyTorch implementations, and those against
-independent formulations: the experts (``bibo::moe_experts``, ``bibo::moe_experts_int8``)
-against plain per-token expert sums, attention over the cache (``bibo::update_cache``,
+independent formulations: the experts (``bibo::moe_experts``, ``…_int8``, ``…_int4``) against
+plain per-token expert sums (int4 nibbles unpacked here, in NumPy), attention over the cache (``bibo::update_cache``,
 ``bibo::cache_attention``) against the model's own cache write and masked attention.
 
 The C++ kernels only run inside an ExecuTorch program, so each case exports a small program
@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,8 @@ from torch import Tensor, nn
 from bibo_export.config import BiBoConfig
 from bibo_export.export.transforms import CacheAttention, InPlaceCacheWrite
 from bibo_export.kernels.library import KernelCounters, load_kernels, read_counters
-from bibo_export.kernels.moe_experts import quantize_rows
+from bibo_export.kernels.moe_experts import (pack_int4, quantize_groups, quantize_rows,
+                                             unpack_int4)
 from bibo_export.model.attention import AttentionInputs, GroupedAttention, TokenPositions
 from bibo_export.model.layers import CacheWrite
 from bibo_export.runtimes.cpp_runner import run_cpp_runner
@@ -32,48 +34,57 @@ pytestmark = pytest.mark.export
 
 EXPERTS, WIDTH, HIDDEN, MAX_TOKENS = 5, 72, 40, 64  # 72, 40: row and column tails of 4 and 8
 ROUTED = EXPERTS + 3  # indices ≥ EXPERTS are BiBo's parameter-free experts: skipped
+# int4 groups of 32 (a whole vector of x86's and two of NEON's): 40 columns are a group and a
+# partial one, 72 two and a partial one (an odd count).
+GROUP = 32
 
 
 class ExpertsCall(nn.Module):
-    """The operator alone, on fixed random expert weights."""
+    """The operator alone, on fixed random expert weights, in ``precision`` fp32/int8/int4."""
 
-    def __init__(self, int8: bool, hidden: int = HIDDEN, width: int = WIDTH) -> None:
+    def __init__(self, precision: str, hidden: int = HIDDEN, width: int = WIDTH) -> None:
         super().__init__()
         torch.manual_seed(0)
         weights = {"gate": torch.randn(EXPERTS, width, hidden) / hidden ** 0.5,
                    "up": torch.randn(EXPERTS, width, hidden) / hidden ** 0.5,
                    "down": torch.randn(EXPERTS, hidden, width) / width ** 0.5}
-        self.int8 = int8
+        self.precision = precision
         for name, weight in weights.items():
-            if int8:
-                q, scale = quantize_rows(weight)
-                self.register_buffer(name, q)
-                self.register_buffer(f"{name}_scale", scale)
-            else:
+            if precision == "fp32":
                 self.register_buffer(name, weight)
+                continue
+            if precision == "int8":
+                q, scale = quantize_rows(weight)
+            else:
+                q, scale = quantize_groups(weight, GROUP)
+                q = pack_int4(q)
+            self.register_buffer(name, q)
+            self.register_buffer(f"{name}_scale", scale)
 
     def one_expert(self, x: Tensor, e: int) -> Tensor:
         """Expert e on one token x [h], written out from the operator's definition."""
-        if not self.int8:
+        if self.precision == "fp32":
             return swiglu_reference(x, self.gate[e], self.up[e], self.down[e])
+        integer_product = int8_product if self.precision == "int8" else int4_product
 
         def product(v: Tensor, name: str) -> Tensor:
-            return int8_product(v, getattr(self, name)[e], getattr(self, f"{name}_scale")[e])
+            return integer_product(v, getattr(self, name)[e], getattr(self, f"{name}_scale")[e])
         return product(F.silu(product(x, "gate")) * product(x, "up"), "down")
 
     def forward(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-        if self.int8:
-            return torch.ops.bibo.moe_experts_int8(x, indices, weights, self.gate,
-                                                   self.gate_scale, self.up, self.up_scale,
-                                                   self.down, self.down_scale)
-        return torch.ops.bibo.moe_experts(x, indices, weights, self.gate, self.up, self.down)
+        if self.precision == "fp32":
+            return torch.ops.bibo.moe_experts(x, indices, weights, self.gate, self.up, self.down)
+        scaled = (self.gate, self.gate_scale, self.up, self.up_scale, self.down, self.down_scale)
+        if self.precision == "int8":
+            return torch.ops.bibo.moe_experts_int8(x, indices, weights, *scaled)
+        return torch.ops.bibo.moe_experts_int4(x, indices, weights, *scaled, GROUP)
 
 
 def program(module: ExpertsCall, top_k: int, path: Path):
     """The module as an ExecuTorch program with a dynamic token count, loaded."""
     load_kernels()
     tokens = torch.export.Dim("tokens", min=1, max=MAX_TOKENS)
-    example = (torch.zeros(2, module.gate.shape[2]), torch.zeros(2, top_k, dtype=torch.long),
+    example = (torch.zeros(2, module.down.shape[1]), torch.zeros(2, top_k, dtype=torch.long),
                torch.zeros(2, top_k))
     exported = torch.export.export(module, example,
                                    dynamic_shapes=({0: tokens}, {0: tokens}, {0: tokens}))
@@ -81,12 +92,38 @@ def program(module: ExpertsCall, top_k: int, path: Path):
     return Runtime.get().load_program(path).load_method("forward")
 
 
-def int8_product(x: Tensor, q_weight: Tensor, scale: Tensor) -> Tensor:
-    """One token x [in] times int8 rows [out, in] with their scales: x rounded to int8 with
-    its own scale (max |x| / 127), the integer products summed in int64, then both scales."""
+def int8_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    """One token x [in] rounded to int8 with its own scale (max |x| / 127)."""
     x_scale = x.abs().max().clamp(min=1e-12) / 127
-    q = torch.round(x / x_scale).clamp(-127, 127).long()
+    return torch.round(x / x_scale).clamp(-127, 127).long(), x_scale
+
+
+def int8_product(x: Tensor, q_weight: Tensor, scale: Tensor) -> Tensor:
+    """One token x [in] times int8 rows [out, in] with their scales: x as ``int8_token``, the
+    integer products summed in int64, then both scales."""
+    q, x_scale = int8_token(x)
     return (q_weight.long() * q).sum(-1).float() * x_scale * scale
+
+
+def nibbles(packed: Tensor, columns: int) -> np.ndarray:
+    """Packed int4 rows [out, ⌈in/2⌉] as int64 [out, in], byte by byte: the low nibble is the
+    even column, the high one the odd column, each a 4-bit two's complement."""
+    data = packed.numpy().astype(np.int64)
+    pairs = np.stack([data % 16, data // 16], axis=-1).reshape(*data.shape[:-1], -1)
+    return np.where(pairs >= 8, pairs - 16, pairs)[..., :columns]
+
+
+def int4_product(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
+    """One token x [in] times packed int4 rows with a scale per group of ``GROUP`` columns: x
+    as ``int8_token``, each group's integer products summed in int64 and scaled by the group's
+    scale, the groups summed, then x's scale."""
+    q, x_scale = int8_token(x)
+    products = nibbles(packed, len(x)) * q.numpy()
+    out = torch.zeros(packed.shape[0])
+    for g, start in enumerate(range(0, len(x), GROUP)):
+        group_sum = torch.from_numpy(products[:, start:start + GROUP].sum(-1)).float()
+        out += group_sum * scale[:, g]
+    return out * x_scale
 
 
 def per_token_sum(module: ExpertsCall, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
@@ -123,10 +160,10 @@ def case_inputs(name: str) -> tuple[Tensor, Tensor, Tensor]:
     return routing(*CASES[name])
 
 
-@pytest.fixture(scope="module", params=["fp32", "int8"])
+@pytest.fixture(scope="module", params=["fp32", "int8", "int4"])
 def kernel(request, tmp_path_factory):
     """(reference module, {top_k: loaded program}) for one precision."""
-    module = ExpertsCall(int8=request.param == "int8")
+    module = ExpertsCall(request.param)
     folder = tmp_path_factory.mktemp(f"kernel-{request.param}")
     methods = {k: program(module, k, folder / f"k{k}.pte") for k in {1, 3, ROUTED}}
     return module, methods
@@ -136,7 +173,7 @@ def kernel(request, tmp_path_factory):
 def test_kernel_equals_the_operator_reference(kernel, case):
     """The kernel equals the PyTorch operator, and the operator the per-token sum, to 1e-5. In
     int8 both round the same activations to the same integers and sum the products exactly,
-    so they differ by float rounding only."""
+    so they differ by float rounding only; int4 too, group by group."""
     module, methods = kernel
     x, indices, weights = case_inputs(case)
     got = methods[indices.shape[1]].execute([x, indices, weights])[0]
@@ -146,13 +183,46 @@ def test_kernel_equals_the_operator_reference(kernel, case):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_int8_operator_stays_near_the_float_weights():
-    """Int8 weight rows and int8 token activations (one scale each) keep the experts' output
-    within 2 % of the float operator's."""
+@pytest.mark.parametrize("precision, bound", [("int8", 0.02), ("int4", 0.15)])
+def test_integer_operators_stay_near_the_float_weights(precision, bound):
+    """Int8 weight rows (one scale each) and int8 token activations keep the experts' output
+    within 2 % of the float operator's; int4 weights (a scale per group of 32) within 15 %:
+    16 levels where int8 has 255, so each weight's rounding error is 16× larger."""
     x, indices, weights = routing(16, 3, 6)
-    float_out = ExpertsCall(int8=False)(x, indices, weights)
-    int8_out = ExpertsCall(int8=True)(x, indices, weights)
-    assert (int8_out - float_out).norm() <= 0.02 * float_out.norm()
+    float_out = ExpertsCall("fp32")(x, indices, weights)
+    integer_out = ExpertsCall(precision)(x, indices, weights)
+    assert (integer_out - float_out).norm() <= bound * float_out.norm()
+
+
+@pytest.mark.parametrize("shape", [(3, 40), (2, 5, 41), (1, 7)])
+def test_int4_packing_round_trip(shape):
+    """Weights quantized to groups, packed two to a byte and unpacked (by the library, and
+    byte by byte here) give back the same integers; each weight is within half a step of its
+    group's scale, and the integers use [-8, 7]. Odd widths pad the last byte's high nibble."""
+    generator = torch.Generator().manual_seed(len(shape))
+    weight = torch.randn(*shape, generator=generator)
+    q, scale = quantize_groups(weight, 4)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape[-1] == (shape[-1] + 1) // 2
+    assert torch.equal(unpack_int4(packed, shape[-1]), q)
+    np.testing.assert_array_equal(nibbles(packed.reshape(-1, packed.shape[-1]), shape[-1]),
+                                  q.reshape(-1, shape[-1]).numpy())
+    steps = scale.repeat_interleave(4, -1)[..., :shape[-1]]
+    assert ((weight - q * steps).abs() <= steps / 2 * (1 + 1e-5)).all()
+    assert q.min() >= -8 and q.max() <= 7
+    if shape[-1] % 2:
+        assert (packed[..., -1] >> 4 == 0).all()
+
+
+def test_int4_groups_use_the_whole_range():
+    """A group's largest magnitude is 7.5 steps: -8 where it is negative, 7 where positive."""
+    q, scale = quantize_groups(torch.tensor([[-7.5, 3.2, 2.6, 7.5]]), 2)
+    assert q.tolist() == [[-8, 3, 3, 7]] and scale.tolist() == [[1.0, 1.0]]
+
+
+def test_int4_group_size_must_be_even():
+    with pytest.raises(ValueError, match="group size must be an even number"):
+        quantize_groups(torch.randn(4, 8), 3)
 
 
 @pytest.mark.parametrize("case", ["decode", "prefill", "repeated and parameter-free"])
@@ -162,10 +232,10 @@ def test_kernel_reads_each_chosen_expert_once(kernel, case):
     module, methods = kernel
     x, indices, weights = case_inputs(case)
     chosen = {e for e in indices.flatten().tolist() if e < EXPERTS}
-    per_expert = sum(getattr(module, n)[0].numel() * getattr(module, n).element_size()
+    per_expert = sum(getattr(module, n)[0].numel() * getattr(module, n).element_size() +
+                     (getattr(module, f"{n}_scale")[0].numel() * 4
+                      if module.precision != "fp32" else 0)
                      for n in ("gate", "up", "down"))
-    if module.int8:
-        per_expert += 4 * (2 * WIDTH + HIDDEN)
     read_counters(reset=True)
     methods[indices.shape[1]].execute([x, indices, weights])
     assert read_counters() == KernelCounters(len(chosen) * per_expert, len(chosen))
@@ -190,12 +260,14 @@ class RoutedTokens(nn.Module):
 
 
 @pytest.mark.parametrize("cpu", ARM_CPUS)
+@pytest.mark.parametrize("precision", ["int8", "int4"])
 @pytest.mark.parametrize("case", ["k=1", "k=n", "repeated and parameter-free", "decode"])
-def test_the_arm_int8_kernel_paths_equal_the_reference(cpu, case, tmp_path):
-    """The aarch64 build of the int8 kernel (sdot on neoverse-n1, NEON on cortex-a53, under
-    qemu-user) equals the operator's reference and the per-token sums, as the x86 one does."""
+def test_the_arm_integer_kernel_paths_equal_the_reference(cpu, precision, case, tmp_path):
+    """The aarch64 build of the int8 and int4 kernels (sdot on neoverse-n1, NEON on
+    cortex-a53, under qemu-user) equals the operator's reference and the per-token sums, as
+    the x86 one does."""
     where = runner_target(cpu)
-    module = ExpertsCall(int8=True)
+    module = ExpertsCall(precision)
     x, indices, weights = case_inputs(case)
     path = tmp_path / "experts.pte"
     exported = torch.export.export(RoutedTokens(module, x, indices, weights),

@@ -1,5 +1,5 @@
-"""``bibo::moe_experts`` and ``bibo::moe_experts_int8``: the routed SwiGLU experts, computed
-for the experts each token selected and no others.
+"""``bibo::moe_experts``, ``bibo::moe_experts_int8`` and ``bibo::moe_experts_int4``: the
+routed SwiGLU experts, computed for the experts each token selected and no others.
 
     out[t] = Σ_j [e < E] · weights[t, j] · down_e(silu(gate_e · x_t) ⊙ (up_e · x_t)),
     e = indices[t, j]
@@ -9,7 +9,10 @@ the call, so the operator needs no router of its own; indices ≥ E name the par
 experts, which the graph adds itself, and are skipped. Weights are stacked per expert:
 gate/up [E, m, h], down [E, h, m]; the int8 form stores them as int8 with one float32 scale
 per row (symmetric, ``quantize_rows``) and multiplies them with int8 activations, quantized
-the same way with one scale per token at each call, as 8da8w linears do.
+the same way with one scale per token at each call, as 8da8w linears do. The int4 form stores
+integers in [-8, 7] two to a byte (``pack_int4``) with one float32 scale per group of
+``group_size`` consecutive weights of a row (``quantize_groups``), times the same int8
+activations: "8da4w".
 
 The implementations registered here are the reference semantics: ``torch.export`` records the
 operator as one node (its fake implementation gives the shape), eager PyTorch runs it densely,
@@ -30,8 +33,11 @@ _FLOAT = "Tensor gate, Tensor up, Tensor down"
 _INT8 = ("Tensor gate, Tensor gate_scale, Tensor up, Tensor up_scale, Tensor down, "
          "Tensor down_scale")
 
+_INT4 = f"{_INT8}, int group_size"
+
 _library = torch.library.Library("bibo", "DEF")
-for _name, _weights in (("moe_experts", _FLOAT), ("moe_experts_int8", _INT8)):
+for _name, _weights in (("moe_experts", _FLOAT), ("moe_experts_int8", _INT8),
+                        ("moe_experts_int4", _INT4)):
     _library.define(f"{_name}({_ROUTING}, {_weights}) -> Tensor")
     _library.define(f"{_name}.out({_ROUTING}, {_weights}, *, Tensor(a!) out) -> Tensor(a!)")
 
@@ -80,6 +86,66 @@ def selected_experts_int8(x: Tensor, indices: Tensor, weights: Tensor, gate: Ten
     return mixed_experts(x, indices, weights, gate.shape[0], project)
 
 
+def selected_experts_int4(x: Tensor, indices: Tensor, weights: Tensor, gate: Tensor,
+                          gate_scale: Tensor, up: Tensor, up_scale: Tensor, down: Tensor,
+                          down_scale: Tensor, group_size: int) -> Tensor:
+    """The int4 operator: as the int8 one, with each weight row's integers unpacked from
+    nibbles and scaled per group (``int4_linear``)."""
+    matrices = {"gate": (gate, gate_scale), "up": (up, up_scale), "down": (down, down_scale)}
+
+    def project(v: Tensor, name: str, e: int) -> Tensor:
+        packed, scale = matrices[name]
+        return int4_linear(v, packed[e], scale[e], group_size)
+    return mixed_experts(x, indices, weights, gate.shape[0], project)
+
+
+def int4_linear(x: Tensor, packed: Tensor, scale: Tensor, group_size: int) -> Tensor:
+    """x [S, in] float times packed int4 rows [out, ⌈in/2⌉] with scales [out, groups]: x
+    quantized per token to int8, each group's integer products summed exactly, scaled by the
+    group's scale and summed over groups, then scaled by the token's scale."""
+    q, x_scale = quantize_rows(x)
+    columns = x.shape[-1]
+    weight = unpack_int4(packed, columns).float()
+    out = torch.zeros(x.shape[0], weight.shape[0])
+    for g, start in enumerate(range(0, columns, group_size)):
+        part = slice(start, start + group_size)
+        out = out + q[:, part].float() @ weight[:, part].t() * scale[:, g]
+    return out * x_scale[:, None]
+
+
+def quantize_groups(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """Symmetric int4 with one scale per group of ``group_size`` consecutive weights of a row
+    (the last group of a row may be shorter): integers in [-8, 7] (as int8) and float32
+    scales [..., rows, groups], w ≈ q · scale. The scale is max |w| / 7.5, torchao's choice
+    for 4 bits: the whole range [-8, 7] is used, and no weight rounds further than half a
+    step (the largest positive, 7.5 steps, clamps to 7)."""
+    if group_size < 2 or group_size % 2:
+        raise ValueError(f"the int4 group size must be an even number >= 2, got {group_size}")
+    columns = weight.shape[-1]
+    groups = -(-columns // group_size)
+    padded = F.pad(weight, (0, groups * group_size - columns))
+    blocks = padded.reshape(*weight.shape[:-1], groups, group_size)
+    scale = blocks.abs().amax(-1).clamp(min=1e-12) / 7.5
+    q = torch.round(blocks / scale[..., None]).clamp(-8, 7).to(torch.int8)
+    return q.flatten(-2)[..., :columns], scale.float()
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """Integers in [-8, 7] [..., n] two to a byte, [..., ⌈n/2⌉] uint8: column 2i in the low
+    nibble, 2i + 1 in the high one (a zero nibble pads an odd n), each as two's complement."""
+    if q.shape[-1] % 2:
+        q = F.pad(q, (0, 1))
+    nibbles = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor, columns: int) -> Tensor:
+    """``pack_int4``'s inverse: [..., columns] int8 in [-8, 7]."""
+    low, high = (packed & 0xF).to(torch.int8), (packed >> 4).to(torch.int8)
+    q = torch.stack([low, high], -1).flatten(-2)[..., :columns]
+    return q - 16 * (q > 7).to(torch.int8)
+
+
 def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric int8 with one scale per row (the last dimension is the row): w ≈ q · scale.
     Also the int8 operator's activations (a row per token) and the ONNX recipe's int8
@@ -107,7 +173,8 @@ def fake_out(*args: Tensor, out: Tensor) -> Tensor:
     return out
 
 
-for _name, _fn in (("moe_experts", selected_experts), ("moe_experts_int8", selected_experts_int8)):
+for _name, _fn in (("moe_experts", selected_experts), ("moe_experts_int8", selected_experts_int8),
+                   ("moe_experts_int4", selected_experts_int4)):
     _library.impl(_name, _fn, "CompositeExplicitAutograd")
     _library.impl(f"{_name}.out", out_variant(_fn), "CompositeExplicitAutograd")
     _library.impl(_name, _fake, "Meta")

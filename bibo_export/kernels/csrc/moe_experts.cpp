@@ -11,6 +11,11 @@
 //                             int8 activations with one scale per token, quantized at each
 //                             call (the input, and each expert's hidden activation before
 //                             its down projection), as 8da8w linears do
+// bibo::moe_experts_int4.out  int4 weights in [-8, 7], two to a byte (column 2i in the low
+//                             nibble), [E, rows, ceil(cols / 2)] uint8, one fp32 scale per
+//                             group of group_size columns of a row [E, rows, groups], times
+//                             the same int8 activations: each group's integer sum is exact,
+//                             then scaled by its group's scale ("8da4w")
 //
 // Work is grouped by expert: an expert's weight rows are read once per call, for every token
 // that chose it, so a decode step reads k experts and a prefill reads each chosen expert once.
@@ -21,7 +26,8 @@
 // on aarch64 the CPU's own: sdot where it has ARMv8.2's dot product, NEON otherwise, chosen
 // when the library loads, so that one build runs on every ARMv8-A CPU; a scalar loop
 // elsewhere. All give the same exact int32 sums (x86's for weights in [-127, 127], as
-// quantize_rows makes them); bibo_kernels_int8_path names the path this process uses.
+// quantize_rows makes them); bibo_kernels_int8_path names the path this process uses. The int4
+// kernel unpacks a block of rows into int8 and runs the same dot products on each group.
 
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
@@ -38,6 +44,7 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -64,6 +71,21 @@ struct Matrix {
   int64_t cols;
 
   int64_t row_bytes() const { return cols * sizeof(T) + (scale ? sizeof(float) : 0); }
+  const char* bytes() const { return reinterpret_cast<const char*>(data); }
+  int64_t stored_row_bytes() const { return cols * sizeof(T); }
+};
+
+// One int4 expert matrix [rows, cols]: rows of ceil(cols / 2) bytes, two weights to a byte,
+// and one scale per group of `group` columns (the last group of a row may be shorter).
+struct Int4Matrix {
+  const uint8_t* data;
+  const float* scale;  // [rows, groups()]
+  int64_t cols, group;
+
+  int64_t stored_row_bytes() const { return (cols + 1) / 2; }
+  int64_t groups() const { return (cols + group - 1) / group; }
+  int64_t row_bytes() const { return stored_row_bytes() + groups() * sizeof(float); }
+  const char* bytes() const { return reinterpret_cast<const char*>(data); }
 };
 
 // A call's token rows as a product reads them: float rows for float weights; for int8 weights,
@@ -81,11 +103,11 @@ struct Int8Tokens {
   int64_t count, cols;
 };
 
-FloatTokens tokens_for(const float* x, int64_t count, int64_t cols, float /*weight type*/) {
+FloatTokens tokens_for(const float* x, int64_t count, int64_t cols, const Matrix<float>&) {
   return {x, count, cols};
 }
 
-Int8Tokens tokens_for(const float* x, int64_t count, int64_t cols, int8_t /*weight type*/) {
+Int8Tokens quantize_tokens(const float* x, int64_t count, int64_t cols) {
   Int8Tokens tokens{std::vector<int8_t>(count * cols), std::vector<uint8_t>(count * cols),
                     std::vector<float>(count), count, cols};
   for (int64_t t = 0; t < count; ++t) {
@@ -105,17 +127,25 @@ Int8Tokens tokens_for(const float* x, int64_t count, int64_t cols, int8_t /*weig
   return tokens;
 }
 
+Int8Tokens tokens_for(const float* x, int64_t count, int64_t cols, const Matrix<int8_t>&) {
+  return quantize_tokens(x, count, cols);
+}
+
+Int8Tokens tokens_for(const float* x, int64_t count, int64_t cols, const Int4Matrix&) {
+  return quantize_tokens(x, count, cols);
+}
+
 // Rows fetched ahead of the block being computed. A decode step reads weights no cache holds,
 // in blocks of four short rows that the hardware prefetcher does not pick up soon enough:
 // fetching two blocks ahead took one int8 expert call at `bench` size from about 400 to about
 // 170 us (medians over calls on experts not in cache, 2 threads, 2026-11-26).
 constexpr int64_t PREFETCH_ROWS = 8;
 
-template <typename T>
-void prefetch_block(const Matrix<T>& w, int64_t r, int64_t r1) {
+template <typename M>
+void prefetch_block(const M& w, int64_t r, int64_t r1) {
   if (r + PREFETCH_ROWS + 4 > r1) return;
-  const char* ahead = reinterpret_cast<const char*>(w.data + (r + PREFETCH_ROWS) * w.cols);
-  const int64_t block_bytes = 4 * w.cols * static_cast<int64_t>(sizeof(T));
+  const char* ahead = w.bytes() + (r + PREFETCH_ROWS) * w.stored_row_bytes();
+  const int64_t block_bytes = 4 * w.stored_row_bytes();
   for (int64_t b = 0; b < block_bytes; b += 64) __builtin_prefetch(ahead + b);
 }
 
@@ -223,7 +253,8 @@ const bool cpu_has_sdot = getauxval(AT_HWCAP) & HWCAP_ASIMDDP;
 // adds the products of 16 weight and 16 token bytes into the four int32 lanes of a; inlined
 // into each caller, the loop is compiled for that caller's instruction set.
 template <int TOKENS, int ROWS, typename Step>
-__attribute__((always_inline)) inline int64_t arm_dots(const int8_t* w0, const int8_t* x0,
+__attribute__((always_inline)) inline int64_t arm_dots(const int8_t* w0, int64_t w_stride,
+                                                       const int8_t* x0, int64_t x_stride,
                                                        int64_t n, int32_t acc[TOKENS][ROWS],
                                                        Step step) {
   int32x4_t a[TOKENS][ROWS];
@@ -233,9 +264,9 @@ __attribute__((always_inline)) inline int64_t arm_dots(const int8_t* w0, const i
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) {
     int8x16_t wv[ROWS];
-    for (int r = 0; r < ROWS; ++r) wv[r] = vld1q_s8(w0 + r * n + c);
+    for (int r = 0; r < ROWS; ++r) wv[r] = vld1q_s8(w0 + r * w_stride + c);
     for (int t = 0; t < TOKENS; ++t) {
-      const int8x16_t x = vld1q_s8(x0 + t * n + c);
+      const int8x16_t x = vld1q_s8(x0 + t * x_stride + c);
       for (int r = 0; r < ROWS; ++r) a[t][r] = step(a[t][r], wv[r], x);
     }
   }
@@ -250,9 +281,10 @@ __attribute__((always_inline)) inline int64_t arm_dots(const int8_t* w0, const i
 // has it.
 template <int TOKENS, int ROWS>
 __attribute__((target("arch=armv8.2-a+dotprod"))) int64_t sdot_dots(
-    const int8_t* w0, const int8_t* x0, int64_t n, int32_t acc[TOKENS][ROWS]) {
+    const int8_t* w0, int64_t w_stride, const int8_t* x0, int64_t x_stride, int64_t n,
+    int32_t acc[TOKENS][ROWS]) {
   return arm_dots<TOKENS, ROWS>(
-      w0, x0, n, acc,
+      w0, w_stride, x0, x_stride, n, acc,
       [](int32x4_t a, int8x16_t w, int8x16_t x)
           __attribute__((target("arch=armv8.2-a+dotprod"))) { return vdotq_s32(a, w, x); });
 }
@@ -262,24 +294,27 @@ __attribute__((target("arch=armv8.2-a+dotprod"))) int64_t sdot_dots(
 // lane cannot overflow: tokens are quantized to |x| <= 127 and weights are int8, |w| <= 128,
 // so two products are at most 2 * 127 * 128 = 32512 <= 32767.
 template <int TOKENS, int ROWS>
-int64_t neon_dots(const int8_t* w0, const int8_t* x0, int64_t n, int32_t acc[TOKENS][ROWS]) {
-  return arm_dots<TOKENS, ROWS>(w0, x0, n, acc, [](int32x4_t a, int8x16_t w, int8x16_t x) {
+int64_t neon_dots(const int8_t* w0, int64_t w_stride, const int8_t* x0, int64_t x_stride,
+                  int64_t n, int32_t acc[TOKENS][ROWS]) {
+  return arm_dots<TOKENS, ROWS>(w0, w_stride, x0, x_stride, n, acc,
+                                [](int32x4_t a, int8x16_t w, int8x16_t x) {
     return vpadalq_s16(a, vmlal_high_s8(vmull_s8(vget_low_s8(w), vget_low_s8(x)), w, x));
   });
 }
 #endif
 
-// acc[t][r] = <W[r0 + r], q[t0 + t]> for TOKENS tokens and ROWS rows, exact in int32. x86's
-// integer product takes an unsigned operand: |x| times w with x's sign moved onto w.
+// acc[t][r] = <w0[r], x[t]> over n columns for TOKENS tokens and ROWS rows, exact in int32:
+// weight row r starts at w0 + r * w_stride, and token t's columns at offset `column` of its
+// row of xs (from token t0). x86's integer product takes an unsigned operand: |x| times w
+// with x's sign moved onto w.
 template <int TOKENS, int ROWS>
-void int8_dots(const Matrix<int8_t>& w, int64_t r0, const Int8Tokens& xs, int64_t t0,
-               int32_t acc[TOKENS][ROWS]) {
-  const int64_t n = w.cols;
-  const int8_t* w0 = w.data + r0 * n;
-  const int8_t* x0 = xs.q.data() + t0 * n;
+void int8_dots(const int8_t* w0, int64_t w_stride, const Int8Tokens& xs, int64_t t0,
+               int64_t column, int64_t n, int32_t acc[TOKENS][ROWS]) {
+  const int64_t x_stride = xs.cols;
+  const int8_t* x0 = xs.q.data() + t0 * x_stride + column;
   int64_t c = 0;
 #if defined(__AVX2__)
-  const uint8_t* m0 = xs.magnitude.data() + t0 * n;
+  const uint8_t* m0 = xs.magnitude.data() + t0 * x_stride + column;
   __m256i a[TOKENS][ROWS];
   for (int t = 0; t < TOKENS; ++t) {
     for (int r = 0; r < ROWS; ++r) a[t][r] = _mm256_setzero_si256();
@@ -287,11 +322,13 @@ void int8_dots(const Matrix<int8_t>& w, int64_t r0, const Int8Tokens& xs, int64_
   for (; c + 32 <= n; c += 32) {
     __m256i wv[ROWS];
     for (int r = 0; r < ROWS; ++r) {
-      wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + r * n + c));
+      wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + r * w_stride + c));
     }
     for (int t = 0; t < TOKENS; ++t) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x0 + t * n + c));
-      const __m256i m = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m0 + t * n + c));
+      const __m256i x =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x0 + t * x_stride + c));
+      const __m256i m =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m0 + t * x_stride + c));
       for (int r = 0; r < ROWS; ++r) a[t][r] = dot_u8s8(a[t][r], m, _mm256_sign_epi8(wv[r], x));
     }
   }
@@ -299,8 +336,8 @@ void int8_dots(const Matrix<int8_t>& w, int64_t r0, const Int8Tokens& xs, int64_
     for (int r = 0; r < ROWS; ++r) acc[t][r] = sum_lanes(a[t][r]);
   }
 #elif defined(__aarch64__)
-  c = cpu_has_sdot ? sdot_dots<TOKENS, ROWS>(w0, x0, n, acc)
-                   : neon_dots<TOKENS, ROWS>(w0, x0, n, acc);
+  c = cpu_has_sdot ? sdot_dots<TOKENS, ROWS>(w0, w_stride, x0, x_stride, n, acc)
+                   : neon_dots<TOKENS, ROWS>(w0, w_stride, x0, x_stride, n, acc);
 #else
   for (int t = 0; t < TOKENS; ++t) {
     for (int r = 0; r < ROWS; ++r) acc[t][r] = 0;
@@ -308,7 +345,9 @@ void int8_dots(const Matrix<int8_t>& w, int64_t r0, const Int8Tokens& xs, int64_
 #endif
   for (; c < n; ++c) {
     for (int t = 0; t < TOKENS; ++t) {
-      for (int r = 0; r < ROWS; ++r) acc[t][r] += int32_t{w0[r * n + c]} * x0[t * n + c];
+      for (int r = 0; r < ROWS; ++r) {
+        acc[t][r] += int32_t{w0[r * w_stride + c]} * x0[t * x_stride + c];
+      }
     }
   }
 }
@@ -334,7 +373,7 @@ template <int TOKENS, int ROWS>
 void int8_tile(const Matrix<int8_t>& w, int64_t r0, const Int8Tokens& xs, int64_t t0,
                float* ys, int64_t y_stride) {
   int32_t acc[TOKENS][ROWS];
-  int8_dots<TOKENS, ROWS>(w, r0, xs, t0, acc);
+  int8_dots<TOKENS, ROWS>(w.data + r0 * w.cols, w.cols, xs, t0, 0, w.cols, acc);
   for (int t = 0; t < TOKENS; ++t) {
     for (int r = 0; r < ROWS; ++r) {
       ys[(t0 + t) * y_stride + r0 + r] =
@@ -354,6 +393,62 @@ void project(const Matrix<int8_t>& w, int64_t r0, int64_t r1, const Int8Tokens& 
   }
   for (; r < r1; ++r) {
     for (int64_t t = 0; t < xs.count; ++t) int8_tile<1, 1>(w, r, xs, t, ys, y_stride);
+  }
+}
+
+// Rows [r0, r0 + count) of an int4 matrix as int8, one row of w.cols after the other.
+void unpack_rows(const Int4Matrix& w, int64_t r0, int64_t count, int8_t* rows) {
+  const int64_t stored = w.stored_row_bytes();
+  for (int64_t r = 0; r < count; ++r) {
+    const uint8_t* packed = w.data + (r0 + r) * stored;
+    int8_t* row = rows + r * w.cols;
+    for (int64_t i = 0; i < w.cols / 2; ++i) {
+      // Shifted to the top of a signed byte and back: the nibble's sign extended.
+      row[2 * i] = static_cast<int8_t>(packed[i] << 4) >> 4;
+      row[2 * i + 1] = static_cast<int8_t>(packed[i]) >> 4;
+    }
+    if (w.cols % 2) row[w.cols - 1] = static_cast<int8_t>(packed[w.cols / 2] << 4) >> 4;
+  }
+}
+
+// ys[t][r0 + r] for a tile of unpacked rows: per group, the exact integer sum times the
+// group's scale, summed over groups in order, then times the token's scale, as
+// selected_experts_int4 computes it.
+template <int TOKENS, int ROWS>
+void int4_tile(const Int4Matrix& w, const int8_t* rows, int64_t r0, const Int8Tokens& xs,
+               int64_t t0, float* ys, int64_t y_stride) {
+  const int64_t groups = w.groups();
+  float sum[TOKENS][ROWS] = {};
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t c0 = g * w.group;
+    int32_t acc[TOKENS][ROWS];
+    int8_dots<TOKENS, ROWS>(rows + c0, w.cols, xs, t0, c0, std::min(w.group, w.cols - c0),
+                            acc);
+    for (int t = 0; t < TOKENS; ++t) {
+      for (int r = 0; r < ROWS; ++r) {
+        sum[t][r] += static_cast<float>(acc[t][r]) * w.scale[(r0 + r) * groups + g];
+      }
+    }
+  }
+  for (int t = 0; t < TOKENS; ++t) {
+    for (int r = 0; r < ROWS; ++r) ys[(t0 + t) * y_stride + r0 + r] = sum[t][r] * xs.scale[t0 + t];
+  }
+}
+
+void project(const Int4Matrix& w, int64_t r0, int64_t r1, const Int8Tokens& xs, float* ys,
+             int64_t y_stride) {
+  std::vector<int8_t> rows(4 * w.cols);  // a block of rows, unpacked once for every token
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    prefetch_block(w, r, r1);
+    unpack_rows(w, r, 4, rows.data());
+    int64_t t = 0;
+    for (; t + 4 <= xs.count; t += 4) int4_tile<4, 4>(w, rows.data(), r, xs, t, ys, y_stride);
+    for (; t < xs.count; ++t) int4_tile<1, 4>(w, rows.data(), r, xs, t, ys, y_stride);
+  }
+  for (; r < r1; ++r) {
+    unpack_rows(w, r, 1, rows.data());
+    for (int64_t t = 0; t < xs.count; ++t) int4_tile<1, 1>(w, rows.data(), r, xs, t, ys, y_stride);
   }
 }
 
@@ -379,8 +474,8 @@ struct Assignment {
 };
 
 // One expert on the tokens assigned to it; adds weight * expert(x_t) into out.
-template <typename T>
-void run_expert(const Matrix<T>& gate, const Matrix<T>& up, const Matrix<T>& down,
+template <typename M>
+void run_expert(const M& gate, const M& up, const M& down,
                 int64_t width, int64_t hidden, const float* x,
                 const std::vector<Assignment>& assigned, float* out) {
   const int64_t n = static_cast<int64_t>(assigned.size());
@@ -388,13 +483,13 @@ void run_expert(const Matrix<T>& gate, const Matrix<T>& up, const Matrix<T>& dow
   for (int64_t i = 0; i < n; ++i) {
     std::memcpy(&xs[i * hidden], x + assigned[i].token * hidden, hidden * sizeof(float));
   }
-  const auto inputs = tokens_for(xs.data(), n, hidden, T{});
+  const auto inputs = tokens_for(xs.data(), n, hidden, gate);
   parallel_rows(width, 2 * n * hidden, [&](int64_t r0, int64_t r1) {
     project(gate, r0, r1, inputs, g.data(), width);
     project(up, r0, r1, inputs, u.data(), width);
   });
   for (int64_t i = 0; i < n * width; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-  const auto activations = tokens_for(g.data(), n, width, T{});
+  const auto activations = tokens_for(g.data(), n, width, down);
   parallel_rows(hidden, n * width, [&](int64_t r0, int64_t r1) {
     project(down, r0, r1, activations, ys.data(), hidden);
   });
@@ -409,9 +504,10 @@ void run_expert(const Matrix<T>& gate, const Matrix<T>& up, const Matrix<T>& dow
 }
 
 // Shapes and types of one call; false (with a logged reason) if they do not fit together.
+// Weights hold `per_byte` values to a byte along their rows (2 for int4).
 bool check_arguments(const Tensor& x, const Tensor& indices, const Tensor& weights,
                      const Tensor& gate, const Tensor& up, const Tensor& down,
-                     ScalarType weight_type) {
+                     ScalarType weight_type, int64_t per_byte = 1) {
   ET_LOG_MSG_AND_RETURN_IF_FALSE(x.scalar_type() == ScalarType::Float && x.dim() == 2,
                                  "bibo::moe_experts: x must be float32 [S, h]");
   ET_LOG_MSG_AND_RETURN_IF_FALSE(
@@ -425,28 +521,30 @@ bool check_arguments(const Tensor& x, const Tensor& indices, const Tensor& weigh
       gate.scalar_type() == weight_type && up.scalar_type() == weight_type &&
           down.scalar_type() == weight_type,
       "bibo::moe_experts: expert weights of the wrong type");
+  const auto stored = [per_byte](int64_t cols) { return (cols + per_byte - 1) / per_byte; };
   ET_LOG_MSG_AND_RETURN_IF_FALSE(
       gate.dim() == 3 && tensors_have_same_shape(gate, up) && down.dim() == 3 &&
-          down.size(0) == gate.size(0) && gate.size(2) == x.size(1) &&
-          down.size(1) == x.size(1) && down.size(2) == gate.size(1),
+          down.size(0) == gate.size(0) && gate.size(2) == stored(x.size(1)) &&
+          down.size(1) == x.size(1) && down.size(2) == stored(gate.size(1)),
       "bibo::moe_experts: expert weights must be gate/up [E, m, h], down [E, h, m]");
   return true;
 }
 
-bool check_scales(const Tensor& scale, const Tensor& weight) {
+// One scale per row ([E, rows]), or per group of a row ([E, rows, groups]).
+bool check_scales(const Tensor& scale, const Tensor& weight, int64_t groups = 0) {
   ET_LOG_MSG_AND_RETURN_IF_FALSE(
-      scale.scalar_type() == ScalarType::Float && scale.dim() == 2 &&
-          scale.size(0) == weight.size(0) && scale.size(1) == weight.size(1),
-      "bibo::moe_experts_int8: scales must be float32 [E, rows]");
+      scale.scalar_type() == ScalarType::Float && scale.dim() == (groups ? 3 : 2) &&
+          scale.size(0) == weight.size(0) && scale.size(1) == weight.size(1) &&
+          (!groups || scale.size(2) == groups),
+      "bibo::moe_experts: scales must be float32 [E, rows] (int8), [E, rows, groups] (int4)");
   return true;
 }
 
-// Groups the (token, choice) pairs by expert, then runs each chosen expert once.
-template <typename T>
-bool compute(const Tensor& x, const Tensor& indices, const Tensor& weights,
-             const T* gate, const T* up, const T* down, const float* gate_scale,
-             const float* up_scale, const float* down_scale, int64_t experts,
-             int64_t width, Tensor& out) {
+// Groups the (token, choice) pairs by expert, then runs each chosen expert once;
+// `matrices(e)` gives expert e's gate, up and down matrices.
+template <typename Matrices>
+bool compute(const Tensor& x, const Tensor& indices, const Tensor& weights, int64_t experts,
+             int64_t width, const Matrices& matrices, Tensor& out) {
   const int64_t tokens = x.size(0), hidden = x.size(1), top_k = indices.size(1);
   const int64_t* index = indices.const_data_ptr<int64_t>();
   const float* weight = weights.const_data_ptr<float>();
@@ -461,13 +559,10 @@ bool compute(const Tensor& x, const Tensor& indices, const Tensor& weights,
   float* y = out.mutable_data_ptr<float>();
   std::fill(y, y + tokens * hidden, 0.f);
   const float* xs = x.const_data_ptr<float>();
-  const int64_t matrix = width * hidden;
   for (int64_t e = 0; e < experts; ++e) {
     if (by_expert[e].empty()) continue;
-    const Matrix<T> g{gate + e * matrix, gate_scale ? gate_scale + e * width : nullptr, hidden};
-    const Matrix<T> u{up + e * matrix, up_scale ? up_scale + e * width : nullptr, hidden};
-    const Matrix<T> d{down + e * matrix, down_scale ? down_scale + e * hidden : nullptr, width};
-    run_expert(g, u, d, width, hidden, xs, by_expert[e], y);
+    const auto [gate, up, down] = matrices(e);
+    run_expert(gate, up, down, width, hidden, xs, by_expert[e], y);
   }
   return true;
 }
@@ -479,12 +574,15 @@ Tensor& moe_experts_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor
                   InvalidArgument, out);
   ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, x.sizes()) == Error::Ok,
                   InvalidArgument, out);
-  ET_KERNEL_CHECK(
-      ctx,
-      compute<float>(x, indices, weights, gate.const_data_ptr<float>(),
-                     up.const_data_ptr<float>(), down.const_data_ptr<float>(), nullptr,
-                     nullptr, nullptr, gate.size(0), gate.size(1), out),
-      InvalidArgument, out);
+  const int64_t width = gate.size(1), hidden = x.size(1), matrix = width * hidden;
+  const auto matrices = [&](int64_t e) {
+    return std::array<Matrix<float>, 3>{
+        Matrix<float>{gate.const_data_ptr<float>() + e * matrix, nullptr, hidden},
+        Matrix<float>{up.const_data_ptr<float>() + e * matrix, nullptr, hidden},
+        Matrix<float>{down.const_data_ptr<float>() + e * matrix, nullptr, width}};
+  };
+  ET_KERNEL_CHECK(ctx, compute(x, indices, weights, gate.size(0), width, matrices, out),
+                  InvalidArgument, out);
   return out;
 }
 
@@ -501,13 +599,55 @@ Tensor& moe_experts_int8_out(KernelRuntimeContext& ctx, const Tensor& x,
                   InvalidArgument, out);
   ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, x.sizes()) == Error::Ok,
                   InvalidArgument, out);
-  ET_KERNEL_CHECK(
-      ctx,
-      compute<int8_t>(x, indices, weights, gate.const_data_ptr<int8_t>(),
-                      up.const_data_ptr<int8_t>(), down.const_data_ptr<int8_t>(),
-                      gate_scale.const_data_ptr<float>(), up_scale.const_data_ptr<float>(),
-                      down_scale.const_data_ptr<float>(), gate.size(0), gate.size(1), out),
-      InvalidArgument, out);
+  const int64_t width = gate.size(1), hidden = x.size(1), matrix = width * hidden;
+  const auto matrices = [&](int64_t e) {
+    return std::array<Matrix<int8_t>, 3>{
+        Matrix<int8_t>{gate.const_data_ptr<int8_t>() + e * matrix,
+                       gate_scale.const_data_ptr<float>() + e * width, hidden},
+        Matrix<int8_t>{up.const_data_ptr<int8_t>() + e * matrix,
+                       up_scale.const_data_ptr<float>() + e * width, hidden},
+        Matrix<int8_t>{down.const_data_ptr<int8_t>() + e * matrix,
+                       down_scale.const_data_ptr<float>() + e * hidden, width}};
+  };
+  ET_KERNEL_CHECK(ctx, compute(x, indices, weights, gate.size(0), width, matrices, out),
+                  InvalidArgument, out);
+  return out;
+}
+
+Tensor& moe_experts_int4_out(KernelRuntimeContext& ctx, const Tensor& x,
+                             const Tensor& indices, const Tensor& weights, const Tensor& gate,
+                             const Tensor& gate_scale, const Tensor& up,
+                             const Tensor& up_scale, const Tensor& down,
+                             const Tensor& down_scale, int64_t group_size, Tensor& out) {
+  ET_KERNEL_CHECK_MSG(ctx, group_size >= 2 && group_size % 2 == 0, InvalidArgument, out,
+                      "bibo::moe_experts_int4: group_size must be even and >= 2");
+  ET_KERNEL_CHECK(ctx,
+                  check_arguments(x, indices, weights, gate, up, down, ScalarType::Byte, 2),
+                  InvalidArgument, out);
+  const int64_t width = gate.size(1), hidden = x.size(1);
+  const auto groups = [group_size](int64_t cols) { return (cols + group_size - 1) / group_size; };
+  ET_KERNEL_CHECK(ctx,
+                  check_scales(gate_scale, gate, groups(hidden)) &&
+                      check_scales(up_scale, up, groups(hidden)) &&
+                      check_scales(down_scale, down, groups(width)),
+                  InvalidArgument, out);
+  ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, x.sizes()) == Error::Ok,
+                  InvalidArgument, out);
+  const int64_t in_matrix = width * ((hidden + 1) / 2), out_matrix = hidden * ((width + 1) / 2);
+  const auto matrices = [&](int64_t e) {
+    return std::array<Int4Matrix, 3>{
+        Int4Matrix{gate.const_data_ptr<uint8_t>() + e * in_matrix,
+                   gate_scale.const_data_ptr<float>() + e * width * groups(hidden), hidden,
+                   group_size},
+        Int4Matrix{up.const_data_ptr<uint8_t>() + e * in_matrix,
+                   up_scale.const_data_ptr<float>() + e * width * groups(hidden), hidden,
+                   group_size},
+        Int4Matrix{down.const_data_ptr<uint8_t>() + e * out_matrix,
+                   down_scale.const_data_ptr<float>() + e * hidden * groups(width), width,
+                   group_size}};
+  };
+  ET_KERNEL_CHECK(ctx, compute(x, indices, weights, gate.size(0), width, matrices, out),
+                  InvalidArgument, out);
   return out;
 }
 
@@ -516,6 +656,7 @@ Tensor& moe_experts_int8_out(KernelRuntimeContext& ctx, const Tensor& x,
 
 EXECUTORCH_LIBRARY(bibo, "moe_experts.out", bibo::moe_experts_out);
 EXECUTORCH_LIBRARY(bibo, "moe_experts_int8.out", bibo::moe_experts_int8_out);
+EXECUTORCH_LIBRARY(bibo, "moe_experts_int4.out", bibo::moe_experts_int4_out);
 
 // Counters for benchmarks and tests, read through ctypes: bytes of expert weights (and
 // scales) read, and experts run, since the last reset.
