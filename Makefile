@@ -35,6 +35,7 @@ DEMO_PRESET ?= sort-demo
 DEMO_STEPS ?= 700
 DEMO_BATCH ?= 256
 DEMO_LR ?= 3e-3
+DEMO_PRECISIONS ?= fp32 int8 int4
 DEMO_RUN ?= runs/demo
 # make demo-text: a tokenizer and a small language model trained on the Python standard library's
 # own top-level modules (every machine with Python has them: ~4.7 MB of code and docstrings),
@@ -46,12 +47,19 @@ TEXT_STEPS ?= 500
 TEXT_BATCH ?= 16
 TEXT_SEQUENCE ?= 128
 TEXT_LR ?= 3e-3
+TEXT_PRECISIONS ?= int8 int4
 TEXT_RUN ?= runs/demo-text
 TEXT_ARTIFACTS ?= artifacts-text
 TEXT_PROMPT ?= def __init__(self
 TEXT_NEW_TOKENS ?= 48
 # Exports that run at once in make demo and make export-executorch (one per core).
 EXPORT_JOBS ?= 2
+# make export-*, parity: the precisions exported and compared, each into ARTIFACTS/RUNTIME/P
+# (fp32 bf16 int8 int4; bf16 is ExecuTorch's only, export-onnx leaves it out).
+PRECISIONS ?= fp32 int8
+comma := ,
+precision_list = $(subst $() ,$(comma),$(strip $(1)))
+EXECUTORCH_EXPORTS := $(addprefix export-executorch-,fp32 bf16 int8 int4)
 # How many of our processes run side by side: each takes cores / BIBO_JOBS compute threads
 # (bibo_export/threads.py), so that parallel lanes do not preempt each other's threads.
 export BIBO_JOBS
@@ -85,24 +93,25 @@ XLA_STAMP := $(VENV_XLA)/.stamp$(if $(TORCH_XLA_EXTRA),-$(TORCH_XLA_EXTRA))
 QUIET_PIP := { grep -v "^WARNING: Location '.*' is ignored" || true; }
 
 .PHONY: help demo demo-text setup setup-export setup-xla test test-export test-xla train-tpu \
-	export-onnx export-onnx-int8 export-executorch export-executorch-fp32 export-executorch-int8 \
+	export-onnx export-executorch $(EXECUTORCH_EXPORTS) \
 	parity bench bench-publish demo-publish bench-sharing bench-train bench-dispatch bench-onnx bench-executorch bench-scale clean distclean \
 	check-kernel-tools setup-aarch64 check-aarch64-tools
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
-demo: setup ## the whole pipeline: train → ONNX + ExecuTorch fp32/int8 → parity → artifacts/report/report.md
+demo: setup ## the whole pipeline: train → ONNX + ExecuTorch fp32/int8/int4 → parity → artifacts/report/report.md
 	@mkdir -p build && date +%s.%N > build/demo-started
 	@echo "== make demo: $$($(VENV_XLA)/bin/bibo-export device)"
 	$(MAKE) --no-print-directory train-tpu PRESET=$(DEMO_PRESET) RUN=$(DEMO_RUN) STEPS=$(DEMO_STEPS) \
 		BATCH=$(DEMO_BATCH) TRAIN_ARGS="--lr $(DEMO_LR) $(TRAIN_ARGS)"
 	@date +%s.%N > build/demo-trained
-	@# The exporters are mostly single-threaded Python. ExecuTorch int8 lowering takes longest,
-	@# so it starts first and keeps a core to itself while fp32 and then ONNX share the other.
-	$(MAKE) --no-print-directory -j$(EXPORT_JOBS) BIBO_JOBS=$(EXPORT_JOBS) export-executorch-int8 export-executorch-fp32 \
-		export-onnx CKPT=$(DEMO_RUN)/final
-	$(MAKE) --no-print-directory parity CKPT=$(DEMO_RUN)/final
+	@# The exporters are mostly single-threaded Python, ExecuTorch's lowering most of all: the
+	@# integer programs start first, fp32 and then ONNX (all precisions, one trace) follow.
+	$(MAKE) --no-print-directory -j$(EXPORT_JOBS) BIBO_JOBS=$(EXPORT_JOBS) \
+		$(addprefix export-executorch-,$(DEMO_PRECISIONS)) export-onnx \
+		CKPT=$(DEMO_RUN)/final PRECISIONS="$(DEMO_PRECISIONS)"
+	$(MAKE) --no-print-directory parity CKPT=$(DEMO_RUN)/final PRECISIONS="$(DEMO_PRECISIONS)"
 	@$(VENV)/bin/python -m bench.publish record-demo --started "$$(cat build/demo-started)" \
 		--trained "$$(cat build/demo-trained)" --report $(ARTIFACTS)/report --out $(ARTIFACTS)/demo.json \
 		--training-python $(VENV_XLA)/bin/python
@@ -117,10 +126,12 @@ demo-text: setup ## text in, text out: tokenizer + language model (XLA) → Exec
 		BATCH=$(TEXT_BATCH) DATA='text:$(TEXT_CORPUS)' TRAIN_ARGS="--tokenizer \
 		$(TEXT_RUN)-tokenizer/tokenizer.json --sequence-length $(TEXT_SEQUENCE) --lr $(TEXT_LR) \
 		$(TRAIN_ARGS)"
-	$(MAKE) --no-print-directory -j$(EXPORT_JOBS) BIBO_JOBS=$(EXPORT_JOBS) export-executorch-int8 export-onnx-int8 \
-		CKPT=$(TEXT_RUN)/final ARTIFACTS=$(TEXT_ARTIFACTS)
-	$(VENV)/bin/bibo-export parity --checkpoint $(TEXT_RUN)/final $(TEXT_ARTIFACTS)/executorch/int8 \
-		$(TEXT_ARTIFACTS)/onnx/int8 --report $(TEXT_ARTIFACTS)/report
+	$(MAKE) --no-print-directory -j$(EXPORT_JOBS) BIBO_JOBS=$(EXPORT_JOBS) \
+		$(addprefix export-executorch-,$(TEXT_PRECISIONS)) export-onnx \
+		CKPT=$(TEXT_RUN)/final ARTIFACTS=$(TEXT_ARTIFACTS) PRECISIONS="$(TEXT_PRECISIONS)"
+	$(VENV)/bin/bibo-export parity --checkpoint $(TEXT_RUN)/final \
+		$(foreach p,$(TEXT_PRECISIONS),$(TEXT_ARTIFACTS)/executorch/$(p) $(TEXT_ARTIFACTS)/onnx/$(p)) \
+		--report $(TEXT_ARTIFACTS)/report
 	@echo "== the same prompt continued by each runtime (greedy, $(TEXT_NEW_TOKENS) tokens at most)"
 	@for model in "$(TEXT_RUN)/final" "$(TEXT_ARTIFACTS)/onnx/int8" \
 		"$(TEXT_ARTIFACTS)/executorch/int8" "$(TEXT_ARTIFACTS)/executorch/int8 --llm-runner"; do \
@@ -220,29 +231,24 @@ $(RUN)/final/config.json:
 
 DEFAULT_CKPT := $(if $(filter $(RUN)/final,$(CKPT)),$(RUN)/final/config.json)
 
-export-onnx: $(STAMP) $(DEFAULT_CKPT) ## CKPT → artifacts/onnx/{fp32,int8}, verified against eager
+export-onnx: $(STAMP) $(DEFAULT_CKPT) ## CKPT → artifacts/onnx/PRECISION for each of PRECISIONS (one trace), verified against eager
 	$(SAY_CKPT)
-	$(VENV)/bin/bibo-export export onnx --checkpoint $(CKPT) --out $(ARTIFACTS)/onnx/fp32 \
-		--int8-out $(ARTIFACTS)/onnx/int8
+	$(VENV)/bin/bibo-export export onnx --checkpoint $(CKPT) \
+		--precision $(call precision_list,$(filter-out bf16,$(PRECISIONS))) --out $(ARTIFACTS)/onnx
 
-# int8 only (make demo-text).
-export-onnx-int8: $(STAMP) $(DEFAULT_CKPT)
+export-executorch: ## CKPT → artifacts/executorch/PRECISION/model.pte for each of PRECISIONS, verified
+	@# Lowering is minutes of single-threaded Python per program: build them side by side.
+	$(MAKE) --no-print-directory -j$(EXPORT_JOBS) BIBO_JOBS=$(EXPORT_JOBS) \
+		$(addprefix export-executorch-,$(PRECISIONS))
+
+# One program each: make export-executorch-int4, …
+$(EXECUTORCH_EXPORTS): export-executorch-%: $(STAMP) $(KERNELS) $(DEFAULT_CKPT)
 	$(SAY_CKPT)
-	$(VENV)/bin/bibo-export export onnx --checkpoint $(CKPT) --out $(ARTIFACTS)/onnx/int8 --int8
+	$(VENV)/bin/bibo-export export executorch --checkpoint $(CKPT) --precision $* \
+		--out $(ARTIFACTS)/executorch
 
-export-executorch: ## CKPT → artifacts/executorch/{fp32,int8}/model.pte, verified
-	@# Lowering is minutes of single-threaded Python per program: build both side by side.
-	$(MAKE) --no-print-directory -j$(EXPORT_JOBS) BIBO_JOBS=$(EXPORT_JOBS) export-executorch-int8 export-executorch-fp32
-
-# One program each: make export-executorch-fp32, make export-executorch-int8.
-export-executorch-fp32 export-executorch-int8: export-executorch-%: $(STAMP) $(KERNELS) $(DEFAULT_CKPT)
-	$(SAY_CKPT)
-	$(VENV)/bin/bibo-export export executorch --checkpoint $(CKPT) \
-		--out $(ARTIFACTS)/executorch/$* $(if $(filter int8,$*),--int8)
-
-# make parity compares whichever of the four exports exist.
-EXPORTED = $(wildcard $(ARTIFACTS)/onnx/fp32 $(ARTIFACTS)/onnx/int8 \
-	$(ARTIFACTS)/executorch/fp32 $(ARTIFACTS)/executorch/int8)
+# make parity compares the exports of PRECISIONS that exist.
+EXPORTED = $(wildcard $(foreach p,$(PRECISIONS),$(ARTIFACTS)/onnx/$(p) $(ARTIFACTS)/executorch/$(p)))
 
 parity: $(STAMP) $(KERNELS) ## every export vs eager on CKPT (docs/parity.md bars) → artifacts/report/report.{md,json}, plots
 	$(if $(EXPORTED),,$(error no exports under $(ARTIFACTS)/: run make export-onnx and/or make export-executorch first))

@@ -1,6 +1,6 @@
 """Exports at real size: a random-init ``reference``-preset checkpoint (752.6M parameters) to
-ONNX fp32 + int8 (one trace) and to ExecuTorch fp32, int8 and bf16, each through the CLI in its
-own process, as a user would run them.
+ONNX fp32 + int8 + int4 (one trace) and to ExecuTorch fp32, int8, int4 and bf16, each through
+the CLI in its own process, as a user would run them.
 
     python -m bench.scale [--preset reference] [--max-length 256] [--work bench/work/scale]
 
@@ -128,23 +128,18 @@ def main() -> None:
     parameters = json.loads((checkpoint / "config.json").read_text())
     cli = [sys.executable, "-m", "bibo_export.cli", "export"]
     common = ["--checkpoint", str(checkpoint), "--max-length", str(args.max_length)]
-    out = {name: args.work / name
-           for name in ("onnx-fp32", "onnx-int8", "et-fp32", "et-int8", "et-bf16")}
-    exports = [
-        ("onnx fp32+int8", [*cli, "onnx", *common, "--out", str(out["onnx-fp32"]),
-                            "--int8-out", str(out["onnx-int8"])],
-         {"fp32": out["onnx-fp32"], "int8": out["onnx-int8"]}),
-        ("executorch fp32", [*cli, "executorch", *common, "--out", str(out["et-fp32"])],
-         {"fp32": out["et-fp32"]}),
-        ("executorch int8", [*cli, "executorch", *common, "--out", str(out["et-int8"]), "--int8"],
-         {"int8": out["et-int8"]}),
-        ("executorch bf16", [*cli, "executorch", *common, "--out", str(out["et-bf16"]),
-                             "--dtype", "bf16"], {"bf16": out["et-bf16"]}),
-    ]
+    onnx, executorch = args.work / "onnx", args.work / "executorch"
+    onnx_precisions = ("fp32", "int8", "int4")
+    exports = [("onnx " + "+".join(onnx_precisions),
+                [*cli, "onnx", *common, "--precision", ",".join(onnx_precisions), "--out",
+                 str(onnx)], {p: onnx / p for p in onnx_precisions})]
+    exports += [(f"executorch {p}", [*cli, "executorch", *common, "--precision", p, "--out",
+                                     str(executorch)], {p: executorch / p})
+                for p in ("fp32", "int8", "int4", "bf16")]
     rows = [export_row(name, command, folders, args.work) for name, command, folders in exports]
     fp32 = {"onnx": rows[0].get("fp32_mb"), "executorch": rows[1].get("fp32_mb")}
     for row in rows:
-        for precision in ("int8", "bf16"):
+        for precision in ("int8", "int4", "bf16"):
             reference = fp32[row["export"].split()[0]]
             if row.get(f"{precision}_mb") and reference:
                 row[f"{precision}_vs_fp32"] = row[f"{precision}_mb"] / reference
@@ -156,8 +151,9 @@ def main() -> None:
                                               "num_routed_experts", "num_experts_per_tok")},
         "rows": rows})
     print(table(rows, ["export", "wall_s", "peak_rss_gb", "fp32_mb", "int8_mb", "int8_vs_fp32",
-                       "bf16_mb", "bf16_vs_fp32", "fp32_verified", "int8_verified",
-                       "bf16_verified", "fp32_max_abs", "int8_cosine", "bf16_cosine"]))
+                       "int4_mb", "int4_vs_fp32", "bf16_mb", "bf16_vs_fp32", "fp32_verified",
+                       "int8_verified", "int4_verified", "bf16_verified", "fp32_max_abs",
+                       "int8_cosine", "int4_cosine", "bf16_cosine"]))
     print(f"wrote {path}")
     if any(row["exit"] != 0 for row in rows):
         raise SystemExit("an export failed: see the logs in " + str(args.work))

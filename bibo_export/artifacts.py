@@ -35,7 +35,18 @@ MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 TRAIN_CONFIG_FILE = "train_config.json"  # marks a training run's folder
 REPORT_FILE = "report.json"  # marks a parity report's folder
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8", "int4")
+INTEGER_PRECISIONS = ("int8", "int4")  # integer weights, int8 activations quantized per token
+# int4 weights have one scale per group of this many consecutive weights of a row; XNNPACK's
+# 4-bit kernels take groups that are multiples of 32.
+INT4_GROUP_SIZES = (32, 64, 128)
+INT4_GROUP_SIZE = 32
+
+
+def check_group_size(group_size: int) -> None:
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"the int4 group size must be one of "
+                         f"{', '.join(map(str, INT4_GROUP_SIZES))}, got {group_size!r}")
 # How an ExecuTorch program computes the routed experts: "selected" reads only the chosen
 # experts through BiBo's kernel library (bibo_export/kernels); "fused" reads every expert and
 # needs only ExecuTorch's own kernels.

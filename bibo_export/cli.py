@@ -16,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import (CONFIG_FILE, EXPERT_MODES, TOKENIZER_FILE, WEIGHTS_FILE, artifact_kind,
-                        tokenizer_beside)
+from .artifacts import (CONFIG_FILE, EXPERT_MODES, INT4_GROUP_SIZE, INT4_GROUP_SIZES, PRECISIONS,
+                        TOKENIZER_FILE, WEIGHTS_FILE, artifact_kind, tokenizer_beside)
 from .config import DISPATCH_MODES, PRESETS, BiBoConfig
 from .export.pipeline import check_max_length, check_outputs
 from .logs import filtered_native_stderr, silence_known_noise
 from .model import BiBoForCausalLM
 from .model.checkpoint import load_config
 from .model.reference import import_reference
-from .outputs import Output, claimed_outputs
+from .outputs import Output, OutputRefused, claimed_outputs, is_protected
 from .parity import run_parity
 from .report import markdown_table, sorting_examples, text_examples, write_report
 from .runtimes import load
@@ -44,18 +44,43 @@ def cmd_config(args: argparse.Namespace) -> None:
     print(config.to_json())
 
 
+# Spellings of the precision that --precision replaced, and what to write instead.
+RETIRED_PRECISION_FLAGS = {"int8": "--int8 is now --precision int8",
+                           "int8_out": "--int8-out DIR is now --precision fp32,int8",
+                           "dtype": "--dtype bf16 is now --precision bf16"}
+
+
+def parse_precisions(text: str) -> list[str]:
+    """--precision's comma-separated list, in order, each once."""
+    precisions = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if not precisions or unknown or len(set(precisions)) < len(precisions):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct precisions among {', '.join(PRECISIONS)}, comma-separated, "
+            f"got {text!r}")
+    return precisions
+
+
 def export_outputs(args: argparse.Namespace) -> dict[str, Path]:
-    """--out (--dtype, or int8 with --int8) and --int8-out: one folder per precision, checked
+    """--out DIR and --precision: one folder per precision, DIR/PRECISION, checked
     (``check_outputs``)."""
-    dtype = getattr(args, "dtype", "fp32")
-    if args.int8 and dtype != "fp32":
-        raise ValueError(f"--int8 and --dtype {dtype} both set --out's precision: choose one")
-    outs = {"int8" if args.int8 else dtype: args.out}
-    if args.int8_out:
-        if args.int8:
-            raise ValueError("--int8-out adds an int8 export beside a float --out; drop --int8")
-        outs["int8"] = args.int8_out
-    return check_outputs(outs)
+    for flag, message in RETIRED_PRECISION_FLAGS.items():
+        if getattr(args, flag, None) is not None:
+            raise ValueError(f"{message} (each precision is written to --out/PRECISION)")
+    if "bf16" in args.precision and args.format != "executorch":
+        raise ValueError("--precision bf16 is ExecuTorch's only: ONNX exports fp32, int8, int4")
+    out = Path(args.out)
+    if out.suffix in (".pte", ".onnx") or (out.exists() and not out.is_dir()):
+        raise ValueError(f"the output must be a folder (it receives a folder per precision, "
+                         f"each with the model file and its manifest), got {out}")
+    checkpoint, resolved = Path(args.checkpoint).resolve(), out.resolve()
+    if checkpoint == resolved or checkpoint in resolved.parents:
+        raise OutputRefused(f"--out {out} is or is inside the input {args.checkpoint}: "
+                            "choose a folder outside it")
+    if is_protected(resolved):  # its precision folders would land beside the user's own
+        raise OutputRefused(f"--out {out} is a filesystem root or the home folder: choose a "
+                            "folder inside it")
+    return check_outputs({precision: out / precision for precision in args.precision})
 
 
 # Each exporter is imported once its arguments are checked: onnx and executorch exist in the
@@ -66,7 +91,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
     checkpoint, outs = export_inputs(args)
     from .export.onnx import export_onnx
 
-    export_onnx(checkpoint, outs, args.max_length)
+    export_onnx(checkpoint, outs, args.max_length, group_size=args.group_size)
 
 
 def cmd_export_executorch(args: argparse.Namespace) -> None:
@@ -74,13 +99,13 @@ def cmd_export_executorch(args: argparse.Namespace) -> None:
     checkpoint, outs = export_inputs(args)
     from .export.executorch import export_executorch
 
-    export_executorch(checkpoint, outs, args.max_length, experts=args.experts)
+    export_executorch(checkpoint, outs, args.max_length, experts=args.experts,
+                      group_size=args.group_size)
 
 
 def export_output_folders(args: argparse.Namespace) -> list[Output]:
     checkpoint = (Path(args.checkpoint),)
-    return [Output(Path(out), args.format, checkpoint) for out in (args.out, args.int8_out)
-            if out]
+    return [Output(out, args.format, checkpoint) for out in export_outputs(args).values()]
 
 
 def export_inputs(args: argparse.Namespace) -> tuple[Path, dict[str, Path]]:
@@ -391,24 +416,29 @@ def build_parser() -> argparse.ArgumentParser:
             ("executorch", cmd_export_executorch, "model.pte, manifest.json")]:
         q = formats.add_parser(name, help=func.__doc__)
         q.add_argument("--checkpoint", required=True, help="a checkpoint folder (e.g. runs/sort-tiny/final)")
-        q.add_argument("--out", required=True, metavar="DIR", help=f"output folder ({files})")
-        q.add_argument("--int8", action="store_true", help="int8 weights; the router stays float")
-        q.add_argument("--int8-out", dest="int8_out", metavar="DIR",
-                       help="also write an int8 export to DIR (sharing the fp32 one's stages)")
+        precisions = "fp32, bf16, int8, int4" if name == "executorch" else "fp32, int8, int4"
+        q.add_argument("--out", required=True, metavar="DIR",
+                       help=f"receives one folder per precision, DIR/PRECISION ({files})")
+        q.add_argument("--precision", type=parse_precisions, default=["fp32"],
+                       metavar="P[,P...]",
+                       help=f"{precisions}; several, comma-separated, share the stages before "
+                            f"quantization (default fp32; the routers always stay float)")
+        q.add_argument("--group-size", dest="group_size", type=int, choices=INT4_GROUP_SIZES,
+                       default=INT4_GROUP_SIZE,
+                       help=f"int4: weights per scale along a row (default {INT4_GROUP_SIZE})")
+        for flag, dest in (("--int8", "int8"), ("--int8-out", "int8_out"), ("--dtype", "dtype")):
+            q.add_argument(flag, dest=dest, nargs="?", const="", help=argparse.SUPPRESS)
         q.add_argument("--max-length", dest="max_length", type=int,
                        help="prompt + generated tokens the cache holds (default: the model's maximum)")
         if name == "executorch":
-            q.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                           help="float type of --out's program (bf16: half the size; bars "
-                                "top-1 ≥ 99%%, cosine ≥ 0.999 vs eager fp32)")
             q.add_argument("--experts", choices=EXPERT_MODES, default="selected",
                            help="selected: a token reads only the experts it chose (BiBo's "
                                 "kernel library, built by make setup, must be linked where "
                                 "the program runs); fused: every expert, ExecuTorch's own "
                                 "kernels only (bf16 programs are always fused)")
         q.add_argument("--overwrite", action="store_true",
-                       help="replace --out even when it holds something other than an earlier "
-                            "output of this command")
+                       help="replace a precision's folder even when it holds something other "
+                            "than an earlier output of this command")
         q.set_defaults(func=func, outputs=export_output_folders)
 
     p = sub.add_parser("import", help="import a checkpoint written by other code")

@@ -25,7 +25,7 @@ from .runtimes.eager import EagerRuntime
 from .tasks.sorting import SortingTask
 from .threads import parallel_jobs, thread_share
 from .timing import time_runtime
-from .verdict import (BF16_BARS, FP32_MAX_ABS, INT8_BARS, check_finite_reference,
+from .verdict import (ACCURACY_BARS, FP32_MAX_ABS, check_finite_reference,
                       compare_logits, compare_tokens, judge, perplexity)
 
 # The speed columns: one batch-1 prompt, then cached decode steps (medians of a few runs).
@@ -135,5 +135,5 @@ def run_parity(checkpoint: str | Path, artifacts: list[str | Path],
             "speed": {"prompt_tokens": speed_prompt.shape[1], "new_tokens": SPEED_NEW_TOKENS,
                       "repeats": SPEED_REPEATS, "batch_size": 1, "threads": thread_share(),
                       "parallel_jobs": parallel_jobs()} if speed else None,
-            "bars": {"fp32_max_abs": FP32_MAX_ABS, "int8": INT8_BARS, "bf16": BF16_BARS},
+            "bars": {"fp32_max_abs": FP32_MAX_ABS, **ACCURACY_BARS},
             "rows": rows, "passed": all(row["passed"] for row in rows[1:])}

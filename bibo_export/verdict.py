@@ -4,13 +4,14 @@ behind them and the judgement of one measured row, in one place: both exporters'
 
 Two scopes, one rule set:
 
-* ``export``: an exporter's check on seeded random prompts. fp32 bars are enforced. int8 and
-  bf16 top-1 bars are only meaningful on a trained model (a random model's logits are nearly
-  tied), so here they are recorded; what is enforced is that an int8 program really runs
-  integer kernels, and a bf16 program's cosine (a relative error, meaningful on any weights).
+* ``export``: an exporter's check on seeded random prompts. fp32 bars are enforced. int8, int4
+  and bf16 top-1 bars are only meaningful on a trained model (a random model's logits are
+  nearly tied), so here they are recorded; what is enforced is that an int8 or int4 program
+  really runs integer kernels, and a bf16 program's cosine (a relative error, meaningful on
+  any weights).
 * ``task``: ``bibo-export parity`` on the checkpoint's own held-out data. Every bar is enforced,
-  int8 accuracy ones included (sorting accuracy within 1 point of eager, or a text model's
-  held-out perplexity within 2 % of eager's).
+  int8 and int4 accuracy ones included (sorting accuracy within 1 point of eager for int8, 2
+  for int4, or a text model's held-out perplexity within 2 % / 5 % of eager's).
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ Scope = Literal["export", "task"]
 FP32_MAX_ABS = {"onnx": 1e-4, "executorch": 1e-3, "eager": 0.0}
 INT8_BARS = {"top1_agreement": 0.98, "cosine": 0.99, "token_accuracy_drop": 0.01,
              "perplexity_increase": 0.02}
+# int4 weights (int8 activations) against eager fp32: 16 levels per group where int8 has 255.
+INT4_BARS = {"top1_agreement": 0.95, "cosine": 0.98, "token_accuracy_drop": 0.02,
+             "perplexity_increase": 0.05}
 # bf16 programs (ExecuTorch) against eager fp32.
 BF16_BARS = {"top1_agreement": 0.99, "cosine": 0.999}
-ACCURACY_BARS = {"int8": INT8_BARS, "bf16": BF16_BARS}
+ACCURACY_BARS = {"int8": INT8_BARS, "int4": INT4_BARS, "bf16": BF16_BARS}
 
 
 def compare_logits(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
@@ -67,7 +71,7 @@ def compare_tokens(candidate: np.ndarray, reference: np.ndarray) -> dict[str, An
 
 
 def accuracy_failures(row: dict[str, Any], precision: str) -> list[str]:
-    """The reduced-precision (int8, bf16) bars ``row`` misses."""
+    """The reduced-precision (int8, int4, bf16) bars ``row`` misses."""
     bars, failures = ACCURACY_BARS[precision], []
     if row["top1_agreement"] < bars["top1_agreement"]:
         failures.append(f"top-1 agreement {row['top1_agreement']:.4f} < "
@@ -91,13 +95,13 @@ def judge(row: dict[str, Any], runtime: str, precision: str, scope: Scope) -> li
     ``row`` holds ``compare_logits`` and ``compare_tokens`` results, and optionally
     ``token_accuracy_drop`` (eager's task accuracy minus this runtime's),
     ``perplexity_increase`` (this runtime's held-out perplexity / eager's − 1) and, in the export
-    scope, ``integer_kernels`` (how many int8 kernels the artifact runs).
+    scope, ``integer_kernels`` (how many integer kernels the artifact runs).
     """
     if not (math.isfinite(row["max_abs"]) and math.isfinite(row["cosine"])):
         return ["non-finite logits (NaN or Inf)"]  # in every scope, whatever the precision
     if precision in ACCURACY_BARS and scope == "task":
         return accuracy_failures(row, precision)
-    if precision == "int8":
+    if precision in ("int8", "int4"):
         return [] if row.get("integer_kernels", 0) > 0 else ["no integer kernels in the program"]
     if precision == "bf16":
         return [f for f in accuracy_failures(row, precision) if f.startswith("cosine")]
@@ -119,5 +123,8 @@ def describe_bars() -> str:
             f"agreement ≥ {INT8_BARS['top1_agreement']:.0%}, cosine ≥ {INT8_BARS['cosine']}, "
             f"task token accuracy within {INT8_BARS['token_accuracy_drop'] * 100:.0f} point of "
             f"eager, text perplexity within {INT8_BARS['perplexity_increase']:.0%} of eager's; "
-            f"bf16: top-1 agreement ≥ {BF16_BARS['top1_agreement']:.0%}, cosine ≥ "
+            f"int4: top-1 agreement ≥ {INT4_BARS['top1_agreement']:.0%}, cosine ≥ "
+            f"{INT4_BARS['cosine']}, task token accuracy within "
+            f"{INT4_BARS['token_accuracy_drop'] * 100:.0f} points, text perplexity within "
+            f"{INT4_BARS['perplexity_increase']:.0%}; bf16: top-1 agreement ≥ {BF16_BARS['top1_agreement']:.0%}, cosine ≥ "
             f"{BF16_BARS['cosine']}")

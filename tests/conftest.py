@@ -29,7 +29,7 @@ collect_ignore = [name for name, package in [("test_onnx.py", "onnx"),
                                              ("test_pipeline.py", "onnx"),
                                              ("test_bad_inputs.py", "onnx"),
                                              ("test_executorch.py", "executorch"),
-                                             ("test_executorch_int8.py", "executorch"),
+                                             ("test_executorch_integer.py", "executorch"),
                                              ("test_executorch_bf16.py", "executorch"),
                                              ("test_text.py", "executorch"),
                                              ("test_kernels.py", "executorch"),
@@ -88,8 +88,7 @@ def trained_export(trained_sort_tiny, shared_tmp):
     root = shared_tmp / "trained-exports"
 
     def export(runtime, precision):
-        folder = root / runtime / precision
-        command, args = trained_export_command(runtime, precision, root)
+        command, args, folder = trained_export_command(runtime, precision, root)
         with exclusive(shared_tmp / f"trained-export-{command}.lock"):
             if not (folder / "manifest.json").exists():  # written last, when verified
                 result = run_cli("export", runtime, "--checkpoint", checkpoint, "--max-length",

@@ -121,18 +121,21 @@ def train_sort_tiny(out_dir: Path, steps: int = 250, length: int = 6, lr: float 
     return final, SortingTask(lengths=(length,), batch_size=32, seed=TrainConfig.seed)
 
 
-def trained_export_command(runtime: str, precision: str, root: Path) -> tuple[str, list[Any]]:
+def trained_export_command(runtime: str, precision: str,
+                           root: Path) -> tuple[str, list[Any], Path]:
     """How the trained sort-tiny's ``runtime`` / ``precision`` export is made (ExecuTorch's
-    ``fused-*`` precisions: the program without BiBo's kernels): (the name of the
-    command that makes it, the arguments of ``bibo-export export RUNTIME`` that follow the
-    checkpoint). ONNX writes fp32 and int8 in one command, which traces once; ExecuTorch lowers
-    each precision in a command of its own, so that two workers can lower two at once."""
+    ``fused-*`` precisions: the program without BiBo's kernels): (the name of the command that
+    makes it, the arguments of ``bibo-export export RUNTIME`` that follow the checkpoint, the
+    export's folder). ONNX writes fp32, int8 and int4 in one command, which traces once;
+    ExecuTorch lowers each precision in a command of its own, so that two workers can lower
+    two at once."""
     if runtime == "onnx":
-        return "onnx", ["--out", root / "onnx" / "fp32", "--int8-out", root / "onnx" / "int8"]
-    flags = {"fp32": [], "int8": ["--int8"], "bf16": ["--dtype", "bf16"],
-             "fused-fp32": ["--experts", "fused"],
-             "fused-int8": ["--int8", "--experts", "fused"]}[precision]
-    return f"{runtime}-{precision}", [*flags, "--out", root / runtime / precision]
+        return "onnx", ["--precision", "fp32,int8,int4", "--out", root / "onnx"], \
+            root / "onnx" / precision
+    experts, _, dtype = precision.rpartition("-")
+    out = root / runtime / (experts or "selected")
+    flags = ["--experts", experts] if experts else []
+    return f"{runtime}-{precision}", [*flags, "--precision", dtype, "--out", out], out / dtype
 
 
 # Two correct fp32 programs differ in the last bits (about 1e-6 of the logits), so where a

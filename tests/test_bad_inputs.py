@@ -46,7 +46,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     (root / "model.json").write_text(config.to_json())
     torch.manual_seed(0)
     BiBoForCausalLM(config).save_pretrained(root / "ckpt")
-    export_onnx(root / "ckpt", {"fp32": root / "onnx"}, max_length=MAX_LENGTH)
+    export_onnx(root / "ckpt", {"fp32": root / "exports" / "fp32"}, max_length=MAX_LENGTH)
 
     run = root / "run"
     run_cli("train", "--config", root / "model.json", "--data", "sort:4", "--steps", 2,
@@ -73,7 +73,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     subprocess.run(["cp", "-r", str(root / "ckpt"), str(mismatched)], check=True)
     (mismatched / "config.json").write_text(tiny_config(hidden_size=64).to_json())
     modified = root / "modified-onnx"
-    subprocess.run(["cp", "-r", str(root / "onnx"), str(modified)], check=True)
+    subprocess.run(["cp", "-r", str(root / "exports" / "fp32"), str(modified)], check=True)
     data = bytearray((modified / "model.onnx.data").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (modified / "model.onnx.data").write_bytes(bytes(data))
@@ -84,6 +84,11 @@ def world(tmp_path_factory) -> dict[str, Path]:
     subprocess.run(["rm", "-r", str(finished / "checkpoints")], check=True)
     (root / "mine").mkdir()  # a folder of the user's that bibo-export never wrote
     (root / "mine" / "notes.txt").write_text("the user's own notes")
+    (root / "user" / "int8").mkdir(parents=True)  # where an int8 export of --out user would go
+    (root / "user" / "int8" / "notes.txt").write_text("the user's own notes")
+    # A checkpoint in a folder named as a precision: --out its parent would replace it.
+    subprocess.run(["mkdir", "-p", str(root / "nested")], check=True)
+    subprocess.run(["cp", "-r", str(root / "ckpt"), str(root / "nested" / "fp32")], check=True)
     huge = root / "huge"  # a config edited to sizes no machine holds
     subprocess.run(["cp", "-r", str(root / "ckpt"), str(huge)], check=True)
     (huge / "config.json").write_text(tiny_config(**{**config.to_dict(),
@@ -93,9 +98,10 @@ def world(tmp_path_factory) -> dict[str, Path]:
         broken.lm_head.weight.fill_(float("nan"))
     broken.save_pretrained(root / "nan")
     return {"root": root, "model": root / "model.json", "ckpt": root / "ckpt", "run": run,
-            "hostile": hostile, "onnx": root / "onnx", "corpus": root / "corpus",
-            "tokenizer": root / "tokenizer" / "tokenizer.json", "finished": finished,
-            "mine": root / "mine", "home": Path.home()}
+            "hostile": hostile, "onnx": root / "exports" / "fp32", "exports": root / "exports",
+            "corpus": root / "corpus", "tokenizer": root / "tokenizer" / "tokenizer.json",
+            "finished": finished, "mine": root / "mine", "user": root / "user",
+            "nested": root / "nested", "home": Path.home()}
 
 
 TRAIN = ("train", "--config", "{model}", "--device", "cpu", "--steps", "2", "--batch-size", "4")
@@ -197,29 +203,37 @@ CASES = {
     "export too long": (("export", "executorch", "--checkpoint", "{ckpt}", "--max-length",
                          "100000", "--out", "{out}"), "max_length must be an integer in [2, 64]",
                         "{out}"),
-    "int8 twice": (("export", "onnx", "--checkpoint", "{ckpt}", "--int8", "--int8-out",
-                    "{out}2", "--out", "{out}"), "drop --int8", "{out}"),
-    "int8 and bf16": (("export", "executorch", "--checkpoint", "{ckpt}", "--int8", "--dtype",
-                       "bf16", "--out", "{out}"), "--int8 and --dtype bf16 both", "{out}"),
-    "bf16 on ONNX": (("export", "onnx", "--checkpoint", "{ckpt}", "--dtype", "bf16", "--out",
-                      "{out}"), "unrecognized arguments: --dtype", "{out}"),
+    "retired --int8": (("export", "onnx", "--checkpoint", "{ckpt}", "--int8", "--out", "{out}"),
+                       "--int8 is now --precision int8", "{out}"),
+    "retired --int8-out": (("export", "onnx", "--checkpoint", "{ckpt}", "--int8-out", "{out}2",
+                            "--out", "{out}"), "--int8-out DIR is now --precision fp32,int8",
+                           "{out}"),
+    "retired --dtype": (("export", "executorch", "--checkpoint", "{ckpt}", "--dtype", "bf16",
+                         "--out", "{out}"), "--dtype bf16 is now --precision bf16", "{out}"),
+    "bf16 on ONNX": (("export", "onnx", "--checkpoint", "{ckpt}", "--precision", "bf16",
+                      "--out", "{out}"), "--precision bf16 is ExecuTorch's only", "{out}"),
+    "unknown precision": (("export", "onnx", "--checkpoint", "{ckpt}", "--precision",
+                           "fp32,int3", "--out", "{out}"), "expected distinct precisions among",
+                          "{out}"),
+    "int4 group size": (("export", "executorch", "--checkpoint", "{ckpt}", "--precision", "int4",
+                         "--group-size", "48", "--out", "{out}"), "invalid choice: 48", "{out}"),
     "unknown format": (("export", "tflite", "--checkpoint", "{ckpt}", "--out", "{out}"),
                        "invalid choice: 'tflite'", "{out}"),
     # output folders are the user's
     "export into its own checkpoint": (("export", "onnx", "--checkpoint", "{ckpt}", "--out",
-                                        "{ckpt}"), "is or contains the input", "{ckpt}"),
-    "export into the run holding its checkpoint": (
-        ("export", "executorch", "--checkpoint", "{run}/final", "--out", "{run}"),
-        "is or contains the input", "{run}"),
-    "export into a folder of the user's": (("export", "onnx", "--checkpoint", "{ckpt}", "--out",
-                                            "{mine}"), "holds files bibo-export did not write",
-                                           "{mine}"),
+                                        "{ckpt}"), "is or is inside the input", "{ckpt}"),
+    "export whose precision folder is its checkpoint": (
+        ("export", "executorch", "--checkpoint", "{nested}/fp32", "--out", "{nested}"),
+        "is or contains the input", "{nested}"),
+    "export into a folder of the user's": (("export", "onnx", "--checkpoint", "{ckpt}",
+                                            "--precision", "int8", "--out", "{user}"),
+                                           "holds files bibo-export did not write", "{user}"),
     "export over another format's export": (("export", "executorch", "--checkpoint", "{ckpt}",
-                                             "--out", "{onnx}"), "holds an ONNX export",
-                                            "{onnx}"),
-    "int8 export into the user's folder": (("export", "onnx", "--checkpoint", "{ckpt}", "--out",
-                                            "{out}", "--int8-out", "{mine}"),
-                                           "holds files bibo-export did not write", "{mine}"),
+                                             "--out", "{exports}"), "holds an ONNX export",
+                                            "{exports}"),
+    "int8 export into the user's folder": (("export", "onnx", "--checkpoint", "{ckpt}",
+                                            "--precision", "fp32,int8", "--out", "{user}"),
+                                           "holds files bibo-export did not write", "{user}"),
     "export to the filesystem root": (("export", "onnx", "--checkpoint", "{ckpt}", "--out", "/"),
                                       "is a filesystem root or the home folder", None),
     "export to the home folder": (("export", "onnx", "--checkpoint", "{ckpt}", "--out",
@@ -255,10 +269,12 @@ CASES = {
                                             "--out", "{out}"), "needs at least", "{out}"),
     # non-finite numbers
     "ONNX int8 export of a checkpoint computing NaN": (
-        ("export", "onnx", "--checkpoint", "{root}/nan", "--int8", "--out", "{out}"),
+        ("export", "onnx", "--checkpoint", "{root}/nan", "--precision", "int8", "--out",
+         "{out}"),
         "non-finite logits", "{out}"),
     "ExecuTorch int8 export of a checkpoint computing NaN": (
-        ("export", "executorch", "--checkpoint", "{root}/nan", "--int8", "--out", "{out}"),
+        ("export", "executorch", "--checkpoint", "{root}/nan", "--precision", "int8",
+         "--out", "{out}"),
         "non-finite logits", "{out}"),
     "parity against a checkpoint computing NaN": (
         ("parity", "--checkpoint", "{root}/nan", "--no-speed", "{onnx}"), "non-finite logits",

@@ -1,7 +1,8 @@
 """BiBo's C++ runner (runner/bibo_runner.cpp) against eager PyTorch: the trained sort-tiny's
-programs, default (BiBo's kernels) and fused (ExecuTorch's own kernels only), fp32 and int8,
-run with no Python on ExecuTorch's released C++ runtime, on this machine (x86-64) and as an
-aarch64 build under qemu-user on two pinned CPU models (with and without ARMv8.2's sdot).
+programs, default (BiBo's kernels; fp32, int8 and int4) and fused (ExecuTorch's own kernels
+only; fp32 and int8), run with no Python on ExecuTorch's released C++ runtime, on this machine
+(x86-64) and as an aarch64 build under qemu-user on two pinned CPU models (with and without
+ARMv8.2's sdot).
 
 Each comparison runs held-out sorting sequences through the runner (the prefill's logits at
 every position) and one greedy generation, against eager's logits and tokens, with the bars of
@@ -20,15 +21,16 @@ from bibo_export.kernels.library import runner_path
 from bibo_export.runtimes import load
 from bibo_export.runtimes.cpp_runner import run_cpp_runner
 from bibo_export.runtimes.eager import EagerRuntime
-from bibo_export.verdict import FP32_MAX_ABS, INT8_BARS, compare_logits
+from bibo_export.verdict import ACCURACY_BARS, FP32_MAX_ABS, compare_logits
 
 pytestmark = pytest.mark.export
 
-PROGRAMS = ["fp32", "int8", "fused-fp32", "fused-int8"]
+PROGRAMS = ["fp32", "int8", "int4", "fused-fp32", "fused-int8"]
 TARGETS = ["native", *ARM_CPUS]
-# Held-out sequences: for int8, enough for its bars (384 positions); fp32's bar is a maximum
-# difference, which fewer show (emulated Arm runs each prefill at about 1/100 of the speed).
-HELD_OUT = {"fp32": 8, "int8": 32}
+# Held-out sequences: for int8 and int4, enough for their bars (384 positions); fp32's bar is a
+# maximum difference, which fewer show (emulated Arm runs each prefill at about 1/100 of the
+# speed).
+HELD_OUT = {"fp32": 8, "int8": 32, "int4": 32}
 NEW_TOKENS = 16
 OLD_PROGRAM = REPOSITORY_ROOT / "tests" / "fixtures" / "llama-ops-program"
 
@@ -68,10 +70,11 @@ def test_the_cpp_runner_computes_what_eager_computes(target, program, trained_ex
         assert delta["max_abs"] <= FP32_MAX_ABS["executorch"], delta
         assert generated.tokens == [greedy]
     else:
-        assert delta["top1_agreement"] >= INT8_BARS["top1_agreement"], delta
-        assert delta["cosine"] >= INT8_BARS["cosine"], delta
+        bars = ACCURACY_BARS[program.removeprefix("fused-")]
+        assert delta["top1_agreement"] >= bars["top1_agreement"], delta
+        assert delta["cosine"] >= bars["cosine"], delta
         drop = token_accuracy(reference, labels) - token_accuracy(logits, labels)
-        assert drop <= INT8_BARS["token_accuracy_drop"], drop
+        assert drop <= bars["token_accuracy_drop"], drop
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -120,7 +120,7 @@ def test_exports_after_make_demo_use_the_demo_checkpoint_without_training(tmp_pa
     mirror = repository_mirror(tmp_path)
     trained_run(mirror, "sort-tiny", age_s=3600)
     trained_run(mirror, "demo", age_s=0)
-    for target in ("export-onnx", "export-executorch-int8"):
+    for target in ("export-onnx", "export-executorch-int4"):
         result = make_dry_run(mirror, target)
         assert result.returncode == 0, result.stderr
         assert "--checkpoint runs/demo/final" in result.stdout

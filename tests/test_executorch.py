@@ -2,7 +2,7 @@
 
 Each program is exported once (fixtures); exports are slow, tests are not. The trained
 sort-tiny's program is the session's (``trained_export``), shared with the pipeline test; its
-int8 program is tested in test_executorch_int8.py.
+int8 and int4 programs are tested in test_executorch_integer.py.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from bibo_export.runtimes import load
 from bibo_export.runtimes.eager import EagerRuntime
 from bibo_export.runtimes.onnx import (METADATA_KEY, PRESENT, OnnxRuntime,
                                        cache_written_in_place, subgraphs)
-from bibo_export.verdict import FP32_MAX_ABS, INT8_BARS, compare_logits, compare_tokens
+from bibo_export.verdict import ACCURACY_BARS, FP32_MAX_ABS, compare_logits, compare_tokens
 from helpers import (TRAINED_MAX_LENGTH, check_failed_export_keeps_previous, dense_checkpoint,
                      renamed_router_model, run_cli, selection_scores, task_accuracy, tie_gaps,
                      tiny_config, untied_prompt)
@@ -74,6 +74,12 @@ def fp32_exports(trained_export, mlp_router):
 @pytest.fixture(scope="module")
 def int8_export(trained_export):
     return trained_export("onnx", "int8")
+
+
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def integer_export(request, trained_export):
+    """The trained sort-tiny's int8 and int4 exports (one trace wrote both)."""
+    return trained_export("onnx", request.param)
 
 
 @pytest.fixture(scope="module")
@@ -300,21 +306,24 @@ def test_integer_kernels_alone_compute_what_they_compute_in_the_program(int8_exp
         np.testing.assert_allclose(value, seen[name], rtol=0, atol=1e-6, err_msg=name)
 
 
-# ------------------------------------------------------------------------------ int8
-def test_int8_matches_trained_eager(int8_export):
-    checkpoint, task, folder, _ = int8_export
-    int8, eager = load(folder), load(checkpoint)
+# ------------------------------------------------------------------------------ int8, int4
+def test_integer_exports_meet_their_bars_on_trained_eager(integer_export):
+    checkpoint, task, folder, manifest = integer_export
+    bars = ACCURACY_BARS[manifest["precision"]]
+    exported, eager = load(folder), load(checkpoint)
     ids = np.concatenate([ids for ids, _ in task.held_out()])
-    metrics = compare_logits(int8.logits(ids), eager.logits(ids))
-    assert metrics["top1_agreement"] >= INT8_BARS["top1_agreement"], metrics
-    assert metrics["cosine"] >= INT8_BARS["cosine"], metrics
-    got, want = task_accuracy(int8, task), task_accuracy(eager, task)
+    metrics = compare_logits(exported.logits(ids), eager.logits(ids))
+    assert metrics["top1_agreement"] >= bars["top1_agreement"], metrics
+    assert metrics["cosine"] >= bars["cosine"], metrics
+    got, want = task_accuracy(exported, task), task_accuracy(eager, task)
     assert want["token_accuracy"] > 0.5, want  # the model learned the task: a meaningful test
-    assert got["token_accuracy"] >= want["token_accuracy"] - INT8_BARS["token_accuracy_drop"]
+    assert got["token_accuracy"] >= want["token_accuracy"] - bars["token_accuracy_drop"]
 
 
-def test_int8_graph_runs_integer_expert_kernels_and_a_float_router(int8_export):
-    _, _, folder, manifest = int8_export
+def test_integer_graphs_run_integer_expert_kernels_and_a_float_router(integer_export):
+    """int8 and int4: QMoE experts and MatMulNBits linears of the precision's bits."""
+    _, _, folder, manifest = integer_export
+    bits = {"int8": 8, "int4": 4}[manifest["precision"]]
     model = onnx.load(folder / "model.onnx", load_external_data=False)
     graphs = list(subgraphs(model.graph))
     config = ArtifactMetadata.from_json(
@@ -323,6 +332,9 @@ def test_int8_graph_runs_integer_expert_kernels_and_a_float_router(int8_export):
     # sort-tiny's experts (h 256, m 256) fit QMoE's blocks: one node per MoE layer, no If left.
     ops = [n.op_type for g in graphs for n in g.node]
     assert ops.count("QMoE") == moe_layers and "If" not in ops
+    for node in (n for g in graphs for n in g.node if n.op_type in ("QMoE", "MatMulNBits")):
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attributes["expert_weight_bits" if node.op_type == "QMoE" else "bits"] == bits
     int8_inputs = {name for g in graphs for n in g.node if n.op_type == "MatMulNBits"
                    for name in n.input}
     for part in ("self_attn.q_proj", "self_attn.o_proj", "lm_head", "shared_expert"):
@@ -390,10 +402,11 @@ def test_int8_experts_qmoe_cannot_block_keep_their_if_nodes(mlp_router):
     assert branch_ops.count("MatMulNBits") == 3 * len(ifs)
 
 
-def test_qmoe_rewrite_alone_changes_logits_by_the_experts_rounding_only():
+@pytest.mark.parametrize("bits, bound", [(8, 2e-3), (4, 2e-2)])
+def test_qmoe_rewrite_alone_changes_logits_by_the_experts_rounding_only(bits, bound):
     """The fp32 graph with only its experts rewritten to QMoE, against that fp32 graph: the one
     difference left is the experts' 8-bit rounding (measured 4e-4 of the logits' range here;
-    gate and up rows swapped gave 5e-3). Two layers, one of them MoE: the same checks in two
+    gate and up rows swapped gave 5e-3), or their 4-bit rounding. Two layers, one of them MoE: the same checks in two
     thirds of the time of three layers."""
     torch.manual_seed(0)
     model = BiBoForCausalLM(tiny_config(hidden_size=64, moe_intermediate_size=32,
@@ -402,10 +415,10 @@ def test_qmoe_rewrite_alone_changes_logits_by_the_experts_rounding_only():
     fp32 = recipe.export(recipe.transform(model))
     onnx.load_external_data_for_model(fp32.model, fp32.weights_dir.name)
     fused = recipe.fork(fp32)
-    assert len(experts_to_qmoe(fused)) == len(model.moe_layers)
+    assert len(experts_to_qmoe(fused, bits, 32)) == len(model.moe_layers)
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 12))
     want, got = (prompt_logits(graph.model, ids) for graph in (fp32, fused))
-    assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()
+    assert np.abs(got - want).max() <= bound * np.abs(want).max()
 
 
 def prompt_logits(model: onnx.ModelProto, ids: np.ndarray) -> np.ndarray:
@@ -420,7 +433,7 @@ def prompt_logits(model: onnx.ModelProto, ids: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("width, hidden, block", [(512, 512, 128), (256, 96, 32), (24, 32, None),
                                                   (1536, 1024, 128), (48, 64, 16)])
 def test_qmoe_block_is_the_largest_power_of_two_dividing_both_dims(width, hidden, block):
-    assert qmoe_block_size(width, hidden) == block
+    assert qmoe_block_size(width, hidden, 128) == block
 
 
 def test_int8_holds_no_float_embedding_table(int8_export):
@@ -437,11 +450,13 @@ def test_int8_holds_no_float_embedding_table(int8_export):
     assert len(lookups) == 1, [n.name for n in lookups]  # the input embedding, read as int8
 
 
-def test_int8_files_are_at_most_035_of_fp32(int8_export, fp32_exports):
-    _, _, folder, manifest = int8_export
+def test_integer_files_are_at_most_035_and_020_of_fp32(integer_export, fp32_exports):
+    """int8 files at most 0.35 of fp32's, int4 at most 0.20 (its embedding table stays int8)."""
+    _, _, folder, manifest = integer_export
     fp32_folder = fp32_exports["sort-tiny"][1]  # the same model in fp32
     size = lambda f: sum(p.stat().st_size for p in f.iterdir() if p.name.startswith("model"))
-    assert size(folder) <= 0.35 * size(fp32_folder), (size(folder), size(fp32_folder))
+    bound = {"int8": 0.35, "int4": 0.20}[manifest["precision"]]
+    assert size(folder) <= bound * size(fp32_folder), (size(folder), size(fp32_folder))
 
 
 # ------------------------------------------------------------------------------ bad inputs

@@ -65,7 +65,8 @@ graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
 session = ort.InferenceSession(helper.make_model(graph).SerializeToString(), session_options(),
                                providers=["CPUExecutionProvider"])
 share_threads()
-out = sys.argv[sys.argv.index("--out") + 1]
+argument = lambda flag: sys.argv[sys.argv.index(flag) + 1]
+out = os.path.join(argument("--out"), argument("--precision"))  # one precision per lane
 os.makedirs(out, exist_ok=True)
 record = dict(jobs=os.environ.get("BIBO_JOBS"), torch=torch.get_num_threads(),
               onnxruntime=session.get_session_options().intra_op_num_threads,

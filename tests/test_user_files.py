@@ -138,8 +138,8 @@ def test_two_writers_of_one_folder_one_wins_whole_the_other_ends_in_one_line(che
     assert sorted(r.returncode for r in results) == [0, 2], [r.stderr[-2000:] for r in results]
     loser = next(r for r in results if r.returncode)
     one_error_line(loser, "is being written by another bibo-export process")
-    run_cli("generate", "--model", out, "--prompt-ids", "3,4", check=True)  # whole: it loads
-    assert hidden_temporaries(out) == []
+    run_cli("generate", "--model", out / "fp32", "--prompt-ids", "3,4", check=True)  # it loads
+    assert hidden_temporaries(out / "fp32") == []
 
 
 @pytest.mark.export  # exports need onnx / executorch (the export env)
@@ -148,7 +148,7 @@ def test_an_export_replaces_its_own_kind_and_says_so_and_overwrite_takes_a_forei
     out = tmp_path / "onnx"
     run_cli("export", "onnx", "--checkpoint", checkpoint, "--out", out, check=True)
     again = run_cli("export", "onnx", "--checkpoint", checkpoint, "--out", out, check=True)
-    assert f"replacing an ONNX export in {out}" in again.stdout
+    assert f"replacing an ONNX export in {out / 'fp32'}\n" in again.stdout
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("the user's notes, which the tokenizer may learn from " * 50)
@@ -186,8 +186,8 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_export(checkpoint, small
     run_cli("export", "onnx", "--checkpoint", checkpoint, "--out", out, check=True)
     before = snapshot(out)
     result = run_cli("export", "onnx", "--checkpoint", checkpoint, "--out", out)
-    one_error_line(result, f"no space left on the device while writing {out}")
-    assert snapshot(out) == before and hidden_temporaries(out) == []
+    one_error_line(result, f"no space left on the device while writing {out / 'fp32'}")
+    assert snapshot(out) == before and hidden_temporaries(out / "fp32") == []
 
 
 def test_a_full_disk_during_training_is_one_line(small_disk, tmp_path):

@@ -34,6 +34,7 @@ itself, to our runtime and to ExecuTorch's runner.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,8 @@ from torch._ops import OpOverload
 from torchao.quantization import IntxWeightOnlyConfig, quantize_
 from torchao.quantization.granularity import PerAxis
 
-from ..artifacts import EXPERT_MODES, PTE_FILE, ArtifactMetadata
+from ..artifacts import (EXPERT_MODES, INT4_GROUP_SIZE, INTEGER_PRECISIONS, PTE_FILE,
+                         ArtifactMetadata, check_group_size)
 from ..kernels.library import load_kernels
 from ..model import BiBoForCausalLM
 from ..model.attention import GroupedAttention
@@ -58,15 +60,21 @@ from ..model.moe import MLPExperts, SharedConvExpert
 from ..runtimes.executorch import METADATA_METHOD
 from .decoders import StatefulDecoder
 from .pipeline import ExportSettings, Recipe, Stage, run_export
-from .transforms import (CacheAttention, DynamicInt8Linear, FusedExperts, InPlaceCacheWrite,
-                         MatmulMeanRMSNorm, MatmulRotary, SelectedExperts, SelectedExpertsInt8,
-                         UnfoldedSharedExpert, export_form, router_names, swap_modules)
+from .transforms import (CacheAttention, DynamicInt4Linear, DynamicInt8Linear, FusedExperts,
+                         InPlaceCacheWrite, MatmulMeanRMSNorm, MatmulRotary, SelectedExperts,
+                         SelectedExpertsInt4, SelectedExpertsInt8, UnfoldedSharedExpert,
+                         export_form, router_names, swap_modules)
 
-QUANTIZATION = ("8da8w (int8 per-channel weights, int8 dynamic per-token activations); "
-                "embedding int8 per row (embedding_byte); router float")
-SELECTED_QUANTIZATION = ("; routed experts int8 per row, activations int8 per token "
-                         "(bibo::moe_experts_int8)")
-EXPERT_MODULES = (FusedExperts, SelectedExperts, SelectedExpertsInt8)
+EMBEDDING_AND_ROUTER = "; embedding int8 per row (embedding_byte); router float"
+QUANTIZATION = {
+    "int8": "8da8w (int8 per-channel weights, int8 dynamic per-token activations)",
+    "int4": ("8da4w (int4 weights with a bf16 scale per group of {group} input weights, int8 "
+             "dynamic per-token activations)")}
+SELECTED_QUANTIZATION = {
+    "int8": "; routed experts int8 per row, activations int8 per token (bibo::moe_experts_int8)",
+    "int4": ("; routed experts int4, two to a byte, a scale per group of {group}, activations "
+             "int8 per token (bibo::moe_experts_int4)")}
+EXPERT_MODULES = (FusedExperts, SelectedExperts, SelectedExpertsInt8, SelectedExpertsInt4)
 
 
 @dataclass
@@ -86,8 +94,11 @@ class ExecuTorchRecipe(Recipe):
     format = "executorch"
     versions_of = ("executorch", "torchao")
 
-    def __init__(self, settings: ExportSettings, experts: str = "selected") -> None:
+    def __init__(self, settings: ExportSettings, experts: str = "selected",
+                 group_size: int = INT4_GROUP_SIZE) -> None:
         super().__init__(settings)
+        check_group_size(group_size)
+        self.group_size = group_size
         if experts not in EXPERT_MODES:
             raise ValueError(f"experts must be one of {', '.join(EXPERT_MODES)}, got {experts!r}")
         if experts == "selected":
@@ -99,7 +110,9 @@ class ExecuTorchRecipe(Recipe):
         return [("transform", self.transform)]
 
     def output_stages(self, metadata: ArtifactMetadata) -> list[Stage]:
-        first = {"int8": [("quantize", quantize_int8)], "bf16": [("cast", cast_bf16)]}
+        first = {"int8": [("quantize", quantize_int8)],
+                 "int4": [("quantize", lambda build: quantize_int4(build, self.group_size))],
+                 "bf16": [("cast", cast_bf16)]}
         return [*first.get(metadata.precision, []), ("export", self.export),
                 ("lower", lambda build: self.lower(build, metadata))]
 
@@ -144,7 +157,8 @@ class ExecuTorchRecipe(Recipe):
         # (3 GB each at 750M parameters, shared) before the final program is built.
         build.exported = build.decoder = None
         # Quant fusion maps int8 embeddings to embedding_byte; float programs skip the pass.
-        fuse = ExecutorchBackendConfig(do_quant_fusion_and_const_prop=metadata.precision == "int8")
+        fuse = ExecutorchBackendConfig(
+            do_quant_fusion_and_const_prop=metadata.precision in INTEGER_PRECISIONS)
         build.program = edge.to_executorch(fuse)
         return build
 
@@ -156,12 +170,16 @@ class ExecuTorchRecipe(Recipe):
     def inspect(self, build: ProgramBuild, folder: Path, precision: str) -> dict[str, Any]:
         facts: dict[str, Any] = {"ops": build.ops, "experts": experts_mode(build.ops),
                                  "decode_weight_bytes_per_token": build.weight_bytes}
-        if precision == "int8":
+        if precision in INTEGER_PRECISIONS:
             selected = facts["experts"] == "selected"
-            facts.update(quantization=QUANTIZATION + (SELECTED_QUANTIZATION if selected else ""),
+            described = QUANTIZATION[precision] + EMBEDDING_AND_ROUTER + \
+                (SELECTED_QUANTIZATION[precision] if selected else "")
+            facts.update(quantization=described.format(group=self.group_size),
                          quantized_linears=len(build.quantized),
                          quantized_embeddings=len(build.quantized_tables),
                          integer_kernels=build.ops["quantized_linears"])
+            if precision == "int4":
+                facts["group_size"] = self.group_size
         return facts
 
     def summary(self, manifest: dict[str, Any]) -> str:
@@ -169,7 +187,7 @@ class ExecuTorchRecipe(Recipe):
         weight_bytes = manifest["decode_weight_bytes_per_token"]
         return (f"[executorch] {manifest['precision']}: {manifest['total_bytes'] / 1e6:.2f} MB; "
                 f"XNNPACK {ops['delegate_calls']} delegates ({ops['delegated_ops']} ops, "
-                f"{ops['quantized_linears']} int8 linears), {ops['portable_ops']} portable ops; "
+                f"{ops['quantized_linears']} quantized linears), {ops['portable_ops']} portable ops; "
                 f"experts {manifest['experts']}; decode reads "
                 f"{weight_bytes['touched'] / 1e6:.2f} MB/token (active minimum "
                 f"{weight_bytes['active_minimum'] / 1e6:.2f} MB); vs eager max|Δ| "
@@ -180,15 +198,16 @@ class ExecuTorchRecipe(Recipe):
 
 def export_executorch(source: str | Path | BiBoForCausalLM, outs: dict[str, str | Path],
                       max_length: int | None = None, batch_size: int = 1,
-                      reference: BiBoForCausalLM | None = None,
-                      experts: str = "selected") -> dict[str, dict[str, Any]]:
+                      reference: BiBoForCausalLM | None = None, experts: str = "selected",
+                      group_size: int = INT4_GROUP_SIZE) -> dict[str, dict[str, Any]]:
     """Export to one folder per precision (``model.pte`` + ``manifest.json``), e.g.
     ``{"int8": "artifacts/executorch/int8"}``. ``max_length`` (default: the model's maximum)
     bounds prompt + generated tokens; the program is built for a fixed ``batch_size``.
     ``experts`` (``EXPERT_MODES``): ``selected`` programs need BiBo's kernel library wherever
-    they run, ``fused`` ones only ExecuTorch's own kernels."""
+    they run, ``fused`` ones only ExecuTorch's own kernels. ``group_size``: int4's weights
+    per scale."""
     return run_export(ExecuTorchRecipe, source, outs, max_length, batch_size, reference,
-                      experts=experts)
+                      experts=experts, group_size=group_size)
 
 
 def experts_mode(ops: dict[str, Any]) -> str:
@@ -217,7 +236,21 @@ def quantize_int8(build: ProgramBuild) -> ProgramBuild:
     """8da8w (int8 per-channel weights, int8 dynamic per-token activations) on every Linear but
     the routers (kept float, docs/export.md); int8 embedding tables with one scale per row; the
     selected-experts operator's weights as int8 rows."""
-    swap_modules(build.decoder, {SelectedExperts: SelectedExpertsInt8})
+    return quantize_integer(build, SelectedExpertsInt8, DynamicInt8Linear)
+
+
+def quantize_int4(build: ProgramBuild, group_size: int) -> ProgramBuild:
+    """8da4w (int4 weights with a scale per ``group_size`` input weights, int8 dynamic
+    per-token activations) on every Linear but the routers; the selected-experts operator's
+    weights int4 in the same groups; embedding tables int8 per row, as int8 programs have
+    them (a lookup reads one row, so 4 bits would save little decode traffic)."""
+    return quantize_integer(build, lambda experts: SelectedExpertsInt4(experts, group_size),
+                            lambda linear: DynamicInt4Linear(linear, group_size))
+
+
+def quantize_integer(build: ProgramBuild, experts_form: Callable[[SelectedExperts], nn.Module],
+                     linear_form: Callable[[nn.Linear], nn.Module]) -> ProgramBuild:
+    swap_modules(build.decoder, {SelectedExperts: experts_form})
     routers = router_names(build.decoder)
     modules = dict(build.decoder.named_modules())
     build.quantized = {name for name, module in modules.items()
@@ -226,7 +259,7 @@ def quantize_int8(build: ProgramBuild) -> ProgramBuild:
                               if isinstance(module, nn.Embedding)}
     for name in build.quantized:
         parent, _, child = name.rpartition(".")
-        setattr(build.decoder.get_submodule(parent), child, DynamicInt8Linear(modules[name]))
+        setattr(build.decoder.get_submodule(parent), child, linear_form(modules[name]))
     table = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
     quantize_(build.decoder, table, filter_fn=lambda module, name: name in build.quantized_tables)
     return build
@@ -250,8 +283,8 @@ def decode_weight_bytes(build: ProgramBuild) -> dict[str, int]:
     inside ``torch.cond``, docs/export.md); the selected-experts kernel reads the chosen ones, at
     most the minimum (its own counter measures what it read: ``kernels.library``). Both read
     one embedding row. int8 tables (torchao's): 1 byte per weight plus an fp32 scale per row;
-    every other tensor at its own element size (int8 Linears hold int8 weights and fp32
-    scales).
+    int4 Linears: half a byte per weight and XNNPACK's bf16 group scales; every other tensor
+    at its own element size (int8 Linears hold int8 weights and fp32 scales).
     """
     model = build.decoder.model
     config, prefix = model.config, "model."
@@ -265,7 +298,7 @@ def decode_weight_bytes(build: ProgramBuild) -> dict[str, int]:
                 module.embedding_dim * module.weight.element_size()
             continue
         for param in module.parameters(recurse=False):
-            size = param.numel() * param.element_size()
+            size = stored_bytes(module, param)
             total += size
             # FusedExperts holds its weights in child Linears, the selected forms directly.
             if name in expert_modules or name.rpartition(".")[0] in expert_modules:
@@ -276,6 +309,16 @@ def decode_weight_bytes(build: ProgramBuild) -> dict[str, int]:
     fused = any(isinstance(module, FusedExperts) for module in model.modules())
     return {"touched": total if fused else minimum, "active_minimum": minimum,
             "outside_routed_experts": total - expert}
+
+
+def stored_bytes(module: nn.Module, param: nn.Parameter) -> int:
+    """The bytes a program holds for one of ``module``'s own parameters: XNNPACK packs an int4
+    Linear's weights (int8 until then) two to a byte and keeps its group scales in bf16."""
+    if isinstance(module, DynamicInt4Linear) and param is module.weight:
+        return (param.numel() + 1) // 2
+    if isinstance(module, DynamicInt4Linear) and param is module.scale:
+        return param.numel() * 2
+    return param.numel() * param.element_size()
 
 
 def op_name(node: torch.fx.Node) -> str:

@@ -50,7 +50,8 @@ from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQu
                                                               MatMulNBitsQuantizer)
 from torch import nn
 
-from ..artifacts import ONNX_DATA_FILE, ONNX_FILE, ArtifactMetadata
+from ..artifacts import (INT4_GROUP_SIZE, INTEGER_PRECISIONS, ONNX_DATA_FILE, ONNX_FILE,
+                         ArtifactMetadata, check_group_size)
 from ..kernels.moe_experts import quantize_rows
 from ..model import BiBoForCausalLM
 from ..model.attention import Attention, GroupedAttention
@@ -58,7 +59,7 @@ from ..model.layers import CacheWrite, SwiGLU
 from ..model.moe import MLPExperts, Router, SharedConvExpert
 from ..runtimes.onnx import METADATA_KEY, PRESENT, OnnxRuntime, subgraphs
 from .decoders import FlatCacheDecoder, cache_names, flatten_cache
-from .pipeline import Recipe, Stage, run_export
+from .pipeline import ExportSettings, Recipe, Stage, run_export
 from .transforms import (ScatterCacheWrite, SdpaGroupedAttention,
                          SkipUnselectedExperts, UnfoldedSharedExpert, export_form, router_names)
 
@@ -94,8 +95,17 @@ class OnnxRecipe(Recipe):
         return [("transform", self.transform), ("export", self.export),
                 ("trim attention", trim_attention)]
 
+    def __init__(self, settings: ExportSettings, group_size: int = INT4_GROUP_SIZE) -> None:
+        super().__init__(settings)
+        check_group_size(group_size)
+        self.group_size = group_size
+
     def output_stages(self, metadata: ArtifactMetadata) -> list[Stage]:
-        return [("quantize", quantize_int8)] if metadata.precision == "int8" else []
+        if metadata.precision == "int8":
+            return [("quantize", lambda state: quantize_weights(state, 8, BLOCK_SIZE))]
+        if metadata.precision == "int4":
+            return [("quantize", lambda state: quantize_weights(state, 4, self.group_size))]
+        return []
 
     def fork(self, state: OnnxGraph) -> OnnxGraph:
         graph = onnx.ModelProto()
@@ -147,7 +157,7 @@ class OnnxRecipe(Recipe):
 
     def inspect(self, state: OnnxGraph, folder: Path, precision: str) -> dict[str, Any]:
         facts: dict[str, Any] = {"opset": OPSET}
-        if precision == "int8":
+        if precision in INTEGER_PRECISIONS:
             kernels = integer_kernels(folder / ONNX_FILE)
             facts.update(quantization=state.quantization, integer_kernels=sum(kernels.values()),
                          integer_kernels_by_op=kernels)
@@ -158,19 +168,23 @@ class OnnxRecipe(Recipe):
         line = (f"[onnx] {manifest['precision']}: {manifest['total_bytes'] / 1e6:.1f} MB, vs "
                 f"eager max|Δ| {v['max_abs']:.2e}, top-1 {v['top1_agreement']:.3f}, cosine "
                 f"{v['cosine']:.4f}, greedy match {v['greedy_match']}")
-        if manifest["precision"] == "int8":
-            line += (f", {manifest['integer_kernels']} integer kernels, int8 accuracy bars "
-                     f"{'met' if v['int8_bars_met_on_random_prompts'] else 'not met'} on random "
-                     "prompts (judged on the task by bibo-export parity)")
+        precision = manifest["precision"]
+        if precision in INTEGER_PRECISIONS:
+            met = v[f"{precision}_bars_met_on_random_prompts"]
+            line += (f", {manifest['integer_kernels']} integer kernels, {precision} accuracy bars "
+                     f"{'met' if met else 'not met'} on random prompts (judged on the task by "
+                     "bibo-export parity)")
         return line + ", verified"
 
 
 def export_onnx(source: str | Path | BiBoForCausalLM, outs: dict[str, str | Path],
-                max_length: int | None = None,
-                reference: BiBoForCausalLM | None = None) -> dict[str, dict[str, Any]]:
+                max_length: int | None = None, reference: BiBoForCausalLM | None = None,
+                group_size: int = INT4_GROUP_SIZE) -> dict[str, dict[str, Any]]:
     """Export to one folder per precision (model.onnx, model.onnx.data, manifest.json), e.g.
-    ``{"fp32": "artifacts/onnx/fp32", "int8": "artifacts/onnx/int8"}``, from one trace."""
-    return run_export(OnnxRecipe, source, outs, max_length, reference=reference)
+    ``{"fp32": "artifacts/onnx/fp32", "int8": "artifacts/onnx/int8"}``, from one trace;
+    ``group_size``: int4's weights per scale."""
+    return run_export(OnnxRecipe, source, outs, max_length, reference=reference,
+                      group_size=group_size)
 
 
 # ------------------------------------------------------------------------------ attention
@@ -268,25 +282,26 @@ def router_nodes(state: OnnxGraph) -> list[str]:
             if state.router_scopes & set(module_scopes(node))]
 
 
-def quantize_int8(state: OnnxGraph) -> OnnxGraph:
-    """8-bit block-quantized weights with int8 compute on everything but the routers (the
-    experts as QMoE nodes), and int8 embedding tables."""
+def quantize_weights(state: OnnxGraph, bits: int, block: int) -> OnnxGraph:
+    """``bits``-bit (8 or 4) weights in blocks of ``block`` along the input with int8 compute
+    on everything but the routers (the experts as QMoE nodes), and int8 embedding tables (a
+    lookup reads one row: 4 bits would save little)."""
     model = state.model
     if state.weights_dir is not None:
         onnx.load_external_data_for_model(model, state.weights_dir.name)
-    fused = experts_to_qmoe(state)
+    fused = experts_to_qmoe(state, bits, block)
     rewritten = gemms_to_matmuls(model)
     name_linear_weights(model)
     tables = quantize_embedding_tables(model)
     excluded = router_nodes(state)
-    quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=BLOCK_SIZE, is_symmetric=True,
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True,
                                      accuracy_level=4, nodes_to_exclude=excluded)
     quantizer.process()  # in place: no second copy of the weights
     quantized = quantizer.model.model
     return OnnxGraph(quantized, state.router_scopes, state.module_groups, state.top_k,
                      {"qmoe_experts": fused, "gemms_rewritten": rewritten,
                       "float_router_nodes": excluded, "int8_embedding_tables": tables,
-                      "block_size": BLOCK_SIZE,
+                      "bits": bits, "block_size": block,
                       "quantized_weights": quantized_weights(state, quantized)})
 
 
@@ -294,17 +309,17 @@ def quantize_int8(state: OnnxGraph) -> OnnxGraph:
 # silu(g) · u at α = 1, β = 0; its CPU kernel takes each expert's gate and up rows interleaved
 # (swiglu_fusion 1), and computes 8-bit blocks with int8 activations (accuracy_level 4).
 QMOE_ATTRIBUTES = dict(activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
-                       activation_beta=0.0, expert_weight_bits=8, normalize_routing_weights=0,
-                       accuracy_level=4)
+                       activation_beta=0.0, normalize_routing_weights=0, accuracy_level=4)
 QMOE_MIN_BLOCK = 16  # QMoE's blocks are powers of two ≥ 16 that divide both expert dims
 # QMoE's inputs, in order: (input, router_probs, fc1, fc1 scales, fc1 bias, fc2, fc2 scales,
 # fc2 bias, fc3 and its scales and bias, three zero points, router_weights).
 QMOE_ROUTER_WEIGHTS = 14
 
 
-def experts_to_qmoe(state: OnnxGraph) -> list[str]:
+def experts_to_qmoe(state: OnnxGraph, bits: int, largest_block: int) -> list[str]:
     """Replace each experts module's chain of ``If`` nodes (one per expert) by one
-    ``com.microsoft.QMoE`` node with 8-bit expert weights; returns the modules' names.
+    ``com.microsoft.QMoE`` node with ``bits``-bit expert weights in blocks of at most
+    ``largest_block``; returns the modules' names.
 
     QMoE takes the routing as two [S, E] inputs: ``router_probs``, of which it runs each token's
     top k, and ``router_weights``, which mix their outputs. Both are the graph's gates (each
@@ -317,13 +332,13 @@ def experts_to_qmoe(state: OnnxGraph) -> list[str]:
     for scope in [name for name, group in state.module_groups.items() if group == "experts"]:
         nodes = [node for node in graph.node if scope in module_scopes(node)]
         gate, up, down = expert_projections(scope, nodes, initializers)
-        block = qmoe_block_size(*gate.shape[1:])
+        block = qmoe_block_size(*gate.shape[1:], largest_block)
         if block is None:
             continue  # these experts keep their If nodes (see qmoe_block_size)
         flat, gates, output = experts_boundary(graph, nodes, initializers)
         fc1, fc1_scales = quantize_blocks(np.stack([gate, up], axis=2).reshape(
-            gate.shape[0], -1, gate.shape[2]), block)  # rows g₀, u₀, g₁, u₁, …
-        fc2, fc2_scales = quantize_blocks(down, block)
+            gate.shape[0], -1, gate.shape[2]), block, bits)  # rows g₀, u₀, g₁, u₁, …
+        fc2, fc2_scales = quantize_blocks(down, block, bits)
         weights = {f"{scope}.{name}": array for name, array in (
             ("fc1", fc1), ("fc1_scales", fc1_scales), ("fc2", fc2), ("fc2_scales", fc2_scales))}
         bounds = {f"{scope}.mlp_gates_{name}": np.array([value])  # gates[:, :E]
@@ -338,7 +353,8 @@ def experts_to_qmoe(state: OnnxGraph) -> list[str]:
             onnx.helper.make_node("Slice", [gates, *bounds], [mlp_gates], name=mlp_gates),
             onnx.helper.make_node("QMoE", inputs, [output], name=f"{scope}.qmoe",
                                   domain="com.microsoft", k=min(state.top_k, gate.shape[0]),
-                                  block_size=block, **QMOE_ATTRIBUTES)]
+                                  block_size=block, expert_weight_bits=bits,
+                                  **QMOE_ATTRIBUTES)]
         replace_nodes(graph, nodes, replacement)
         fused.append(scope)
     if fused:
@@ -421,22 +437,24 @@ def drop_unread_initializers(model: onnx.ModelProto) -> None:
             del initializers[index]
 
 
-def qmoe_block_size(width: int, hidden: int) -> int | None:
-    """The largest block QMoE can take for experts of this shape, at most ``BLOCK_SIZE``; None
+def qmoe_block_size(width: int, hidden: int, largest: int) -> int | None:
+    """The largest block QMoE can take for experts of this shape, at most ``largest``; None
     where no block fits (the `reference` preset's width 684). Those experts keep their ``If``
     nodes: QMoE with one scale per row instead decoded `reference` at 25.0 tokens/s against
     33.9 with the ``If`` nodes (int8, 1 thread, 2026-11-27)."""
-    block = BLOCK_SIZE
+    block = largest
     while block >= QMOE_MIN_BLOCK and (width % block or hidden % block):
         block //= 2
     return block if block >= QMOE_MIN_BLOCK else None
 
 
-def quantize_blocks(weights: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """[E, N, K] float → ([E, N, K] uint8, [E, N, K / block] scales): ORT's own symmetric 8-bit
-    block quantization, MatMulNBits' (zero point 128)."""
+def quantize_blocks(weights: np.ndarray, block: int,
+                    bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """[E, N, K] float → ([E, N, K · bits / 8] uint8, [E, N, K / block] scales): ORT's own
+    symmetric block quantization, MatMulNBits' (zero point 128 at 8 bits, 8 at 4, where two
+    weights share a byte)."""
     quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
-        block_size=block, is_symmetric=True, bits=8))
+        block_size=block, is_symmetric=True, bits=bits))
     blocks = [quantizer.qbits_block_quant(np.ascontiguousarray(w.T))[:2] for w in weights]
     return (np.stack([q.reshape(q.shape[0], -1) for q, _ in blocks]),
             np.stack([scales for _, scales in blocks]).astype(np.float32))

@@ -138,7 +138,7 @@ class Recipe(ABC):
 
     @abstractmethod
     def inspect(self, state: Any, folder: Path, precision: str) -> dict[str, Any]:
-        """Facts for the manifest; ``integer_kernels`` (int8) feeds the verdict."""
+        """Facts for the manifest; ``integer_kernels`` (int8, int4) feeds the verdict."""
 
     @abstractmethod
     def summary(self, manifest: dict[str, Any]) -> str:

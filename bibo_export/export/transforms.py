@@ -9,7 +9,8 @@ handles better:
     only the chosen experts;
   * ``SelectedExperts`` (ExecuTorch): one call of the custom operator ``bibo::moe_experts``
     with the routing as inputs, whose C++ kernel runs only the chosen experts;
-    ``SelectedExpertsInt8`` is its int8 form (int8 rows, one scale each);
+    ``SelectedExpertsInt8`` is its int8 form (int8 rows, one scale each),
+    ``SelectedExpertsInt4`` its int4 form (two weights a byte, one scale per group);
   * ``FusedExperts`` (ExecuTorch without the kernel library, and bf16): three wide
     ``nn.Linear`` for all experts, which XNNPACK delegates (it cannot delegate inside
     ``cond``, docs/export.md) at the price of reading every expert.
@@ -19,7 +20,8 @@ handles better:
   ``nn.Linear`` over the window of the last K inputs, which 8da8w and ORT's MatMul
   quantization handle (ORT's ``ConvInteger`` took 150 µs per one-token call at `bench`).
 * ``nn.Linear`` → ``DynamicInt8Linear`` (ExecuTorch int8, every Linear but the routers):
-  "8da8w" in the ``quantized_decomposed`` operators that XNNPACK runs as int8 GEMMs.
+  "8da8w" in the ``quantized_decomposed`` operators that XNNPACK runs as int8 GEMMs;
+  ``DynamicInt4Linear`` (int4): "8da4w", group-wise int4 weights XNNPACK runs as such.
 
 * ``RMSNorm`` → ``MatmulMeanRMSNorm`` (ExecuTorch): the mean of squares as a product with a
   constant row of ones, which XNNPACK delegates; its ``mean.dim`` takes only 4-D inputs, so
@@ -54,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels import attention  # noqa: F401 - registers bibo::update_cache, cache_attention
-from ..kernels.moe_experts import quantize_rows
+from ..kernels.moe_experts import pack_int4, quantize_groups, quantize_rows
 from ..model import BiBoForCausalLM
 from ..model.attention import AttentionInputs, GroupedAttention
 from ..model.layers import (CacheWrite, RMSNorm, Rotary, SwiGLU, causal_window, causal_windows,
@@ -212,7 +214,27 @@ class SelectedExpertsInt8(nn.Module):
         return out, no_drops(flat)
 
 
-# ------------------------------------------------------------------------------ int8 linears
+class SelectedExpertsInt4(nn.Module):
+    """``SelectedExperts`` with int4 weights, two to a byte, one float scale per group of
+    ``group_size`` weights of a row (``bibo::moe_experts_int4``; activations int8 per token)."""
+
+    def __init__(self, experts: SelectedExperts, group_size: int) -> None:
+        super().__init__()
+        self.group_size = group_size
+        for name, weight in zip(("gate", "up", "down"), stacked_weights(experts)):
+            q, scale = quantize_groups(weight, group_size)
+            setattr(self, name, frozen(pack_int4(q)))
+            setattr(self, f"{name}_scale", frozen(scale))
+
+    def forward(self, flat: Tensor, selection: Selection) -> tuple[Tensor, Tensor]:
+        out = torch.ops.bibo.moe_experts_int4(
+            flat, selection.indices, selection.weights.to(flat.dtype), self.gate,
+            self.gate_scale, self.up, self.up_scale, self.down, self.down_scale,
+            self.group_size)
+        return out, no_drops(flat)
+
+
+# ------------------------------------------------------------------------------ integer linears
 class DynamicInt8Linear(nn.Module):
     """``nn.Linear`` as "8da8w": int8 weights with one scale per output channel
     (``quantize_rows``), activations quantized to int8 per token (asymmetric) at each call.
@@ -224,20 +246,50 @@ class DynamicInt8Linear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, scale = quantize_rows(linear.weight)
+        q, scale = self.quantize(linear.weight)
         self.weight, self.scale = frozen(q), frozen(scale)
         self.bias = None if linear.bias is None else frozen(linear.bias)
-        self.register_buffer("zero_point", torch.zeros(q.shape[0], dtype=torch.long),
+        self.register_buffer("zero_point", torch.zeros_like(scale, dtype=torch.long),
                              persistent=False)
+
+    def quantize(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        return quantize_rows(weight)
 
     def forward(self, x: Tensor) -> Tensor:
         ops = torch.ops.quantized_decomposed
         scale, zero = ops.choose_qparams_per_token_asymmetric(x, torch.int8)
         q = ops.quantize_per_token(x, scale, zero, -128, 127, torch.int8)
         x = ops.dequantize_per_token(q, scale, zero, -128, 127, torch.int8, x.dtype)
-        weight = ops.dequantize_per_channel(self.weight, self.scale, self.zero_point, 0, -127,
-                                            127, torch.int8, out_dtype=x.dtype)
-        return F.linear(x, weight, self.bias)
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
+        return torch.ops.quantized_decomposed.dequantize_per_channel(
+            self.weight, self.scale, self.zero_point, 0, -127, 127, torch.int8, out_dtype=dtype)
+
+
+class DynamicInt4Linear(DynamicInt8Linear):
+    """``nn.Linear`` as "8da4w": int4 weights (integers in [-8, 7], held as int8 until
+    XNNPACK packs them) with one scale per group of ``group_size`` consecutive input weights
+    (``quantize_groups``), activations as ``DynamicInt8Linear``'s. XNNPACK keeps the group
+    scales in bfloat16, and needs the input width to be a multiple of the group size: a
+    width that is not (the `reference` preset's 1,368-wide experts at any group size from 16
+    up) is padded with zero weights, and each input with as many zeros, which adds nothing to
+    any product and does not move the per-token activation scale."""
+
+    def __init__(self, linear: nn.Linear, group_size: int) -> None:
+        self.group_size = group_size  # before the base class quantizes with it
+        self.padding = -linear.in_features % group_size
+        super().__init__(linear)
+
+    def quantize(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        return quantize_groups(F.pad(weight, (0, self.padding)), self.group_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(F.pad(x, (0, self.padding)) if self.padding else x)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
+        return torch.ops.quantized_decomposed.dequantize_per_channel_group(
+            self.weight, self.scale, self.zero_point, -8, 7, torch.int8, self.group_size, dtype)
 
 
 # ------------------------------------------------------------------------------ shared expert

@@ -2,9 +2,9 @@
 ``make setup`` builds them, how a process loads the library, and the counters it keeps.
 
 Loading the library registers its kernels (``bibo::moe_experts.out``, ``…_int8.out``,
-``bibo::update_cache.out``, ``bibo::cache_attention.out``) with the ExecuTorch runtime of this
-process: it links the runtime (``libexecutorch.so``, where the
-operator registry lives) that ``executorch.runtime`` and ExecuTorch's LLM runner also link,
+``…_int4.out``, ``bibo::update_cache.out``, ``bibo::cache_attention.out``) with the ExecuTorch
+runtime of this process: it links the runtime (``libexecutorch.so``, where the operator registry
+lives) that ``executorch.runtime`` and ExecuTorch's LLM runner also link,
 and the loader keeps one copy of it per process (same soname). Programs that call these
 operators must be loaded afterwards. The C++ runner (``runner/``) links the library instead.
 """

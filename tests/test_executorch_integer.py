@@ -1,5 +1,6 @@
-"""ExecuTorch int8 ("8da8w" on XNNPACK) on a briefly trained sort-tiny: parity bars, size,
-what is delegated. Int8 parity is only meaningful on a trained model (docs/parity.md)."""
+"""ExecuTorch int8 ("8da8w" on XNNPACK) and int4 ("8da4w") on a briefly trained sort-tiny:
+parity bars, size, what is delegated. Their parity is only meaningful on a trained model
+(docs/parity.md)."""
 
 from __future__ import annotations
 
@@ -10,38 +11,41 @@ from helpers import held_out_logits, task_accuracy
 from bibo_export.config import BiBoConfig
 from bibo_export.runtimes import load
 from bibo_export.runtimes.eager import EagerRuntime
-from bibo_export.verdict import INT8_BARS, compare_logits
+from bibo_export.verdict import ACCURACY_BARS, compare_logits
 
 pytestmark = pytest.mark.export
 
 
-@pytest.fixture(scope="module")
-def trained_int8(trained_export):
-    return trained_export("executorch", "int8")
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def trained_integer(request, trained_export):
+    return trained_export("executorch", request.param)
 
 
-def test_int8_parity_on_trained_model(trained_int8):
-    checkpoint, task, out, _ = trained_int8
-    int8, eager = load(out), EagerRuntime.from_path(checkpoint)
-    delta = compare_logits(held_out_logits(int8, task), held_out_logits(eager, task))
-    assert delta["top1_agreement"] >= INT8_BARS["top1_agreement"]
-    assert delta["cosine"] >= INT8_BARS["cosine"]
-    accuracy = task_accuracy(int8, task)["token_accuracy"]
+def test_integer_parity_on_trained_model(trained_integer):
+    checkpoint, task, out, manifest = trained_integer
+    bars = ACCURACY_BARS[manifest["precision"]]
+    program, eager = load(out), EagerRuntime.from_path(checkpoint)
+    delta = compare_logits(held_out_logits(program, task), held_out_logits(eager, task))
+    assert delta["top1_agreement"] >= bars["top1_agreement"]
+    assert delta["cosine"] >= bars["cosine"]
+    accuracy = task_accuracy(program, task)["token_accuracy"]
     reference = task_accuracy(eager, task)["token_accuracy"]
     assert reference > 0.5  # the model learned something, so the comparison means something
-    assert abs(accuracy - reference) <= INT8_BARS["token_accuracy_drop"]
+    assert abs(accuracy - reference) <= bars["token_accuracy_drop"]
 
 
-def test_int8_is_smaller(trained_int8):
-    """int8 program at most 0.35 of the fp32 weights it came from; an fp32 program is
-    those weights plus a few hundred kB (33.45 vs 33.18 MB on sort-tiny)."""
-    checkpoint, _, int8_path, _ = trained_int8
+def test_integer_programs_are_smaller(trained_integer):
+    """int8 program at most 0.35 of the fp32 weights it came from, int4 at most 0.20 (its
+    embedding table stays int8); an fp32 program is those weights plus a few hundred kB
+    (33.45 vs 33.18 MB on sort-tiny)."""
+    checkpoint, _, path, manifest = trained_integer
     fp32_weights = (checkpoint / "model.safetensors").stat().st_size
-    assert (int8_path / "model.pte").stat().st_size <= 0.35 * fp32_weights
+    bound = {"int8": 0.35, "int4": 0.20}[manifest["precision"]]
+    assert (path / "model.pte").stat().st_size <= bound * fp32_weights
 
 
-def test_int8_delegates_quantized_linears_and_keeps_router_float(trained_int8):
-    checkpoint, _, out, record = trained_int8
+def test_integer_programs_delegate_quantized_linears_and_keep_router_float(trained_integer):
+    checkpoint, _, out, record = trained_integer
     config = BiBoConfig.from_file(checkpoint / "config.json")
     moe_layers = config.num_hidden_layers - len(config.mlp_only_layers)
     dense_layers = len(config.mlp_only_layers)
@@ -50,7 +54,8 @@ def test_int8_delegates_quantized_linears_and_keeps_router_float(trained_int8):
     # call per MoE layer.
     expected = 4 * config.num_hidden_layers + 3 * dense_layers + moe_layers * 3 + 1
     assert record["ops"]["quantized_linears"] == expected
-    assert record["ops"]["portable_by_op"]["bibo.moe_experts_int8"] == moe_layers
+    assert record["ops"]["portable_by_op"][f"bibo.moe_experts_{record['precision']}"] == \
+        moe_layers
     # The float linears are the export form's products with constants, none with a weight of
     # the model: the mean of squares of every RMSNorm (input, post-attention, q and k per
     # layer, the final norm) and RoPE's half rotation of q and k.
