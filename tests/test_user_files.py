@@ -125,6 +125,15 @@ def checkpoint(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def onnx_export(checkpoint: Path) -> Path:
+    """An ONNX export of ``checkpoint`` made once, which tests copy where an earlier export
+    should already be: a folder holding ``fp32/``."""
+    out = checkpoint.parent / "onnx"
+    run_cli("export", "onnx", "--checkpoint", checkpoint, "--out", out, check=True)
+    return out
+
+
 @pytest.mark.export  # exports need onnx / executorch (the export env)
 def test_two_writers_of_one_folder_one_wins_whole_the_other_ends_in_one_line(checkpoint,
                                                                            tmp_path):
@@ -144,9 +153,9 @@ def test_two_writers_of_one_folder_one_wins_whole_the_other_ends_in_one_line(che
 
 @pytest.mark.export  # exports need onnx / executorch (the export env)
 def test_an_export_replaces_its_own_kind_and_says_so_and_overwrite_takes_a_foreign_folder(
-        checkpoint, tmp_path):
+        checkpoint, onnx_export, tmp_path):
     out = tmp_path / "onnx"
-    run_cli("export", "onnx", "--checkpoint", checkpoint, "--out", out, check=True)
+    shutil.copytree(onnx_export, out)
     again = run_cli("export", "onnx", "--checkpoint", checkpoint, "--out", out, check=True)
     assert f"replacing an ONNX export in {out / 'fp32'}\n" in again.stdout
     mine = tmp_path / "mine"
@@ -179,11 +188,12 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.export  # exports need onnx / executorch (the export env)
-def test_a_full_disk_is_one_line_and_keeps_the_previous_export(checkpoint, small_disk):
+def test_a_full_disk_is_one_line_and_keeps_the_previous_export(checkpoint, onnx_export,
+                                                               small_disk):
     """The first export fits; the second, which needs room for both while it publishes, does
     not: one line naming the output, the first export byte-identical, no temporaries left."""
     out = small_disk / "onnx"
-    run_cli("export", "onnx", "--checkpoint", checkpoint, "--out", out, check=True)
+    shutil.copytree(onnx_export, out)
     before = snapshot(out)
     result = run_cli("export", "onnx", "--checkpoint", checkpoint, "--out", out)
     one_error_line(result, f"no space left on the device while writing {out / 'fp32'}")
