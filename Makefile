@@ -264,10 +264,10 @@ bench: $(STAMP) $(XLA_STAMP) ## every benchmark, fresh → bench/results/*.json 
 	$(MAKE) --no-print-directory bench-dispatch bench-train bench-onnx bench-executorch bench-sharing
 	$(VENV)/bin/python -m bench.summary
 
-bench-onnx: $(STAMP) ## ONNX Runtime fp32/int8 vs eager: prefill, decode, bytes → bench/results/onnx.json
+bench-onnx: $(STAMP) ## ONNX Runtime fp32/int8/int4 vs eager: prefill, decode, bytes → bench/results/onnx.json
 	$(VENV)/bin/python -m bench.onnx
 
-bench-executorch: $(STAMP) $(KERNELS) $(RUNNER) ## ExecuTorch fp32/int8 vs eager → bench/results/executorch.json
+bench-executorch: $(STAMP) $(KERNELS) $(RUNNER) ## ExecuTorch fp32/int8/int4 vs eager → bench/results/executorch.json
 	$(VENV)/bin/python -m bench.executorch
 
 bench-train: $(STAMP) $(XLA_STAMP) ## train-step tokens/s, static vs dynamic dispatch → bench/results/train.json

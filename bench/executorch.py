@@ -5,7 +5,7 @@ weight bytes a decoded token reads, for the two ways a program computes the rout
     python -m bench.executorch --checkpoint DIR
     python -m bench.executorch --preset sort-tiny --prompt 16 --rounds 2   # a quick run
 
-Rows: eager fp32 (the reference), then ExecuTorch fp32 and int8 programs with *fused* experts
+Rows: eager fp32 (the reference), then ExecuTorch fp32, int8 and int4 programs with *fused* experts
 (every routed expert runs, inside XNNPACK) and with *selected* experts (BiBo's kernel runs the
 chosen ones; attention reads only the cache slots in use). Prefill is one call of
 T = --prompt tokens at B = 1; decode is tokens/s of single-token steps after it, each step
@@ -48,12 +48,11 @@ from bibo_export.runtimes.cpp_runner import run_cpp_runner
 from bibo_export.threads import use_threads
 from bibo_export.timing import time_runtime
 
-PROGRAMS = [(experts, precision) for experts in ("fused", "selected")
-            for precision in ("fp32", "int8")]
+PRECISIONS = ("fp32", "int8", "int4")
+PROGRAMS = [(experts, precision) for experts in ("fused", "selected") for precision in PRECISIONS]
 CPP = " c++ runner"
-COLUMNS = ["runtime", "prefill_ms", "decode_tok_s", "decode_vs_fused", "python_us_per_token",
-           "bytes",
-           "size_ratio_int8_fp32", "decode_weight_bytes", "active_minimum_bytes",
+COLUMNS = ["runtime", "prefill_ms", "decode_tok_s", "decode_vs_fused", "decode_vs_int8",
+           "python_us_per_token", "bytes", "size_vs_fp32", "decode_weight_bytes", "active_minimum_bytes",
            "touched_vs_minimum", "bytes_measured_by", "delegate_calls", "portable_ops",
            "max_abs_vs_eager"]
 
@@ -122,7 +121,7 @@ def main() -> None:
         checkpoint = args.checkpoint or random_checkpoint(tmp / "checkpoint", args.preset)
         records = {}
         for experts in ("fused", "selected"):
-            outs = {precision: tmp / f"{experts}-{precision}" for precision in ("fp32", "int8")}
+            outs = {precision: tmp / f"{experts}-{precision}" for precision in PRECISIONS}
             for precision, record in export_executorch(checkpoint, outs, max_length=max_length,
                                                        experts=experts).items():
                 records[f"executorch {precision} {experts}"] = record
@@ -162,9 +161,11 @@ def main() -> None:
         row = by_name[f"executorch {precision} {experts}"]
         row["decode_vs_fused"] = row["decode_tok_s"] / \
             by_name[f"executorch {precision} fused"]["decode_tok_s"]
-        if precision == "int8":
-            row["size_ratio_int8_fp32"] = row["bytes"] / \
-                by_name[f"executorch fp32 {experts}"]["bytes"]
+        if precision != "fp32":
+            row["size_vs_fp32"] = row["bytes"] / by_name[f"executorch fp32 {experts}"]["bytes"]
+        if precision == "int4":
+            row["decode_vs_int8"] = row["decode_tok_s"] / \
+                by_name[f"executorch int8 {experts}"]["decode_tok_s"]
     section = "custom" if args.checkpoint else args.preset
     path = update_results("executorch", section, {
         "machine": machine(), "checkpoint": str(args.checkpoint or f"random {args.preset}"),

@@ -1,4 +1,5 @@
-"""ONNX benchmark on the `bench` preset (random weights): eager fp32 vs ORT fp32 vs ORT int8.
+"""ONNX benchmark on the `bench` preset (random weights): eager fp32 vs ORT fp32, int8 and int4
+(``decode_vs_int8``: int4's decode speed over int8's, same run).
 
     python -m bench.onnx [--threads 1] [--prompt 128] [--new-tokens 32]
 
@@ -45,6 +46,9 @@ from bibo_export.threads import use_threads
 from bibo_export.timing import median_seconds, time_runtime
 
 
+PRECISIONS = ("fp32", "int8", "int4")
+# The active minimum's bytes per weight: int4 is half a byte (its scales are not counted).
+BYTES_PER_WEIGHT = {"fp32": 4, "int8": 1, "int4": 0.5}
 KERNELS_ROW = "ort int8 kernels alone"
 EXPERTS_SKIPPED_ROW = "ort int8, experts skipped"
 
@@ -57,7 +61,7 @@ def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
     return 2 * src.nbytes / best
 
 
-def active_parameter_bytes(model: BiBoForCausalLM, bytes_per_weight: int) -> int:
+def active_parameter_bytes(model: BiBoForCausalLM, bytes_per_weight: float) -> int:
     """Weights one decoded token needs at least: everything but the routed experts and the
     embedding table, plus one embedding row and k MLP experts per MoE layer."""
     config = model.config
@@ -66,7 +70,7 @@ def active_parameter_bytes(model: BiBoForCausalLM, bytes_per_weight: int) -> int
     per_expert = experts // (len(model.moe_layers) * config.num_mlp_experts)
     active = (total - experts - model.embed_tokens.weight.numel() + config.hidden_size
               + len(model.moe_layers) * config.num_experts_per_tok * per_expert)
-    return active * bytes_per_weight
+    return round(active * bytes_per_weight)
 
 
 def integer_kernels_alone(program: onnx.ModelProto) -> onnx.ModelProto:
@@ -172,16 +176,14 @@ def main() -> None:
         tmp = Path(tmp)
         model.save_pretrained(tmp / "checkpoint")
         start = time.perf_counter()
-        manifests = export_onnx(tmp / "checkpoint", {p: tmp / p for p in ("fp32", "int8")},
+        manifests = export_onnx(tmp / "checkpoint", {p: tmp / p for p in PRECISIONS},
                                 max_length=max_length)
         export_seconds = time.perf_counter() - start
-        runtimes: dict[str, Runtime] = {
-            "eager fp32": EagerRuntime(model, max_length),
-            "ort fp32": OnnxRuntime.from_path(tmp / "fp32", options=options),
-            "ort int8": OnnxRuntime.from_path(tmp / "int8", options=options)}
-        sizes = {"eager fp32": folder_bytes(tmp / "checkpoint", "model"),
-                 "ort fp32": folder_bytes(tmp / "fp32", "model"),
-                 "ort int8": folder_bytes(tmp / "int8", "model")}
+        runtimes: dict[str, Runtime] = {"eager fp32": EagerRuntime(model, max_length)}
+        sizes = {"eager fp32": folder_bytes(tmp / "checkpoint", "model")}
+        for precision in PRECISIONS:
+            runtimes[f"ort {precision}"] = OnnxRuntime.from_path(tmp / precision, options=options)
+            sizes[f"ort {precision}"] = folder_bytes(tmp / precision, "model")
         if args.long_max_length > max_length:
             long_name = f"ort int8 (max length {args.long_max_length})"
             export_onnx(tmp / "checkpoint", {"int8": tmp / "int8-long"},
@@ -189,11 +191,10 @@ def main() -> None:
             runtimes[long_name] = OnnxRuntime.from_path(tmp / "int8-long", options=options)
             sizes[long_name] = folder_bytes(tmp / "int8-long", "model")
         decode_prompt = prompt[:, :16]
-        read = {name: weights_read_per_call(tmp / name.split()[1], decode_prompt, 9)[1:]
-                for name in ("ort fp32", "ort int8")}
+        read = {f"ort {p}": weights_read_per_call(tmp / p, decode_prompt, 9)[1:]
+                for p in PRECISIONS}
         bandwidth = copy_bandwidth()
-        minimum = {"fp32": active_parameter_bytes(model, 4),
-                   "int8": active_parameter_bytes(model, 1)}
+        minimum = {p: active_parameter_bytes(model, BYTES_PER_WEIGHT[p]) for p in PRECISIONS}
 
         kernels = KernelsAlone(tmp / "int8", model.config.num_experts_per_tok, options)
         skipped = OnnxRuntime.from_path(experts_skipped(tmp / "int8", tmp / "int8-skipped"),
@@ -222,6 +223,8 @@ def main() -> None:
                            roofline_share=row["decode_tok_s"] * per_token / bandwidth)
             rows.append(row)
         int8 = next(row for row in rows if row["runtime"] == "ort int8")
+        int4 = next(row for row in rows if row["runtime"] == "ort int4")
+        int4["decode_vs_int8"] = int4["decode_tok_s"] / int8["decode_tok_s"]
         without = timings[EXPERTS_SKIPPED_ROW]
         int8["experts_share"] = 1 - int8["decode_tok_s"] / without["decode_tok_s"]
         rows.append(dict(runtime=EXPERTS_SKIPPED_ROW, **without))
@@ -233,16 +236,19 @@ def main() -> None:
                "new_tokens": args.new_tokens, "copy_bandwidth_gb_s": bandwidth / 1e9,
                "export_seconds": export_seconds, "rows": rows,
                "int8_size_ratio": sizes["ort int8"] / sizes["ort fp32"],
+               "int4_size_ratio": sizes["ort int4"] / sizes["ort fp32"],
                "verification": {p: m["verification"] for p, m in manifests.items()},
                "quantized_weights": {group: len(names) for group, names in
                                      manifests["int8"]["quantization"]["quantized_weights"]
                                      .items()}}
     path = update_results("onnx", "bench", payload)
-    print(table(rows, ["runtime", "prefill_ms", "decode_tok_s", "artifact_mb", "min_active_mb",
+    print(table(rows, ["runtime", "prefill_ms", "decode_tok_s", "decode_vs_int8", "artifact_mb",
+                       "min_active_mb",
                        "read_mb_per_token", "read_vs_min", "roofline_tok_s", "roofline_share",
                        "experts_share", "kernels_ms", "kernels_gb_s"]))
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; int8/fp32 size "
-          f"{payload['int8_size_ratio']:.3f}; results: {path}")
+          f"{payload['int8_size_ratio']:.3f}, int4/fp32 {payload['int4_size_ratio']:.3f}; "
+          f"results: {path}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@
 //                             nibble), [E, rows, ceil(cols / 2)] uint8, one fp32 scale per
 //                             group of group_size columns of a row [E, rows, groups], times
 //                             the same int8 activations: each group's integer sum is exact,
-//                             then scaled by its group's scale ("8da4w")
+//                             then scaled by its group's scale ("8da4w"); groups are a
+//                             multiple of 32 columns, a row's last group may be shorter
 //
 // Work is grouped by expert: an expert's weight rows are read once per call, for every token
 // that chose it, so a decode step reads k experts and a prefill reads each chosen expert once.
@@ -27,7 +28,9 @@
 // when the library loads, so that one build runs on every ARMv8-A CPU; a scalar loop
 // elsewhere. All give the same exact int32 sums (x86's for weights in [-127, 127], as
 // quantize_rows makes them); bibo_kernels_int8_path names the path this process uses. The int4
-// kernel unpacks a block of rows into int8 and runs the same dot products on each group.
+// kernel splits each vector of weight bytes into its low and high nibbles and multiplies them,
+// with the same instructions, by the tokens' even and odd columns, which it lays out so once
+// per call.
 
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
@@ -101,7 +104,23 @@ struct Int8Tokens {
   std::vector<uint8_t> magnitude;  // |q|: the unsigned operand of x86's u8 x s8 dot product
   std::vector<float> scale;
   int64_t count, cols;
+  // For int4 weights: q again, each chunk of NIBBLE_CHUNK columns as its even columns, then
+  // its odd ones (the order of the low, then the high nibbles of the chunk's weight bytes);
+  // columns past the last whole chunk are not repeated here. On x86, also each chunk's
+  // nibble_offset (see int4_chunks).
+  std::vector<int8_t> paired_q;
+  std::vector<int32_t> nibble_offset;
 };
+
+// Columns of int4 weights one vector step takes: a register of weight bytes holds twice as
+// many nibbles. Groups are multiples of 32 columns, so each 16-byte half of a step lies in one
+// group.
+#if defined(__AVX2__)
+constexpr int64_t NIBBLE_CHUNK = 64;
+#else
+constexpr int64_t NIBBLE_CHUNK = 32;
+#endif
+constexpr int64_t INT4_GROUP_MULTIPLE = 32;
 
 FloatTokens tokens_for(const float* x, int64_t count, int64_t cols, const Matrix<float>&) {
   return {x, count, cols};
@@ -109,7 +128,7 @@ FloatTokens tokens_for(const float* x, int64_t count, int64_t cols, const Matrix
 
 Int8Tokens quantize_tokens(const float* x, int64_t count, int64_t cols) {
   Int8Tokens tokens{std::vector<int8_t>(count * cols), std::vector<uint8_t>(count * cols),
-                    std::vector<float>(count), count, cols};
+                    std::vector<float>(count), count, cols, {}, {}};
   for (int64_t t = 0; t < count; ++t) {
     const float* row = x + t * cols;
     float amax = 0.f;
@@ -132,7 +151,29 @@ Int8Tokens tokens_for(const float* x, int64_t count, int64_t cols, const Matrix<
 }
 
 Int8Tokens tokens_for(const float* x, int64_t count, int64_t cols, const Int4Matrix&) {
-  return quantize_tokens(x, count, cols);
+  Int8Tokens tokens = quantize_tokens(x, count, cols);
+  const int64_t paired = cols / NIBBLE_CHUNK * NIBBLE_CHUNK, half = NIBBLE_CHUNK / 2;
+  tokens.paired_q.resize(count * paired);
+  for (int64_t t = 0; t < count; ++t) {
+    for (int64_t c = 0; c < paired; ++c) {
+      const int64_t chunk = c - c % NIBBLE_CHUNK, i = c % NIBBLE_CHUNK;
+      const int64_t from = t * cols + chunk + (i < half ? 2 * i : 2 * (i - half) + 1);
+      tokens.paired_q[t * paired + c] = tokens.q[from];
+    }
+  }
+#if defined(__AVX2__)
+  // Per chunk, eight int32 lanes: -8 times the sum of x over the chunk's first 32 columns in
+  // lane 0, over its last 32 in lane 4 (the first lanes of the two groups' halves).
+  const int64_t chunks = cols / NIBBLE_CHUNK;
+  tokens.nibble_offset.assign(count * chunks * 8, 0);
+  for (int64_t t = 0; t < count; ++t) {
+    for (int64_t c = 0; c < chunks * NIBBLE_CHUNK; ++c) {
+      tokens.nibble_offset[(t * chunks + c / NIBBLE_CHUNK) * 8 + (c % NIBBLE_CHUNK < 32 ? 0 : 4)] -=
+          8 * tokens.q[t * cols + c];
+    }
+  }
+#endif
+  return tokens;
 }
 
 // Rows fetched ahead of the block being computed. A decode step reads weights no cache holds,
@@ -396,59 +437,178 @@ void project(const Matrix<int8_t>& w, int64_t r0, int64_t r1, const Int8Tokens& 
   }
 }
 
-// Rows [r0, r0 + count) of an int4 matrix as int8, one row of w.cols after the other.
-void unpack_rows(const Int4Matrix& w, int64_t r0, int64_t count, int8_t* rows) {
-  const int64_t stored = w.stored_row_bytes();
-  for (int64_t r = 0; r < count; ++r) {
-    const uint8_t* packed = w.data + (r0 + r) * stored;
-    int8_t* row = rows + r * w.cols;
-    for (int64_t i = 0; i < w.cols / 2; ++i) {
-      // Shifted to the top of a signed byte and back: the nibble's sign extended.
-      row[2 * i] = static_cast<int8_t>(packed[i] << 4) >> 4;
-      row[2 * i + 1] = static_cast<int8_t>(packed[i]) >> 4;
-    }
-    if (w.cols % 2) row[w.cols - 1] = static_cast<int8_t>(packed[w.cols / 2] << 4) >> 4;
-  }
-}
-
-// ys[t][r0 + r] for a tile of unpacked rows: per group, the exact integer sum times the
-// group's scale, summed over groups in order, then times the token's scale, as
-// selected_experts_int4 computes it.
+// ------------------------------------------------------------------------- int4 weights
+// sums[t][r] += sum over the whole chunks of columns [0, c) of scale(group) * (the chunk's
+// exact integer products), returning c. A chunk's weight bytes are split into their low
+// nibbles (the chunk's even columns) and high nibbles (its odd ones), sign-extended, and
+// multiplied with the tokens' paired columns by the int8 dot products; each 16-byte half of a
+// vector's int32 lanes lies in one group and is scaled by its group's scale.
+#if defined(__AVX2__)
+// x86's integer product takes an unsigned operand: each nibble with its top bit flipped, which
+// turns a two's complement w into w + 8 in [0, 16), times the signed tokens; the nibble_offset
+// lanes (-8 times each 32 columns' token sum) start the sums, so that they come out as w's.
 template <int TOKENS, int ROWS>
-void int4_tile(const Int4Matrix& w, const int8_t* rows, int64_t r0, const Int8Tokens& xs,
-               int64_t t0, float* ys, int64_t y_stride) {
-  const int64_t groups = w.groups();
-  float sum[TOKENS][ROWS] = {};
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t c0 = g * w.group;
-    int32_t acc[TOKENS][ROWS];
-    int8_dots<TOKENS, ROWS>(rows + c0, w.cols, xs, t0, c0, std::min(w.group, w.cols - c0),
-                            acc);
+int64_t int4_chunks(const Int4Matrix& w, int64_t r0, const Int8Tokens& xs, int64_t t0,
+                    float sums[TOKENS][ROWS]) {
+  const int64_t chunks = w.cols / NIBBLE_CHUNK, paired = chunks * NIBBLE_CHUNK;
+  const int64_t stored = w.stored_row_bytes(), groups = w.groups();
+  const __m256i low_bits = _mm256_set1_epi8(0x0F), top_bits = _mm256_set1_epi8(-0x78);
+  // The scale of each half: two consecutive groups' at 32 columns a group, else one group's.
+  const bool two_groups = w.group == 32;
+  const __m256i pick = two_groups ? _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)
+                                  : _mm256_setzero_si256();
+  __m256 acc[TOKENS][ROWS];
+  for (int t = 0; t < TOKENS; ++t) {
+    for (int r = 0; r < ROWS; ++r) acc[t][r] = _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < chunks; ++k) {
+    const int64_t c = k * NIBBLE_CHUNK;
+    __m256i low[ROWS], high[ROWS];
+    __m256 scale[ROWS];
+    for (int r = 0; r < ROWS; ++r) {
+      const __m256i bytes = _mm256_xor_si256(top_bits, _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(w.data + (r0 + r) * stored + c / 2)));
+      low[r] = _mm256_and_si256(bytes, low_bits);
+      high[r] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_bits);
+      const float* at = w.scale + (r0 + r) * groups + c / w.group;
+      const __m128 scales = two_groups ? _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(at)))
+                                       : _mm_load_ss(at);
+      scale[r] = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(scales), pick);
+    }
     for (int t = 0; t < TOKENS; ++t) {
+      const int8_t* x = &xs.paired_q[(t0 + t) * paired + c];
+      const __m256i even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+      const __m256i odd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32));
+      const __m256i offset = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(&xs.nibble_offset[((t0 + t) * chunks + k) * 8]));
       for (int r = 0; r < ROWS; ++r) {
-        sum[t][r] += static_cast<float>(acc[t][r]) * w.scale[(r0 + r) * groups + g];
+        const __m256i dots = dot_u8s8(dot_u8s8(offset, low[r], even), high[r], odd);
+        acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scale[r], acc[t][r]);
       }
     }
   }
   for (int t = 0; t < TOKENS; ++t) {
-    for (int r = 0; r < ROWS; ++r) ys[(t0 + t) * y_stride + r0 + r] = sum[t][r] * xs.scale[t0 + t];
+    for (int r = 0; r < ROWS; ++r) {
+      __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[t][r]), _mm256_extractf128_ps(acc[t][r], 1));
+      v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+      sums[t][r] += _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+    }
+  }
+  return paired;
+}
+#elif defined(__aarch64__)
+template <int TOKENS, int ROWS, typename Step>
+__attribute__((always_inline)) inline int64_t arm_int4_chunks(const Int4Matrix& w, int64_t r0,
+                                                              const Int8Tokens& xs, int64_t t0,
+                                                              float sums[TOKENS][ROWS],
+                                                              Step step) {
+  const int64_t chunks = w.cols / NIBBLE_CHUNK, paired = chunks * NIBBLE_CHUNK;
+  const int64_t stored = w.stored_row_bytes(), groups = w.groups();
+  const int8x16_t eight = vdupq_n_s8(8);
+  float32x4_t acc[TOKENS][ROWS];
+  for (int t = 0; t < TOKENS; ++t) {
+    for (int r = 0; r < ROWS; ++r) acc[t][r] = vdupq_n_f32(0.f);
+  }
+  for (int64_t k = 0; k < chunks; ++k) {
+    const int64_t c = k * NIBBLE_CHUNK;
+    int8x16_t even[ROWS], odd[ROWS];
+    float scale[ROWS];
+    for (int r = 0; r < ROWS; ++r) {
+      const uint8x16_t bytes = vld1q_u8(w.data + (r0 + r) * stored + c / 2);
+      even[r] = vsubq_s8(veorq_s8(vreinterpretq_s8_u8(vandq_u8(bytes, vdupq_n_u8(0x0F))), eight),
+                         eight);
+      odd[r] = vsubq_s8(veorq_s8(vreinterpretq_s8_u8(vshrq_n_u8(bytes, 4)), eight), eight);
+      scale[r] = w.scale[(r0 + r) * groups + c / w.group];
+    }
+    for (int t = 0; t < TOKENS; ++t) {
+      const int64_t at = (t0 + t) * paired + c;
+      const int8x16_t xe = vld1q_s8(&xs.paired_q[at]), xo = vld1q_s8(&xs.paired_q[at + 16]);
+      for (int r = 0; r < ROWS; ++r) {
+        const int32x4_t dots = step(step(vdupq_n_s32(0), even[r], xe), odd[r], xo);
+        acc[t][r] = vfmaq_n_f32(acc[t][r], vcvtq_f32_s32(dots), scale[r]);
+      }
+    }
+  }
+  for (int t = 0; t < TOKENS; ++t) {
+    for (int r = 0; r < ROWS; ++r) sums[t][r] += vaddvq_f32(acc[t][r]);
+  }
+  return paired;
+}
+
+template <int TOKENS, int ROWS>
+__attribute__((target("arch=armv8.2-a+dotprod"))) int64_t sdot_int4_chunks(
+    const Int4Matrix& w, int64_t r0, const Int8Tokens& xs, int64_t t0, float sums[TOKENS][ROWS]) {
+  return arm_int4_chunks<TOKENS, ROWS>(
+      w, r0, xs, t0, sums,
+      [](int32x4_t a, int8x16_t w, int8x16_t x)
+          __attribute__((target("arch=armv8.2-a+dotprod"))) { return vdotq_s32(a, w, x); });
+}
+
+// NEON's products as neon_dots takes them: here |w| <= 8, so an int16 lane holds two easily.
+template <int TOKENS, int ROWS>
+int64_t neon_int4_chunks(const Int4Matrix& w, int64_t r0, const Int8Tokens& xs, int64_t t0,
+                         float sums[TOKENS][ROWS]) {
+  return arm_int4_chunks<TOKENS, ROWS>(w, r0, xs, t0, sums,
+                                       [](int32x4_t a, int8x16_t w, int8x16_t x) {
+    return vpadalq_s16(a, vmlal_high_s8(vmull_s8(vget_low_s8(w), vget_low_s8(x)), w, x));
+  });
+}
+
+template <int TOKENS, int ROWS>
+int64_t int4_chunks(const Int4Matrix& w, int64_t r0, const Int8Tokens& xs, int64_t t0,
+                    float sums[TOKENS][ROWS]) {
+  return cpu_has_sdot ? sdot_int4_chunks<TOKENS, ROWS>(w, r0, xs, t0, sums)
+                      : neon_int4_chunks<TOKENS, ROWS>(w, r0, xs, t0, sums);
+}
+#else
+template <int TOKENS, int ROWS>
+int64_t int4_chunks(const Int4Matrix&, int64_t, const Int8Tokens&, int64_t, float[TOKENS][ROWS]) {
+  return 0;
+}
+#endif
+
+// Weight (r, c) of an int4 matrix, its nibble sign-extended.
+inline int32_t nibble(const Int4Matrix& w, int64_t r, int64_t c) {
+  const uint8_t byte = w.data[r * w.stored_row_bytes() + c / 2];
+  return static_cast<int8_t>(c % 2 ? byte & 0xF0 : byte << 4) >> 4;
+}
+
+// ys[t][r0 + r] for a tile: each group's exact integer sum times the group's scale, summed
+// over the groups, then times the token's scale, as selected_experts_int4 computes it (the
+// vector paths add the groups' scaled sums in another order). Columns past the whole chunks
+// are summed here, group by group.
+template <int TOKENS, int ROWS>
+void int4_tile(const Int4Matrix& w, int64_t r0, const Int8Tokens& xs, int64_t t0, float* ys,
+               int64_t y_stride) {
+  float sums[TOKENS][ROWS] = {};
+  const int64_t done = int4_chunks<TOKENS, ROWS>(w, r0, xs, t0, sums);
+  const int64_t groups = w.groups();
+  for (int t = 0; t < TOKENS; ++t) {
+    const int8_t* x = xs.q.data() + (t0 + t) * xs.cols;
+    for (int r = 0; r < ROWS; ++r) {
+      const float* scale = w.scale + (r0 + r) * groups;
+      for (int64_t c0 = done; c0 < w.cols; c0 = (c0 / w.group + 1) * w.group) {
+        const int64_t c1 = std::min(w.cols, (c0 / w.group + 1) * w.group);
+        int32_t group_sum = 0;
+        for (int64_t c = c0; c < c1; ++c) group_sum += nibble(w, r0 + r, c) * x[c];
+        sums[t][r] += static_cast<float>(group_sum) * scale[c0 / w.group];
+      }
+      ys[(t0 + t) * y_stride + r0 + r] = sums[t][r] * xs.scale[t0 + t];
+    }
   }
 }
 
 void project(const Int4Matrix& w, int64_t r0, int64_t r1, const Int8Tokens& xs, float* ys,
              int64_t y_stride) {
-  std::vector<int8_t> rows(4 * w.cols);  // a block of rows, unpacked once for every token
   int64_t r = r0;
   for (; r + 4 <= r1; r += 4) {
     prefetch_block(w, r, r1);
-    unpack_rows(w, r, 4, rows.data());
     int64_t t = 0;
-    for (; t + 4 <= xs.count; t += 4) int4_tile<4, 4>(w, rows.data(), r, xs, t, ys, y_stride);
-    for (; t < xs.count; ++t) int4_tile<1, 4>(w, rows.data(), r, xs, t, ys, y_stride);
+    for (; t + 4 <= xs.count; t += 4) int4_tile<4, 4>(w, r, xs, t, ys, y_stride);
+    for (; t < xs.count; ++t) int4_tile<1, 4>(w, r, xs, t, ys, y_stride);
   }
   for (; r < r1; ++r) {
-    unpack_rows(w, r, 1, rows.data());
-    for (int64_t t = 0; t < xs.count; ++t) int4_tile<1, 1>(w, rows.data(), r, xs, t, ys, y_stride);
+    for (int64_t t = 0; t < xs.count; ++t) int4_tile<1, 1>(w, r, xs, t, ys, y_stride);
   }
 }
 
@@ -619,8 +779,9 @@ Tensor& moe_experts_int4_out(KernelRuntimeContext& ctx, const Tensor& x,
                              const Tensor& gate_scale, const Tensor& up,
                              const Tensor& up_scale, const Tensor& down,
                              const Tensor& down_scale, int64_t group_size, Tensor& out) {
-  ET_KERNEL_CHECK_MSG(ctx, group_size >= 2 && group_size % 2 == 0, InvalidArgument, out,
-                      "bibo::moe_experts_int4: group_size must be even and >= 2");
+  ET_KERNEL_CHECK_MSG(ctx, group_size > 0 && group_size % INT4_GROUP_MULTIPLE == 0,
+                      InvalidArgument, out,
+                      "bibo::moe_experts_int4: group_size must be a multiple of 32");
   ET_KERNEL_CHECK(ctx,
                   check_arguments(x, indices, weights, gate, up, down, ScalarType::Byte, 2),
                   InvalidArgument, out);
