@@ -411,8 +411,8 @@ const char* int8_path() {
 // ys[t][r] for a tile: the integer dot product times the token's and the row's scales, in
 // that order, as selected_experts_int8 multiplies them.
 template <int TOKENS, int ROWS>
-void int8_tile(const Matrix<int8_t>& w, int64_t r0, const Int8Tokens& xs, int64_t t0,
-               float* ys, int64_t y_stride) {
+void integer_tile(const Matrix<int8_t>& w, int64_t r0, const Int8Tokens& xs, int64_t t0,
+                  float* ys, int64_t y_stride) {
   int32_t acc[TOKENS][ROWS];
   int8_dots<TOKENS, ROWS>(w.data + r0 * w.cols, w.cols, xs, t0, 0, w.cols, acc);
   for (int t = 0; t < TOKENS; ++t) {
@@ -420,20 +420,6 @@ void int8_tile(const Matrix<int8_t>& w, int64_t r0, const Int8Tokens& xs, int64_
       ys[(t0 + t) * y_stride + r0 + r] =
           static_cast<float>(acc[t][r]) * xs.scale[t0 + t] * w.scale[r0 + r];
     }
-  }
-}
-
-void project(const Matrix<int8_t>& w, int64_t r0, int64_t r1, const Int8Tokens& xs, float* ys,
-             int64_t y_stride) {
-  int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) {
-    prefetch_block(w, r, r1);
-    int64_t t = 0;
-    for (; t + 4 <= xs.count; t += 4) int8_tile<4, 4>(w, r, xs, t, ys, y_stride);
-    for (; t < xs.count; ++t) int8_tile<1, 4>(w, r, xs, t, ys, y_stride);
-  }
-  for (; r < r1; ++r) {
-    for (int64_t t = 0; t < xs.count; ++t) int8_tile<1, 1>(w, r, xs, t, ys, y_stride);
   }
 }
 
@@ -578,8 +564,8 @@ inline int32_t nibble(const Int4Matrix& w, int64_t r, int64_t c) {
 // vector paths add the groups' scaled sums in another order). Columns past the whole chunks
 // are summed here, group by group.
 template <int TOKENS, int ROWS>
-void int4_tile(const Int4Matrix& w, int64_t r0, const Int8Tokens& xs, int64_t t0, float* ys,
-               int64_t y_stride) {
+void integer_tile(const Int4Matrix& w, int64_t r0, const Int8Tokens& xs, int64_t t0, float* ys,
+                  int64_t y_stride) {
   float sums[TOKENS][ROWS] = {};
   const int64_t done = int4_chunks<TOKENS, ROWS>(w, r0, xs, t0, sums);
   const int64_t groups = w.groups();
@@ -598,17 +584,20 @@ void int4_tile(const Int4Matrix& w, int64_t r0, const Int8Tokens& xs, int64_t t0
   }
 }
 
-void project(const Int4Matrix& w, int64_t r0, int64_t r1, const Int8Tokens& xs, float* ys,
+// ys[t][r] = W[r] . xs[t] for rows [r0, r1) and every token t, integer weights (int8 or int4)
+// in tiles of four rows by four tokens where they fit.
+template <typename M>
+void project(const M& w, int64_t r0, int64_t r1, const Int8Tokens& xs, float* ys,
              int64_t y_stride) {
   int64_t r = r0;
   for (; r + 4 <= r1; r += 4) {
     prefetch_block(w, r, r1);
     int64_t t = 0;
-    for (; t + 4 <= xs.count; t += 4) int4_tile<4, 4>(w, r, xs, t, ys, y_stride);
-    for (; t < xs.count; ++t) int4_tile<1, 4>(w, r, xs, t, ys, y_stride);
+    for (; t + 4 <= xs.count; t += 4) integer_tile<4, 4>(w, r, xs, t, ys, y_stride);
+    for (; t < xs.count; ++t) integer_tile<1, 4>(w, r, xs, t, ys, y_stride);
   }
   for (; r < r1; ++r) {
-    for (int64_t t = 0; t < xs.count; ++t) int4_tile<1, 1>(w, r, xs, t, ys, y_stride);
+    for (int64_t t = 0; t < xs.count; ++t) integer_tile<1, 1>(w, r, xs, t, ys, y_stride);
   }
 }
 
