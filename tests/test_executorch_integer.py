@@ -56,6 +56,10 @@ def test_integer_programs_delegate_quantized_linears_and_keep_router_float(train
     assert record["ops"]["quantized_linears"] == expected
     assert record["ops"]["portable_by_op"][f"bibo.moe_experts_{record['precision']}"] == \
         moe_layers
+    # int4 programs keep the output projection at int8 (per channel, no groups).
+    grouped = record["ops"]["delegated_by_op"].get(
+        "quantized_decomposed.dequantize_per_channel_group", 0)
+    assert grouped == (expected - 1 if record["precision"] == "int4" else 0)
     # The float linears are the export form's products with constants, none with a weight of
     # the model: the mean of squares of every RMSNorm (input, post-attention, q and k per
     # layer, the final norm) and RoPE's half rotation of q and k.

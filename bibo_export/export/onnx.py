@@ -276,6 +276,12 @@ def name_linear_weights(model: onnx.ModelProto) -> None:
             weights[node.input[1]].name = node.input[1] = f"{scopes[-1]}.weight_t"
 
 
+def output_head_nodes(state: OnnxGraph) -> list[str]:
+    """Names of the nodes computed inside the output projection (``lm_head``)."""
+    heads = {name for name, group in state.module_groups.items() if group == "lm_head"}
+    return [node.name for node in state.model.graph.node if heads & set(module_scopes(node))]
+
+
 def router_nodes(state: OnnxGraph) -> list[str]:
     """Names of the nodes computed inside a router module (kept float)."""
     return [node.name for graph in subgraphs(state.model.graph) for node in graph.node
@@ -284,8 +290,9 @@ def router_nodes(state: OnnxGraph) -> list[str]:
 
 def quantize_weights(state: OnnxGraph, bits: int, block: int) -> OnnxGraph:
     """``bits``-bit (8 or 4) weights in blocks of ``block`` along the input with int8 compute
-    on everything but the routers (the experts as QMoE nodes), and int8 embedding tables (a
-    lookup reads one row: 4 bits would save little)."""
+    on everything but the routers (the experts as QMoE nodes; at 4 bits, the output
+    projection stays 8-bit), and int8 embedding tables (a lookup reads one row: 4 bits would
+    save little)."""
     model = state.model
     if state.weights_dir is not None:
         onnx.load_external_data_for_model(model, state.weights_dir.name)
@@ -294,10 +301,15 @@ def quantize_weights(state: OnnxGraph, bits: int, block: int) -> OnnxGraph:
     name_linear_weights(model)
     tables = quantize_embedding_tables(model)
     excluded = router_nodes(state)
+    # int4 keeps the output projection at 8 bits, as ExecuTorch's does (``quantize_int4``).
+    head = output_head_nodes(state) if bits == 4 else []
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True,
-                                     accuracy_level=4, nodes_to_exclude=excluded)
+                                     accuracy_level=4, nodes_to_exclude=excluded + head)
     quantizer.process()  # in place: no second copy of the weights
     quantized = quantizer.model.model
+    if head:  # the float MatMuls left are the head's (and the routers', excluded again)
+        MatMulNBitsQuantizer(quantized, bits=8, block_size=BLOCK_SIZE, is_symmetric=True,
+                             accuracy_level=4, nodes_to_exclude=excluded).process()
     return OnnxGraph(quantized, state.router_scopes, state.module_groups, state.top_k,
                      {"qmoe_experts": fused, "gemms_rewritten": rewritten,
                       "float_router_nodes": excluded, "int8_embedding_tables": tables,
