@@ -69,7 +69,7 @@ EMBEDDING_AND_ROUTER = "; embedding int8 per row (embedding_byte); router float"
 QUANTIZATION = {
     "int8": "8da8w (int8 per-channel weights, int8 dynamic per-token activations)",
     "int4": ("8da4w (int4 weights with a bf16 scale per group of {group} input weights, int8 "
-             "dynamic per-token activations)")}
+             "dynamic per-token activations); output projection 8da8w")}
 SELECTED_QUANTIZATION = {
     "int8": "; routed experts int8 per row, activations int8 per token (bibo::moe_experts_int8)",
     "int4": ("; routed experts int4, two to a byte, a scale per group of {group}, activations "

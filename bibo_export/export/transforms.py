@@ -203,35 +203,36 @@ class SelectedExpertsInt8(nn.Module):
     def __init__(self, experts: SelectedExperts) -> None:
         super().__init__()
         for name, weight in zip(("gate", "up", "down"), stacked_weights(experts)):
-            q, scale = quantize_rows(weight)
+            q, scale = self.quantize(weight)
             setattr(self, name, frozen(q))
             setattr(self, f"{name}_scale", frozen(scale))
 
+    def quantize(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        return quantize_rows(weight)
+
+    def kernel(self, *args: Tensor) -> Tensor:
+        return torch.ops.bibo.moe_experts_int8(*args)
+
     def forward(self, flat: Tensor, selection: Selection) -> tuple[Tensor, Tensor]:
-        out = torch.ops.bibo.moe_experts_int8(
-            flat, selection.indices, selection.weights.to(flat.dtype), self.gate,
-            self.gate_scale, self.up, self.up_scale, self.down, self.down_scale)
+        out = self.kernel(flat, selection.indices, selection.weights.to(flat.dtype), self.gate,
+                          self.gate_scale, self.up, self.up_scale, self.down, self.down_scale)
         return out, no_drops(flat)
 
 
-class SelectedExpertsInt4(nn.Module):
+class SelectedExpertsInt4(SelectedExpertsInt8):
     """``SelectedExperts`` with int4 weights, two to a byte, one float scale per group of
     ``group_size`` weights of a row (``bibo::moe_experts_int4``; activations int8 per token)."""
 
     def __init__(self, experts: SelectedExperts, group_size: int) -> None:
-        super().__init__()
-        self.group_size = group_size
-        for name, weight in zip(("gate", "up", "down"), stacked_weights(experts)):
-            q, scale = quantize_groups(weight, group_size)
-            setattr(self, name, frozen(pack_int4(q)))
-            setattr(self, f"{name}_scale", frozen(scale))
+        self.group_size = group_size  # before the base class quantizes with it
+        super().__init__(experts)
 
-    def forward(self, flat: Tensor, selection: Selection) -> tuple[Tensor, Tensor]:
-        out = torch.ops.bibo.moe_experts_int4(
-            flat, selection.indices, selection.weights.to(flat.dtype), self.gate,
-            self.gate_scale, self.up, self.up_scale, self.down, self.down_scale,
-            self.group_size)
-        return out, no_drops(flat)
+    def quantize(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        q, scale = quantize_groups(weight, self.group_size)
+        return pack_int4(q), scale
+
+    def kernel(self, *args: Tensor) -> Tensor:
+        return torch.ops.bibo.moe_experts_int4(*args, self.group_size)
 
 
 # ------------------------------------------------------------------------------ integer linears
