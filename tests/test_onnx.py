@@ -321,8 +321,7 @@ def test_integer_exports_meet_their_bars_on_trained_eager(integer_export):
 
 
 def test_integer_graphs_run_integer_expert_kernels_and_a_float_router(integer_export):
-    """int8 and int4: QMoE experts and MatMulNBits linears of the precision's bits, but for
-    int4's output projection, which stays 8-bit."""
+    """int8 and int4: QMoE experts and MatMulNBits linears of the precision's bits."""
     _, _, folder, manifest = integer_export
     bits = {"int8": 8, "int4": 4}[manifest["precision"]]
     model = onnx.load(folder / "model.onnx", load_external_data=False)
@@ -335,13 +334,16 @@ def test_integer_graphs_run_integer_expert_kernels_and_a_float_router(integer_ex
     assert ops.count("QMoE") == moe_layers and "If" not in ops
     for node in (n for g in graphs for n in g.node if n.op_type in ("QMoE", "MatMulNBits")):
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        head = any("lm_head" in name for name in node.input)
-        assert attributes["expert_weight_bits" if node.op_type == "QMoE" else "bits"] == \
-            (8 if head else bits), node.name
+        assert attributes["expert_weight_bits" if node.op_type == "QMoE" else "bits"] == bits
     int8_inputs = {name for g in graphs for n in g.node if n.op_type == "MatMulNBits"
                    for name in n.input}
     for part in ("self_attn.q_proj", "self_attn.o_proj", "lm_head", "shared_expert"):
         assert any(part in name for name in int8_inputs), part
+    # The embedding lookup reads a table of the precision's bits.
+    lookups = [n for n in model.graph.node
+               if any("embed_tokens" in name and name.endswith("_quantized") for name in n.input)]
+    assert [n.op_type for n in lookups] == \
+        [{"int8": "Gather", "int4": "GatherBlockQuantized"}[manifest["precision"]]]
     router = [n for n in model.graph.node if any(".router.weight" in i for i in n.input)]
     assert router and all(n.op_type == "Conv" for n in router)  # the float conv router
     assert not any("router" in name for name in int8_inputs)

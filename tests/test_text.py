@@ -1,7 +1,7 @@
 """Text in, text out, end to end: a small language model trained through the CLI on tokenized
-text, exported with its tokenizer (ONNX fp32, ExecuTorch int8), generating eager's greedy text
-in fp32 and the int8 program's own under ExecuTorch's ``TextLLMRunner`` too; parity measures
-held-out perplexity (int8's bar: docs/parity.md)."""
+text, exported with its tokenizer (ONNX fp32 and int4, ExecuTorch int8 and int4), generating
+eager's greedy text in fp32 and the integer programs' own under ExecuTorch's ``TextLLMRunner``
+too; parity measures held-out perplexity (the integer bars: docs/parity.md)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from bibo_export.parity import run_parity
 from bibo_export.runtimes import load
 from bibo_export.runtimes.llm_runner import TextRunner
 from bibo_export.tokenizer import TextTokenizer
+from bibo_export.verdict import judge
 from bibo_export.train.run import RunFolder
 from helpers import run_cli
 
@@ -38,6 +39,7 @@ NEW_TOKENS = 12
 # And ASCII: the runner hands each token to Python as text, so a token holding part of a
 # multi-byte character would be an error there.
 CORPUS = Path(sysconfig.get_paths()["stdlib"]) / "multiprocessing" / "*.py"
+TEXT_EXPORTS = {"onnx": ("fp32", "int4"), "executorch": ("int8", "int4")}
 MODEL = ("hidden_size=64", "intermediate_size=128", "num_hidden_layers=2",
          "moe_intermediate_size=64", "num_routed_experts=4", "max_position_embeddings=64")
 
@@ -54,18 +56,20 @@ def text_model(tmp_path_factory):
             "--steps", 150, "--batch-size", 8, "--sequence-length", 64, "--checkpoint-every", 75,
             "--out", root / "run", check=True)
     final = root / "run" / "final"
-    # One program per runtime: the ExecuTorch fp32 program's parity is test_executorch.py's.
-    exports = {"onnx fp32": root / "onnx-fp32", "executorch int8": root / "et-int8"}
-    export_onnx(final, {"fp32": exports["onnx fp32"]}, max_length=MAX_LENGTH)
-    export_executorch(final, {"int8": exports["executorch int8"]}, max_length=MAX_LENGTH)
+    # The ExecuTorch fp32 program's parity is test_executorch.py's, ONNX int8's test_onnx.py's.
+    exports = {f"{runtime} {precision}": root / f"{runtime}-{precision}"
+               for runtime, precisions in TEXT_EXPORTS.items() for precision in precisions}
+    for runtime, export in (("onnx", export_onnx), ("executorch", export_executorch)):
+        export(final, {precision: exports[f"{runtime} {precision}"]
+                       for precision in TEXT_EXPORTS[runtime]}, max_length=MAX_LENGTH)
     return RunFolder(root / "run"), exports
 
 
 def greedy_text(model: Path) -> str:
     """A runtime's greedy continuation of PROMPT, decoded by the tokenizer library. The oracle
-    of a checkpoint's fp32 exports is eager PyTorch's text (the checkpoint's); an int8
-    program's is its own, through our runtime, since int8 is judged by its perplexity bar
-    (docs/parity.md), not by identical tokens."""
+    of a checkpoint's fp32 exports is eager PyTorch's text (the checkpoint's); an integer
+    program's is its own, through our runtime, since int8 and int4 are judged by their
+    perplexity bars (docs/parity.md), not by identical tokens."""
     tokenizer = TextTokenizer.from_file(model)
     ids = tokenizer.encode(PROMPT)
     tokens = load(model).generate(np.array([ids]), NEW_TOKENS)[0, len(ids):].tolist()
@@ -101,16 +105,17 @@ def test_generate_prints_the_greedy_text_of_every_runtime(text_model):
     eager = greedy_text(run.final)
     assert len(eager) > 4  # something was generated
     for name, model in [("eager fp32", run.final), *exports.items()]:
-        expected = json.dumps(PROMPT + (greedy_text(model) if name.endswith("int8") else eager),
+        expected = json.dumps(PROMPT + (eager if name.endswith("fp32") else greedy_text(model)),
                               ensure_ascii=False)
         out = run_cli("generate", "--model", model, "--prompt", PROMPT, "--max-new-tokens",
                       NEW_TOKENS, check=True).stdout
         assert out == f"{name}: {expected}\n", name
 
 
-def test_executorch_llm_runner_generates_the_greedy_text(text_model):
+@pytest.mark.parametrize("precision", TEXT_EXPORTS["executorch"])
+def test_executorch_llm_runner_generates_the_greedy_text(text_model, precision):
     """ExecuTorch's own runner drives the program as our runtime does (see greedy_text)."""
-    program = text_model[1]["executorch int8"]
+    program = text_model[1][f"executorch {precision}"]
     runner = TextRunner(program)
     expected = greedy_text(program)
     assert runner.generate(PROMPT, NEW_TOKENS) == expected
@@ -151,3 +156,16 @@ def test_parity_measures_held_out_perplexity(text_model):
             row["perplexity"] / eager["perplexity"] - 1)
         assert row["passed"], row["failed_bars"]
     assert 1 < eager["perplexity"] < 512 / 2  # it learned something from its corpus
+
+
+def test_int4_top1_is_judged_on_the_sorting_task_and_recorded_on_text():
+    """The verdict's one precision-dependent exception (docs/parity.md): int4's top-1 bar
+    applies where the task is sorting, not where perplexity measures a text model; int8's
+    applies to both."""
+    close = {"max_abs": 0.5, "cosine": 0.999, "greedy_match": False, "top1_agreement": 0.9}
+    text, sorting = {**close, "perplexity_increase": 0.01}, {**close, "token_accuracy_drop": 0.0}
+    assert judge(text, "onnx", "int4", scope="task") == []
+    assert judge(sorting, "onnx", "int4", scope="task") == ["top-1 agreement 0.9000 < 0.95"]
+    assert judge(text, "onnx", "int8", scope="task") == ["top-1 agreement 0.9000 < 0.98"]
+    assert judge({**text, "perplexity_increase": 0.06}, "onnx", "int4", scope="task") == \
+        ["held-out perplexity +6.00% vs eager > +5%"]

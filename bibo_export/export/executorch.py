@@ -12,8 +12,8 @@
   unbounded errors, as ``DynamicInt8Linear``; torchao's int8 weights with one scale per row on
   every ``nn.Embedding`` (at a 128k vocabulary the table is a quarter of the model); and
   ``SelectedExperts`` → ``SelectedExpertsInt8`` (int8 rows with one scale each, read by the
-  kernel). It runs on the module, before ``torch.export``: these are module swaps, and torchao
-  quantizes modules.
+  kernel). int4 is "8da4w", the same with 4-bit groups (``quantize_int4``). It runs on the
+  module, before ``torch.export``: these are module swaps, and torchao quantizes modules.
 * **export**: one method, ``forward(tokens [B, T] int64, input_pos [1] int64) → logits
   [B, T, V]`` with a dynamic T in 1 … max_length: prefill is a call at position 0 (it also
   resets the conv states), decoding is a call with T = 1 at the next position. This is the
@@ -23,7 +23,7 @@
   operator stays outside the delegates and runs BiBo's kernel library, as attention over the
   cache does), then
   ``to_executorch``, whose quant fusion turns the embedding's dequantize + lookup into
-  ExecuTorch's ``quantized_decomposed::embedding_byte`` kernel. What was delegated and what
+  ExecuTorch's ``quantized_decomposed::embedding_byte`` (or ``embedding_4bit``) kernel. What was delegated and what
   stays as portable kernels is counted.
 
 The artifact metadata (config, maximum length, batch size, precision) travels inside the
@@ -48,7 +48,7 @@ from executorch.exir.lowered_backend_module import get_lowered_backend_modules
 from torch import nn
 from torch._ops import OpOverload
 from torchao.quantization import IntxWeightOnlyConfig, quantize_
-from torchao.quantization.granularity import PerAxis
+from torchao.quantization.granularity import PerAxis, PerGroup
 
 from ..artifacts import (EXPERT_MODES, INT4_GROUP_SIZE, INTEGER_PRECISIONS, PTE_FILE,
                          ArtifactMetadata, check_group_size)
@@ -65,11 +65,12 @@ from .transforms import (CacheAttention, DynamicInt4Linear, DynamicInt8Linear, F
                          SelectedExpertsInt4, SelectedExpertsInt8, UnfoldedSharedExpert,
                          export_form, router_names, swap_modules)
 
-EMBEDDING_AND_ROUTER = "; embedding int8 per row (embedding_byte); router float"
+TABLE_QUANTIZATION = {8: "; embedding int8 per row (embedding_byte)",
+                      4: "; embedding int4 with an fp32 scale per group of {group} (embedding_4bit)"}
 QUANTIZATION = {
     "int8": "8da8w (int8 per-channel weights, int8 dynamic per-token activations)",
     "int4": ("8da4w (int4 weights with a bf16 scale per group of {group} input weights, int8 "
-             "dynamic per-token activations); output projection 8da8w")}
+             "dynamic per-token activations)")}
 SELECTED_QUANTIZATION = {
     "int8": "; routed experts int8 per row, activations int8 per token (bibo::moe_experts_int8)",
     "int4": ("; routed experts int4, two to a byte, a scale per group of {group}, activations "
@@ -83,7 +84,8 @@ class ProgramBuild:
 
     decoder: StatefulDecoder | None  # released once lowered: the program holds the weights
     quantized: set[str] = field(default_factory=set)  # qualified names of the int8 Linears
-    quantized_tables: set[str] = field(default_factory=set)  # ... and int8 embeddings
+    quantized_tables: dict[str, int] = field(default_factory=dict)  # embeddings → their bits
+    table_group: int | None = None  # the weights per scale of 4-bit tables
     exported: torch.export.ExportedProgram | None = None
     program: Any = None  # ExecutorchProgramManager
     ops: dict[str, Any] = field(default_factory=dict)
@@ -156,7 +158,8 @@ class ExecuTorchRecipe(Recipe):
         # XNNPACK's blobs now hold the weights: release the module and the exported program
         # (3 GB each at 750M parameters, shared) before the final program is built.
         build.exported = build.decoder = None
-        # Quant fusion maps int8 embeddings to embedding_byte; float programs skip the pass.
+        # Quant fusion maps quantized embeddings to embedding_byte or embedding_4bit; float
+        # programs skip the pass.
         fuse = ExecutorchBackendConfig(
             do_quant_fusion_and_const_prop=metadata.precision in INTEGER_PRECISIONS)
         build.program = edge.to_executorch(fuse)
@@ -172,7 +175,9 @@ class ExecuTorchRecipe(Recipe):
                                  "decode_weight_bytes_per_token": build.weight_bytes}
         if precision in INTEGER_PRECISIONS:
             selected = facts["experts"] == "selected"
-            described = QUANTIZATION[precision] + EMBEDDING_AND_ROUTER + \
+            tables = sorted(set(build.quantized_tables.values()), reverse=True)
+            described = QUANTIZATION[precision] + \
+                "".join(TABLE_QUANTIZATION[bits] for bits in tables) + "; router float" + \
                 (SELECTED_QUANTIZATION[precision] if selected else "")
             facts.update(quantization=described.format(group=self.group_size),
                          quantized_linears=len(build.quantized),
@@ -236,40 +241,44 @@ def quantize_int8(build: ProgramBuild) -> ProgramBuild:
     """8da8w (int8 per-channel weights, int8 dynamic per-token activations) on every Linear but
     the routers (kept float, docs/export.md); int8 embedding tables with one scale per row; the
     selected-experts operator's weights as int8 rows."""
-    return quantize_integer(build, SelectedExpertsInt8, DynamicInt8Linear)
+    return quantize_integer(build, SelectedExpertsInt8, DynamicInt8Linear, None)
 
 
 def quantize_int4(build: ProgramBuild, group_size: int) -> ProgramBuild:
     """8da4w (int4 weights with a scale per ``group_size`` input weights, int8 dynamic
-    per-token activations) on every Linear but the routers and the output projection; the
-    selected-experts operator's weights int4 in the same groups; embedding tables int8 per
-    row, as int8 programs have them (a lookup reads one row, so 4 bits would save little
-    decode traffic). The output projection stays 8da8w: its rounding moves the logits
-    themselves. On the text demo's trained text-tiny, int4 weights everywhere agreed with
-    eager on 93.1 % of next tokens (93.6 % and 93.75 % through ExecuTorch and ONNX Runtime),
-    under the 95 % bar at every group size (92.6 % at 64, 92.4 % at 128); an int8 output
-    projection alone lifted it to 96.7 %, where int8 experts or attention moved it by 0.1
-    point (weights rounded in eager PyTorch, 2026-12-07)."""
-    head = build.decoder.model.lm_head
+    per-token activations) on every Linear but the routers, the output projection included, as
+    ExecuTorch's LLM recipe does; the selected-experts operator's weights int4 in the same
+    groups; embedding tables int4 in the same groups where their width is a multiple of the
+    group (``embedding_4bit``), int8 per row where not."""
     return quantize_integer(build, lambda experts: SelectedExpertsInt4(experts, group_size),
-                            lambda linear: DynamicInt8Linear(linear) if linear is head
-                            else DynamicInt4Linear(linear, group_size))
+                            lambda linear: DynamicInt4Linear(linear, group_size), group_size)
 
 
 def quantize_integer(build: ProgramBuild, experts_form: Callable[[SelectedExperts], nn.Module],
-                     linear_form: Callable[[nn.Linear], nn.Module]) -> ProgramBuild:
+                     linear_form: Callable[[nn.Linear], nn.Module],
+                     table_group: int | None) -> ProgramBuild:
+    """Quantize ``build``'s decoder: the experts and Linears (routers excepted) by the given
+    forms, the embedding tables int4 in groups of ``table_group`` where it divides their width
+    and int8 per row otherwise (torchao's weight-only forms, which quant fusion turns into
+    ExecuTorch's ``embedding_4bit`` and ``embedding_byte``)."""
     swap_modules(build.decoder, {SelectedExperts: experts_form})
     routers = router_names(build.decoder)
     modules = dict(build.decoder.named_modules())
     build.quantized = {name for name, module in modules.items()
                        if isinstance(module, nn.Linear) and name not in routers}
-    build.quantized_tables = {name for name, module in modules.items()
-                              if isinstance(module, nn.Embedding)}
+    build.table_group = table_group
+    build.quantized_tables = {
+        name: 4 if table_group and module.embedding_dim % table_group == 0 else 8
+        for name, module in modules.items() if isinstance(module, nn.Embedding)}
     for name in build.quantized:
         parent, _, child = name.rpartition(".")
         setattr(build.decoder.get_submodule(parent), child, linear_form(modules[name]))
-    table = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
-    quantize_(build.decoder, table, filter_fn=lambda module, name: name in build.quantized_tables)
+    forms = {8: IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))}
+    if table_group:
+        forms[4] = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(table_group))
+    for bits, form in forms.items():
+        tables = {name for name, width in build.quantized_tables.items() if width == bits}
+        quantize_(build.decoder, form, filter_fn=lambda module, name: name in tables)
     return build
 
 
@@ -290,9 +299,9 @@ def decode_weight_bytes(build: ProgramBuild) -> dict[str, int]:
     experts reads fewer). ``FusedExperts`` reads all of them (XNNPACK cannot delegate linears
     inside ``torch.cond``, docs/export.md); the selected-experts kernel reads the chosen ones, at
     most the minimum (its own counter measures what it read: ``kernels.library``). Both read
-    one embedding row. int8 tables (torchao's): 1 byte per weight plus an fp32 scale per row;
-    int4 Linears: half a byte per weight and XNNPACK's bf16 group scales; every other tensor
-    at its own element size (int8 Linears hold int8 weights and fp32 scales).
+    one embedding row (``table_row_bytes``). int4 Linears: half a byte per weight and XNNPACK's
+    bf16 group scales; every other tensor at its own element size (int8 Linears hold int8
+    weights and fp32 scales).
     """
     model = build.decoder.model
     config, prefix = model.config, "model."
@@ -301,9 +310,8 @@ def decode_weight_bytes(build: ProgramBuild) -> dict[str, int]:
                       if isinstance(module, EXPERT_MODULES)}
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
-            int8 = prefix + name in build.quantized_tables
-            total += module.embedding_dim + 4 if int8 else \
-                module.embedding_dim * module.weight.element_size()
+            total += table_row_bytes(module, build.quantized_tables.get(prefix + name),
+                                     build.table_group)
             continue
         for param in module.parameters(recurse=False):
             size = stored_bytes(module, param)
@@ -317,6 +325,17 @@ def decode_weight_bytes(build: ProgramBuild) -> dict[str, int]:
     fused = any(isinstance(module, FusedExperts) for module in model.modules())
     return {"touched": total if fused else minimum, "active_minimum": minimum,
             "outside_routed_experts": total - expert}
+
+
+def table_row_bytes(table: nn.Embedding, bits: int | None, group: int | None) -> int:
+    """The bytes of one row of an embedding table as the program stores it: int8 rows
+    (``embedding_byte``) a byte per weight and an fp32 scale, int4 rows (``embedding_4bit``)
+    half a byte per weight and an fp32 scale per group, float rows their element size."""
+    if bits == 8:
+        return table.embedding_dim + 4
+    if bits == 4:
+        return table.embedding_dim // 2 + 4 * (table.embedding_dim // group)
+    return table.embedding_dim * table.weight.element_size()
 
 
 def stored_bytes(module: nn.Module, param: nn.Parameter) -> int:

@@ -52,7 +52,7 @@ from torch import nn
 
 from ..artifacts import (INT4_GROUP_SIZE, INTEGER_PRECISIONS, ONNX_DATA_FILE, ONNX_FILE,
                          ArtifactMetadata, check_group_size)
-from ..kernels.moe_experts import quantize_rows
+from ..kernels.moe_experts import pack_int4, quantize_groups, quantize_rows
 from ..model import BiBoForCausalLM
 from ..model.attention import Attention, GroupedAttention
 from ..model.layers import CacheWrite, SwiGLU
@@ -66,6 +66,7 @@ from .transforms import (ScatterCacheWrite, SdpaGroupedAttention,
 OPSET = 23
 # The integer kernels ORT runs for the quantized MatMuls (after its own fusions) and experts.
 INTEGER_OPS = ("MatMulNBits", "QMoE")
+LOOKUPS = ("Gather", "GatherBlockQuantized")  # embedding lookups: each reads only its rows
 # Weights per scale along each weight column: at 128 a weight costs 1.03 bytes; 32 measured no
 # more accurate on text-tiny and slower (2026-11-26).
 BLOCK_SIZE = 128
@@ -276,12 +277,6 @@ def name_linear_weights(model: onnx.ModelProto) -> None:
             weights[node.input[1]].name = node.input[1] = f"{scopes[-1]}.weight_t"
 
 
-def output_head_nodes(state: OnnxGraph) -> list[str]:
-    """Names of the nodes computed inside the output projection (``lm_head``)."""
-    heads = {name for name, group in state.module_groups.items() if group == "lm_head"}
-    return [node.name for node in state.model.graph.node if heads & set(module_scopes(node))]
-
-
 def router_nodes(state: OnnxGraph) -> list[str]:
     """Names of the nodes computed inside a router module (kept float)."""
     return [node.name for graph in subgraphs(state.model.graph) for node in graph.node
@@ -290,29 +285,23 @@ def router_nodes(state: OnnxGraph) -> list[str]:
 
 def quantize_weights(state: OnnxGraph, bits: int, block: int) -> OnnxGraph:
     """``bits``-bit (8 or 4) weights in blocks of ``block`` along the input with int8 compute
-    on everything but the routers (the experts as QMoE nodes; at 4 bits, the output
-    projection stays 8-bit), and int8 embedding tables (a lookup reads one row: 4 bits would
-    save little)."""
+    on everything but the routers (the experts as QMoE nodes), and embedding tables of the same
+    bits (``quantize_embedding_tables``)."""
     model = state.model
     if state.weights_dir is not None:
         onnx.load_external_data_for_model(model, state.weights_dir.name)
     fused = experts_to_qmoe(state, bits, block)
     rewritten = gemms_to_matmuls(model)
     name_linear_weights(model)
-    tables = quantize_embedding_tables(model)
+    tables = quantize_embedding_tables(model, block if bits == 4 else None)
     excluded = router_nodes(state)
-    # int4 keeps the output projection at 8 bits, as ExecuTorch's does (``quantize_int4``).
-    head = output_head_nodes(state) if bits == 4 else []
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True,
-                                     accuracy_level=4, nodes_to_exclude=excluded + head)
+                                     accuracy_level=4, nodes_to_exclude=excluded)
     quantizer.process()  # in place: no second copy of the weights
     quantized = quantizer.model.model
-    if head:  # the float MatMuls left are the head's (and the routers', excluded again)
-        MatMulNBitsQuantizer(quantized, bits=8, block_size=BLOCK_SIZE, is_symmetric=True,
-                             accuracy_level=4, nodes_to_exclude=excluded).process()
     return OnnxGraph(quantized, state.router_scopes, state.module_groups, state.top_k,
                      {"qmoe_experts": fused, "gemms_rewritten": rewritten,
-                      "float_router_nodes": excluded, "int8_embedding_tables": tables,
+                      "float_router_nodes": excluded, "quantized_embedding_tables": tables,
                       "bits": bits, "block_size": block,
                       "quantized_weights": quantized_weights(state, quantized)})
 
@@ -472,14 +461,18 @@ def quantize_blocks(weights: np.ndarray, block: int,
             np.stack([scales for _, scales in blocks]).astype(np.float32))
 
 
-def quantize_embedding_tables(model: onnx.ModelProto) -> list[str]:
-    """Replace each embedding lookup ``Gather(table, ids)`` of a float table by an int8 table
-    with one scale per row: ``Gather(q, ids) → Cast → Mul(Gather(scales, ids))``.
+def quantize_embedding_tables(model: onnx.ModelProto, group_size: int | None = None) -> list[str]:
+    """Replace each embedding lookup ``Gather(table, ids)`` of a float table by a quantized one;
+    returns the quantized tables' names.
 
-    ORT's quantizers have no per-row form for Gather (one scale for the whole table); at a
-    vocabulary of 128k the table is a quarter of the model, so it gets symmetric per-row
-    quantization (``quantize_rows``), the same scheme as ExecuTorch's ``embedding_byte``.
-    Returns the quantized tables' names.
+    Without ``group_size``: int8 with one scale per row, ``Gather(q, ids) → Cast →
+    Mul(Gather(scales, ids))``. ORT's quantizers have no per-row form for Gather (one scale for
+    the whole table); at a vocabulary of 128k the table is a quarter of the model, so it gets
+    symmetric per-row quantization (``quantize_rows``), the same scheme as ExecuTorch's
+    ``embedding_byte``. With ``group_size`` (int4 exports): ORT's ``GatherBlockQuantized``, 4
+    bits in [-8, 7] with a scale per ``group_size`` weights of a row (``quantize_groups``, the
+    scheme of ExecuTorch's ``embedding_4bit``), for tables whose width is a multiple of the
+    group; others stay int8.
     """
     weights = own_weights(model)
     graph, done = model.graph, []
@@ -488,31 +481,54 @@ def quantize_embedding_tables(model: onnx.ModelProto) -> list[str]:
         if table is None or table.data_type != onnx.TensorProto.FLOAT or len(table.dims) != 2:
             continue
         # A copy: to_array views the tensor's read-only bytes, which torch warns of.
-        rows, scales = quantize_rows(torch.tensor(numpy_helper.to_array(table)))
-        name, ids, out = table.name, node.input[1], node.output[0]
-        table.CopyFrom(numpy_helper.from_array(rows.numpy(), f"{name}_quantized"))
-        graph.initializer.append(numpy_helper.from_array(scales[:, None].numpy(),
-                                                         f"{name}_scale"))
-        lookup = [onnx.helper.make_node("Gather", [f"{name}_quantized", ids], [f"{out}_int8"],
-                                        name=f"{node.name}_int8"),
-                  onnx.helper.make_node("Cast", [f"{out}_int8"], [f"{out}_unscaled"],
-                                        to=onnx.TensorProto.FLOAT, name=f"{node.name}_cast"),
-                  onnx.helper.make_node("Gather", [f"{name}_scale", ids], [f"{out}_scale"],
-                                        name=f"{node.name}_scale"),
-                  onnx.helper.make_node("Mul", [f"{out}_unscaled", f"{out}_scale"], [out],
-                                        name=f"{node.name}_dequantize")]
+        values = torch.tensor(numpy_helper.to_array(table))
+        grouped = group_size is not None and table.dims[1] % group_size == 0
+        lookup = (table_4bit if grouped else table_int8)(graph, node, table, values, group_size)
         graph.node.remove(node)
         for offset, new in enumerate(lookup):
             graph.node.insert(position + offset, new)
-        done.append(name)
+        done.append(table.name.removesuffix("_quantized"))
     return done
 
 
+def table_int8(graph: onnx.GraphProto, node: onnx.NodeProto, table: onnx.TensorProto,
+               values: torch.Tensor, _: int | None) -> list[onnx.NodeProto]:
+    """``table`` as int8 rows in place, its scales added to ``graph``; the lookup's nodes."""
+    rows, scales = quantize_rows(values)
+    name, ids, out = table.name, node.input[1], node.output[0]
+    table.CopyFrom(numpy_helper.from_array(rows.numpy(), f"{name}_quantized"))
+    graph.initializer.append(numpy_helper.from_array(scales[:, None].numpy(), f"{name}_scale"))
+    return [onnx.helper.make_node("Gather", [f"{name}_quantized", ids], [f"{out}_int8"],
+                                  name=f"{node.name}_int8"),
+            onnx.helper.make_node("Cast", [f"{out}_int8"], [f"{out}_unscaled"],
+                                  to=onnx.TensorProto.FLOAT, name=f"{node.name}_cast"),
+            onnx.helper.make_node("Gather", [f"{name}_scale", ids], [f"{out}_scale"],
+                                  name=f"{node.name}_scale"),
+            onnx.helper.make_node("Mul", [f"{out}_unscaled", f"{out}_scale"], [out],
+                                  name=f"{node.name}_dequantize")]
+
+
+def table_4bit(graph: onnx.GraphProto, node: onnx.NodeProto, table: onnx.TensorProto,
+               values: torch.Tensor, group_size: int) -> list[onnx.NodeProto]:
+    """``table`` as 4-bit groups in place, its scales added to ``graph``; the lookup's node."""
+    q, scales = quantize_groups(values, group_size)
+    name = table.name
+    # GatherBlockQuantized reads uint8 nibbles with the zero point 8 (offset binary), where
+    # pack_int4 writes two's complement: flipping each nibble's top bit converts.
+    table.CopyFrom(numpy_helper.from_array((pack_int4(q) ^ 0x88).numpy(), f"{name}_quantized"))
+    graph.initializer.append(numpy_helper.from_array(scales.numpy(), f"{name}_scale"))
+    return [onnx.helper.make_node(
+        "GatherBlockQuantized", [f"{name}_quantized", node.input[1], f"{name}_scale"],
+        node.output, name=f"{node.name}_4bit", domain="com.microsoft", bits=4,
+        block_size=group_size, gather_axis=0, quantize_axis=1)]
+
+
 def quantized_weights(state: OnnxGraph, model: onnx.ModelProto) -> dict[str, list[str]]:
-    """8-bit weights (MatMulNBits', QMoE's and the int8 tables) grouped by the kind of module
+    """Quantized weights (MatMulNBits', QMoE's and the tables') grouped by the kind of module
     they belong to."""
     names = [init.name for graph in subgraphs(model.graph) for init in graph.initializer
-             if init.data_type == onnx.TensorProto.INT8 and init.name.endswith("_quantized")]
+             if init.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+             and init.name.endswith("_quantized")]
     names += [node.input[1] for graph in subgraphs(model.graph) for node in graph.node
               if node.op_type == "MatMulNBits"]
     names += [node.input[i] for node in model.graph.node if node.op_type == "QMoE"
@@ -625,7 +641,7 @@ def weights_read_per_call(folder: str | Path, input_ids: np.ndarray,
         node = event["name"].removesuffix("_kernel_time").split("/")[0]
         call = next(i for i, (start, end) in enumerate(runs) if start <= event["ts"] <= end)
         for name, size in weights.get(node, {}).items():
-            if event["args"].get("op_name") == "Gather":  # an embedding lookup reads its rows
+            if event["args"].get("op_name") in LOOKUPS:  # an embedding lookup reads its rows
                 table = event["args"]["input_type_shape"][0]
                 rows = int(np.prod(next(iter(event["args"]["output_type_shape"][0].values()))[:-1]))
                 size = size // next(iter(table.values()))[0] * rows

@@ -19,7 +19,7 @@ from typing import BinaryIO
 # ExecuTorch's attention kernels (llama::custom_sdpa, update_cache), which programs exported by
 # earlier versions of bibo-export call: they still run here.
 import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
-import executorch.kernels.quantized  # noqa: F401 - registers embedding_byte with the runtime
+import executorch.kernels.quantized  # noqa: F401 - registers embedding_byte and embedding_4bit
 import numpy as np
 import torch
 from executorch.exir._serialize._program import _get_extended_header
