@@ -119,7 +119,7 @@ demo: setup ## the whole pipeline: train → ONNX + ExecuTorch fp32/int8/int4 �
 demo-publish: $(STAMP) ## publish make demo's record as a snapshot in docs/benchmarks/, regenerate README's results
 	$(VENV)/bin/python -m bench.publish demo $(ARTIFACTS)/demo.json
 
-demo-text: setup ## text in, text out: tokenizer + language model (XLA) → ExecuTorch/ONNX int8 → parity → continuations
+demo-text: setup ## text in, text out: tokenizer + language model (XLA) → ExecuTorch/ONNX int8/int4 → parity → continuations
 	$(VENV_XLA)/bin/bibo-export tokenizer train --data 'text:$(TEXT_CORPUS)' \
 		--vocab-size $(TEXT_VOCAB) --out $(TEXT_RUN)-tokenizer
 	$(MAKE) --no-print-directory train-tpu PRESET=text-tiny RUN=$(TEXT_RUN) STEPS=$(TEXT_STEPS) \
@@ -133,8 +133,8 @@ demo-text: setup ## text in, text out: tokenizer + language model (XLA) → Exec
 		$(foreach p,$(TEXT_PRECISIONS),$(TEXT_ARTIFACTS)/executorch/$(p) $(TEXT_ARTIFACTS)/onnx/$(p)) \
 		--report $(TEXT_ARTIFACTS)/report
 	@echo "== the same prompt continued by each runtime (greedy, $(TEXT_NEW_TOKENS) tokens at most)"
-	@for model in "$(TEXT_RUN)/final" "$(TEXT_ARTIFACTS)/onnx/int8" \
-		"$(TEXT_ARTIFACTS)/executorch/int8" "$(TEXT_ARTIFACTS)/executorch/int8 --llm-runner"; do \
+	@for model in "$(TEXT_RUN)/final" $(foreach p,$(TEXT_PRECISIONS),"$(TEXT_ARTIFACTS)/onnx/$(p)" \
+		"$(TEXT_ARTIFACTS)/executorch/$(p)" "$(TEXT_ARTIFACTS)/executorch/$(p) --llm-runner"); do \
 		$(VENV)/bin/bibo-export generate --model $$model --prompt '$(TEXT_PROMPT)' \
 			--max-new-tokens $(TEXT_NEW_TOKENS) || exit 1; done
 

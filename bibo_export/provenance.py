@@ -27,15 +27,29 @@ def git(*args: str) -> str | None:
         return None
 
 
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (Linux), else what platform knows."""
+def cpuinfo_field(name: str) -> str | None:
+    """The first ``name : value`` of /proc/cpuinfo (Linux), or None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if key.strip() == name:
+                return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (Linux), else what platform knows."""
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_generation() -> str | None:
+    """x86's CPU family and model numbers, as ``f26m2``: cloud VMs often name every
+    generation alike ("AMD EPYC"), while the family and model tell one from the next, and with
+    it which vector instructions (and so which kernels) run."""
+    family, model = cpuinfo_field("cpu family"), cpuinfo_field("model")
+    return f"f{family}m{model}" if family and model else None
 
 
 def gpu_name() -> str | None:
@@ -66,6 +80,7 @@ def provenance() -> dict[str, Any]:
         "dirty": bool(status) if status is not None else None,
         "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "cpu": cpu_model(),
+        "cpu_generation": cpu_generation(),
         "cores": len(os.sched_getaffinity(0)),
         "gpu": gpu_name(),
         "python": platform.python_version(),
@@ -74,10 +89,13 @@ def provenance() -> dict[str, Any]:
 
 
 def machine_slug(record: dict[str, Any]) -> str:
-    """A short file-name-safe name of the machine: CPU model words, cores, GPU if any."""
+    """A short file-name-safe name of the machine: CPU model words, its generation where
+    recorded, cores, GPU if any."""
     words = re.sub(r"\(.*?\)|\b(processor|cpu|core|with|radeon|graphics)\b|@.*$", " ",
                    record["cpu"], flags=re.IGNORECASE)
     slug = "-".join(re.findall(r"[a-z0-9]+", words.lower())[:4]) or "unknown-cpu"
+    if record.get("cpu_generation"):
+        slug += f"-{record['cpu_generation']}"
     slug += f"-{record['cores']}c"
     if record.get("gpu"):
         slug += "-" + "-".join(re.findall(r"[a-z0-9]+", record["gpu"].lower())[-2:])

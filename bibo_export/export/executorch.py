@@ -23,8 +23,8 @@
   operator stays outside the delegates and runs BiBo's kernel library, as attention over the
   cache does), then
   ``to_executorch``, whose quant fusion turns the embedding's dequantize + lookup into
-  ExecuTorch's ``quantized_decomposed::embedding_byte`` (or ``embedding_4bit``) kernel. What was delegated and what
-  stays as portable kernels is counted.
+  ExecuTorch's ``quantized_decomposed::embedding_byte`` (or ``embedding_4bit``) kernel. What
+  was delegated and what stays as portable kernels is counted.
 
 The artifact metadata (config, maximum length, batch size, precision) travels inside the
 program as a constant method (``bibo_metadata``, UTF-8 JSON as uint8): a ``.pte`` describes
@@ -277,7 +277,8 @@ def quantize_integer(build: ProgramBuild, experts_form: Callable[[SelectedExpert
     if table_group:
         forms[4] = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(table_group))
     for bits, form in forms.items():
-        tables = {name for name, width in build.quantized_tables.items() if width == bits}
+        tables = {name for name, table_bits in build.quantized_tables.items()
+                  if table_bits == bits}
         quantize_(build.decoder, form, filter_fn=lambda module, name: name in tables)
     return build
 

@@ -14,8 +14,10 @@ per-row scales (``quantize_embedding_tables``). Per-row activation scales are wh
 quantization (``DynamicQuantizeMatMul``) gives one activation scale to a whole call, and on a
 text model the SwiGLU outputs entering the down projections carry outliers that cost every other
 token its precision (``text-tiny`` on 2,048 held-out positions, 2026-11-26: top-1 agreement
-97.3 % with one scale per call, 99.0 % per row; ExecuTorch's 8da8w, per token, 99.6 %). The
-routers stay float: a routing flip is a discrete, unbounded error (docs/export.md). The router nodes
+97.3 % with one scale per call, 99.0 % per row; ExecuTorch's 8da8w, per token, 99.6 %). int4
+is the same with 4-bit blocks of the group size and 4-bit embedding tables
+(``GatherBlockQuantized``). The routers stay float: a routing flip is a discrete, unbounded
+error (docs/export.md). The router nodes
 are the ones the exporter recorded as computed inside a ``Router`` module (found by type, not by
 name).
 
