@@ -38,15 +38,18 @@ pytestmark = pytest.mark.export
 EXPERTS, WIDTH, HIDDEN, MAX_TOKENS = 5, 202, 168, 64
 ROUTED = EXPERTS + 3  # indices ≥ EXPERTS are BiBo's parameter-free experts: skipped
 # int4 groups of 32: 168 columns are 5 groups and a partial one, 202 are 6 and a partial one
-# (an odd count).
+# (an odd count). Groups of 96 (a multiple of 32, not of a vector step) change group inside
+# x86's 64-column steps.
 GROUP = 32
 
 
 class ExpertsCall(nn.Module):
     """The operator alone, on fixed random expert weights, in ``precision`` fp32/int8/int4."""
 
-    def __init__(self, precision: str, hidden: int = HIDDEN, width: int = WIDTH) -> None:
+    def __init__(self, precision: str, hidden: int = HIDDEN, width: int = WIDTH,
+                 group: int = GROUP) -> None:
         super().__init__()
+        self.group = group
         torch.manual_seed(0)
         weights = {"gate": torch.randn(EXPERTS, width, hidden) / hidden ** 0.5,
                    "up": torch.randn(EXPERTS, width, hidden) / hidden ** 0.5,
@@ -59,7 +62,7 @@ class ExpertsCall(nn.Module):
             if precision == "int8":
                 q, scale = quantize_rows(weight)
             else:
-                q, scale = quantize_groups(weight, GROUP)
+                q, scale = quantize_groups(weight, group)
                 q = pack_int4(q)
             self.register_buffer(name, q)
             self.register_buffer(f"{name}_scale", scale)
@@ -68,10 +71,11 @@ class ExpertsCall(nn.Module):
         """Expert e on one token x [h], written out from the operator's definition."""
         if self.precision == "fp32":
             return swiglu_reference(x, self.gate[e], self.up[e], self.down[e])
-        integer_product = int8_product if self.precision == "int8" else int4_product
-
         def product(v: Tensor, name: str) -> Tensor:
-            return integer_product(v, getattr(self, name)[e], getattr(self, f"{name}_scale")[e])
+            weight, scale = getattr(self, name)[e], getattr(self, f"{name}_scale")[e]
+            if self.precision == "int8":
+                return int8_product(v, weight, scale)
+            return int4_product(v, weight, scale, self.group)
         return product(F.silu(product(x, "gate")) * product(x, "up"), "down")
 
     def forward(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
@@ -80,7 +84,7 @@ class ExpertsCall(nn.Module):
         scaled = (self.gate, self.gate_scale, self.up, self.up_scale, self.down, self.down_scale)
         if self.precision == "int8":
             return torch.ops.bibo.moe_experts_int8(x, indices, weights, *scaled)
-        return torch.ops.bibo.moe_experts_int4(x, indices, weights, *scaled, GROUP)
+        return torch.ops.bibo.moe_experts_int4(x, indices, weights, *scaled, self.group)
 
 
 def program(module: ExpertsCall, top_k: int, path: Path):
@@ -116,15 +120,15 @@ def nibbles(packed: Tensor, columns: int) -> np.ndarray:
     return np.where(pairs >= 8, pairs - 16, pairs)[..., :columns]
 
 
-def int4_product(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
-    """One token x [in] times packed int4 rows with a scale per group of ``GROUP`` columns: x
-    as ``int8_token``, each group's integer products summed in int64 and scaled by the group's
+def int4_product(x: Tensor, packed: Tensor, scale: Tensor, group: int) -> Tensor:
+    """One token x [in] times packed int4 rows with a scale per ``group`` columns: x as
+    ``int8_token``, each group's integer products summed in int64 and scaled by the group's
     scale, the groups summed, then x's scale."""
     q, x_scale = int8_token(x)
     products = nibbles(packed, len(x)) * q.numpy()
     out = torch.zeros(packed.shape[0])
-    for g, start in enumerate(range(0, len(x), GROUP)):
-        group_sum = torch.from_numpy(products[:, start:start + GROUP].sum(-1)).float()
+    for g, start in enumerate(range(0, len(x), group)):
+        group_sum = torch.from_numpy(products[:, start:start + group].sum(-1)).float()
         out += group_sum * scale[:, g]
     return out * x_scale
 
@@ -163,11 +167,12 @@ def case_inputs(name: str) -> tuple[Tensor, Tensor, Tensor]:
     return routing(*CASES[name])
 
 
-@pytest.fixture(scope="module", params=["fp32", "int8", "int4"])
+@pytest.fixture(scope="module", params=["fp32", "int8", "int4", "int4 group 96"])
 def kernel(request, tmp_path_factory):
-    """(reference module, {top_k: loaded program}) for one precision."""
-    module = ExpertsCall(request.param)
-    folder = tmp_path_factory.mktemp(f"kernel-{request.param}")
+    """(reference module, {top_k: loaded program}) for one precision (int4: and group)."""
+    precision, _, group = request.param.partition(" group ")
+    module = ExpertsCall(precision, group=int(group or GROUP))
+    folder = tmp_path_factory.mktemp(f"kernel-{request.param.replace(' ', '-')}")
     methods = {k: program(module, k, folder / f"k{k}.pte") for k in {1, 3, ROUTED}}
     return module, methods
 

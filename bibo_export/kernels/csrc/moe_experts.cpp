@@ -439,16 +439,19 @@ int64_t int4_chunks(const Int4Matrix& w, int64_t r0, const Int8Tokens& xs, int64
   const int64_t chunks = w.cols / NIBBLE_CHUNK, paired = chunks * NIBBLE_CHUNK;
   const int64_t stored = w.stored_row_bytes(), groups = w.groups();
   const __m256i low_bits = _mm256_set1_epi8(0x0F), top_bits = _mm256_set1_epi8(-0x78);
-  // The scale of each half: two consecutive groups' at 32 columns a group, else one group's.
-  const bool two_groups = w.group == 32;
-  const __m256i pick = two_groups ? _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)
-                                  : _mm256_setzero_si256();
+  const __m256i one_scale = _mm256_setzero_si256(),
+                two_scales = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
   __m256 acc[TOKENS][ROWS];
   for (int t = 0; t < TOKENS; ++t) {
     for (int r = 0; r < ROWS; ++r) acc[t][r] = _mm256_setzero_ps();
   }
   for (int64_t k = 0; k < chunks; ++k) {
     const int64_t c = k * NIBBLE_CHUNK;
+    // Each 32-column half of the chunk lies in one group (groups are multiples of 32): both
+    // in the same one, or in two consecutive ones, whose scales are then loaded together.
+    const int64_t first = c / w.group;
+    const bool two_groups = (c + 32) / w.group > first;
+    const __m256i pick = two_groups ? two_scales : one_scale;
     __m256i low[ROWS], high[ROWS];
     __m256 scale[ROWS];
     for (int r = 0; r < ROWS; ++r) {
@@ -456,7 +459,7 @@ int64_t int4_chunks(const Int4Matrix& w, int64_t r0, const Int8Tokens& xs, int64
           reinterpret_cast<const __m256i*>(w.data + (r0 + r) * stored + c / 2)));
       low[r] = _mm256_and_si256(bytes, low_bits);
       high[r] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_bits);
-      const float* at = w.scale + (r0 + r) * groups + c / w.group;
+      const float* at = w.scale + (r0 + r) * groups + first;
       const __m128 scales = two_groups ? _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(at)))
                                        : _mm_load_ss(at);
       scale[r] = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(scales), pick);
