@@ -32,8 +32,8 @@ INT8_BARS = {"top1_agreement": 0.98, "cosine": 0.99, "token_accuracy_drop": 0.01
 # int4 weights (int8 activations) against eager fp32: 16 levels per group where int8 has 255.
 # On a text model its top-1 agreement is recorded, not judged: the task there is the next-token
 # distribution, which perplexity measures, and a small model's flat distributions hold near-ties
-# that 4-bit logits reorder (text-tiny with every linear int4: 93.6 % top-1 at +0.4 %
-# perplexity; docs/parity.md).
+# that 4-bit logits reorder (the text demo's text-tiny: 92.8 % top-1 at +0.4 % perplexity;
+# docs/parity.md).
 INT4_BARS = {"top1_agreement": 0.95, "cosine": 0.98, "token_accuracy_drop": 0.02,
              "perplexity_increase": 0.05, "top1_on_text": False}
 # bf16 programs (ExecuTorch) against eager fp32.
