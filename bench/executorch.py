@@ -52,7 +52,8 @@ PRECISIONS = ("fp32", "int8", "int4")
 PROGRAMS = [(experts, precision) for experts in ("fused", "selected") for precision in PRECISIONS]
 CPP = " c++ runner"
 COLUMNS = ["runtime", "prefill_ms", "decode_tok_s", "decode_vs_fused", "decode_vs_int8",
-           "python_us_per_token", "bytes", "size_vs_fp32", "decode_weight_bytes", "active_minimum_bytes",
+           "python_us_per_token", "bytes", "size_vs_fp32", "decode_weight_bytes",
+           "active_minimum_bytes",
            "touched_vs_minimum", "bytes_measured_by", "delegate_calls", "portable_ops",
            "max_abs_vs_eager"]
 

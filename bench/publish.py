@@ -191,11 +191,19 @@ def bench_rows(snapshots: list[tuple[str, dict[str, Any]]]
     return found
 
 
-def bench_block(snapshots: list[tuple[str, dict[str, Any]]], prefix: str) -> str:
+def latest_machine(snapshots: list[tuple[str, dict[str, Any]]]
+                   ) -> list[tuple[str, dict[str, Any]]]:
+    """The snapshots made on the machine of the newest one."""
+    machine = machine_slug(snapshots[-1][1]["provenance"])
+    return [(n, r) for n, r in snapshots if machine_slug(r["provenance"]) == machine]
+
+
+def bench_block(snapshots: list[tuple[str, dict[str, Any]]], prefix: str,
+                scope: str = "of each machine") -> str:
     if not snapshots:
         return "No benchmark snapshot is published yet (`make bench`, then `make bench-publish`)."
     lines = ["Batch 1, the `bench` preset (83.4M parameters, random weights): decode tokens/s and "
-             "prefill ms, as ranges over the published snapshots of each machine.", "",
+             f"prefill ms, as ranges over the published snapshots {scope}.", "",
              "| machine | benchmark | runtime | decode tok/s | prefill ms | snapshots |",
              "|---|---|---|---|---|---|"]
     for (machine, benchmark, runtime), found in bench_rows(snapshots).items():
@@ -212,7 +220,7 @@ def demo_block(snapshots: list[tuple[str, dict[str, Any]]], prefix: str) -> str:
         return "No `make demo` snapshot is published yet (`make demo`, then `make demo-publish`)."
     name, latest = snapshots[-1]
     machine = machine_slug(latest["provenance"])
-    same = [(n, r) for n, r in snapshots if machine_slug(r["provenance"]) == machine]
+    same = latest_machine(snapshots)
     eager = latest["report"]["rows"][0]
     accuracy = (f"; the trained model sorts {eager['token_accuracy']:.1%} of held-out tokens "
                 f"and {eager['sequence_accuracy']:.1%} of whole sequences"
@@ -260,7 +268,11 @@ def generated_pages(root: Path) -> dict[Path, str]:
     prefix = f"{SNAPSHOTS.as_posix()}/"
     readme = (root / README).read_text()
     readme = replace_block(readme, "demo", demo_block(load_snapshots(root, "demo"), prefix))
-    readme = replace_block(readme, "bench", bench_block(load_snapshots(root, "bench"), prefix))
+    benches = load_snapshots(root, "bench")
+    readme = replace_block(readme, "bench", bench_block(
+        latest_machine(benches) if benches else [], prefix,
+        f"of the machine that made the newest one (every machine: [{INDEX.as_posix()}]"
+        f"({INDEX.as_posix()}))"))
     return {INDEX: index_page(root), README: readme}
 
 

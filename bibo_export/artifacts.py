@@ -39,18 +39,22 @@ PRECISIONS = ("fp32", "bf16", "int8", "int4")
 INTEGER_PRECISIONS = ("int8", "int4")  # integer weights, int8 activations quantized per token
 # int4 weights have one scale per group of this many consecutive weights of a row; XNNPACK's
 # 4-bit kernels and BiBo's take groups that are multiples of 32. 32 by measurement: on the
-# trained sort-tiny (embedding int8), int4 cosine against eager was 0.9984 / 0.9987 (ExecuTorch / ONNX) at 32,
-# 0.9982 / 0.9985 at 64 and 0.9980 / 0.9982 at 128, every size meeting the int4 bars, for
-# programs 12 % (ExecuTorch) and 16 % (ONNX) larger than at 128; BiBo's int4 expert kernel
-# took the same time at all three (within the noise of a 2-core machine, 2026-12-07).
+# trained sort-tiny (embedding int8), int4 cosine against eager was 0.9984 / 0.9987
+# (ExecuTorch / ONNX) at 32, 0.9982 / 0.9985 at 64 and 0.9980 / 0.9982 at 128, every size
+# meeting the int4 bars, for programs 12 % (ExecuTorch) and 16 % (ONNX) larger than at 128;
+# BiBo's int4 expert kernel took the same time at all three (within the noise of a 2-core
+# machine, 2026-12-07).
 INT4_GROUP_SIZES = (32, 64, 128)
 INT4_GROUP_SIZE = 32
 
 
 def check_group_size(group_size: int) -> None:
+    """Refuse an int4 group size outside ``INT4_GROUP_SIZES``, in one line."""
     if group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"the int4 group size must be one of "
                          f"{', '.join(map(str, INT4_GROUP_SIZES))}, got {group_size!r}")
+
+
 # How an ExecuTorch program computes the routed experts: "selected" reads only the chosen
 # experts through BiBo's kernel library (bibo_export/kernels); "fused" reads every expert and
 # needs only ExecuTorch's own kernels.

@@ -35,8 +35,8 @@ def test_integer_parity_on_trained_model(trained_integer):
 
 
 def test_integer_programs_are_smaller(trained_integer):
-    """int8 program at most 0.35 of the fp32 weights it came from, int4 at most 0.20; an fp32 program is those weights plus a few hundred kB
-    (33.45 vs 33.18 MB on sort-tiny)."""
+    """int8 program at most 0.35 of the fp32 weights it came from, int4 at most 0.20; an fp32
+    program is those weights plus a few hundred kB (33.45 vs 33.18 MB on sort-tiny)."""
     checkpoint, _, path, manifest = trained_integer
     fp32_weights = (checkpoint / "model.safetensors").stat().st_size
     bound = {"int8": 0.35, "int4": 0.20}[manifest["precision"]]

@@ -1,7 +1,8 @@
 """BiBo's ExecuTorch kernels against the operators' PyTorch implementations, and those against
 independent formulations: the experts (``bibo::moe_experts``, ``…_int8``, ``…_int4``) against
-plain per-token expert sums (int4 nibbles unpacked here, in NumPy), attention over the cache (``bibo::update_cache``,
-``bibo::cache_attention``) against the model's own cache write and masked attention.
+plain per-token expert sums (int4 nibbles unpacked here, in NumPy), attention over the cache
+(``bibo::update_cache``, ``bibo::cache_attention``) against the model's own cache write and
+masked attention.
 
 The C++ kernels only run inside an ExecuTorch program, so each case exports a small program
 (no delegate: the operators stay kernel calls) with a dynamic token count.

@@ -411,8 +411,8 @@ def test_int8_experts_qmoe_cannot_block_keep_their_if_nodes(mlp_router):
 def test_qmoe_rewrite_alone_changes_logits_by_the_experts_rounding_only(bits, bound):
     """The fp32 graph with only its experts rewritten to QMoE, against that fp32 graph: the one
     difference left is the experts' 8-bit rounding (measured 4e-4 of the logits' range here;
-    gate and up rows swapped gave 5e-3), or their 4-bit rounding. Two layers, one of them MoE: the same checks in two
-    thirds of the time of three layers."""
+    gate and up rows swapped gave 5e-3), or their 4-bit rounding. Two layers, one of them MoE:
+    the same checks in two thirds of the time of three layers."""
     torch.manual_seed(0)
     model = BiBoForCausalLM(tiny_config(hidden_size=64, moe_intermediate_size=32,
                                         num_hidden_layers=2)).eval()

@@ -65,8 +65,9 @@ from .transforms import (CacheAttention, DynamicInt4Linear, DynamicInt8Linear, F
                          SelectedExpertsInt4, SelectedExpertsInt8, UnfoldedSharedExpert,
                          export_form, router_names, swap_modules)
 
-TABLE_QUANTIZATION = {8: "; embedding int8 per row (embedding_byte)",
-                      4: "; embedding int4 with an fp32 scale per group of {group} (embedding_4bit)"}
+TABLE_QUANTIZATION = {
+    8: "; embedding int8 per row (embedding_byte)",
+    4: "; embedding int4 with an fp32 scale per group of {group} (embedding_4bit)"}
 QUANTIZATION = {
     "int8": "8da8w (int8 per-channel weights, int8 dynamic per-token activations)",
     "int4": ("8da4w (int4 weights with a bf16 scale per group of {group} input weights, int8 "
@@ -192,7 +193,8 @@ class ExecuTorchRecipe(Recipe):
         weight_bytes = manifest["decode_weight_bytes_per_token"]
         return (f"[executorch] {manifest['precision']}: {manifest['total_bytes'] / 1e6:.2f} MB; "
                 f"XNNPACK {ops['delegate_calls']} delegates ({ops['delegated_ops']} ops, "
-                f"{ops['quantized_linears']} quantized linears), {ops['portable_ops']} portable ops; "
+                f"{ops['quantized_linears']} quantized linears), {ops['portable_ops']} portable "
+                f"ops; "
                 f"experts {manifest['experts']}; decode reads "
                 f"{weight_bytes['touched'] / 1e6:.2f} MB/token (active minimum "
                 f"{weight_bytes['active_minimum'] / 1e6:.2f} MB); vs eager max|Δ| "

@@ -17,9 +17,8 @@ token its precision (``text-tiny`` on 2,048 held-out positions, 2026-11-26: top-
 97.3 % with one scale per call, 99.0 % per row; ExecuTorch's 8da8w, per token, 99.6 %). int4
 is the same with 4-bit blocks of the group size and 4-bit embedding tables
 (``GatherBlockQuantized``). The routers stay float: a routing flip is a discrete, unbounded
-error (docs/export.md). The router nodes
-are the ones the exporter recorded as computed inside a ``Router`` module (found by type, not by
-name).
+error (docs/export.md). The router nodes are the ones the exporter recorded as computed inside a
+``Router`` module (found by type, not by name).
 
 The experts of each MoE layer become one ``com.microsoft.QMoE`` node (``experts_to_qmoe``):
 8-bit blocks of ORT's own quantization, int8 compute, the routing as inputs. Its CPU kernel
@@ -463,7 +462,8 @@ def quantize_blocks(weights: np.ndarray, block: int,
             np.stack([scales for _, scales in blocks]).astype(np.float32))
 
 
-def quantize_embedding_tables(model: onnx.ModelProto, group_size: int | None = None) -> list[str]:
+def quantize_embedding_tables(model: onnx.ModelProto,
+                              group_size: int | None = None) -> list[str]:
     """Replace each embedding lookup ``Gather(table, ids)`` of a float table by a quantized one;
     returns the quantized tables' names.
 
@@ -484,8 +484,10 @@ def quantize_embedding_tables(model: onnx.ModelProto, group_size: int | None = N
             continue
         # A copy: to_array views the tensor's read-only bytes, which torch warns of.
         values = torch.tensor(numpy_helper.to_array(table))
-        grouped = group_size is not None and table.dims[1] % group_size == 0
-        lookup = (table_4bit if grouped else table_int8)(graph, node, table, values, group_size)
+        if group_size is not None and table.dims[1] % group_size == 0:
+            lookup = table_4bit(graph, node, table, values, group_size)
+        else:
+            lookup = table_int8(graph, node, table, values)
         graph.node.remove(node)
         for offset, new in enumerate(lookup):
             graph.node.insert(position + offset, new)
@@ -494,7 +496,7 @@ def quantize_embedding_tables(model: onnx.ModelProto, group_size: int | None = N
 
 
 def table_int8(graph: onnx.GraphProto, node: onnx.NodeProto, table: onnx.TensorProto,
-               values: torch.Tensor, _: int | None) -> list[onnx.NodeProto]:
+               values: torch.Tensor) -> list[onnx.NodeProto]:
     """``table`` as int8 rows in place, its scales added to ``graph``; the lookup's nodes."""
     rows, scales = quantize_rows(values)
     name, ids, out = table.name, node.input[1], node.output[0]

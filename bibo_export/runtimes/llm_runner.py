@@ -12,7 +12,7 @@ from pathlib import Path
 # ExecuTorch's attention kernels (llama::custom_sdpa, update_cache), which programs exported by
 # earlier versions of bibo-export call: they still run here.
 import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
-import executorch.kernels.quantized  # noqa: F401 - registers embedding_byte and embedding_4bit (quantized tables)
+import executorch.kernels.quantized  # noqa: F401 - registers embedding_byte, embedding_4bit
 from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
 from ..artifacts import program_file, tokenizer_beside

@@ -692,11 +692,14 @@ bool check_scales(const Tensor& scale, const Tensor& weight, int64_t groups = 0)
   return true;
 }
 
-// Groups the (token, choice) pairs by expert, then runs each chosen expert once;
-// `matrices(e)` gives expert e's gate, up and down matrices.
+// Sizes out as x, groups the (token, choice) pairs by expert, then runs each chosen expert
+// once; `matrices(e)` gives expert e's gate, up and down matrices.
 template <typename Matrices>
 bool compute(const Tensor& x, const Tensor& indices, const Tensor& weights, int64_t experts,
              int64_t width, const Matrices& matrices, Tensor& out) {
+  ET_LOG_MSG_AND_RETURN_IF_FALSE(
+      executorch::runtime::resize_tensor(out, x.sizes()) == Error::Ok,
+      "bibo::moe_experts: cannot resize the output to the input's shape");
   const int64_t tokens = x.size(0), hidden = x.size(1), top_k = indices.size(1);
   const int64_t* index = indices.const_data_ptr<int64_t>();
   const float* weight = weights.const_data_ptr<float>();
@@ -724,8 +727,6 @@ Tensor& moe_experts_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor
                         const Tensor& down, Tensor& out) {
   ET_KERNEL_CHECK(ctx, check_arguments(x, indices, weights, gate, up, down, ScalarType::Float),
                   InvalidArgument, out);
-  ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, x.sizes()) == Error::Ok,
-                  InvalidArgument, out);
   const int64_t width = gate.size(1), hidden = x.size(1), matrix = width * hidden;
   const auto matrices = [&](int64_t e) {
     return std::array<Matrix<float>, 3>{
@@ -748,8 +749,6 @@ Tensor& moe_experts_int8_out(KernelRuntimeContext& ctx, const Tensor& x,
   ET_KERNEL_CHECK(ctx,
                   check_scales(gate_scale, gate) && check_scales(up_scale, up) &&
                       check_scales(down_scale, down),
-                  InvalidArgument, out);
-  ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, x.sizes()) == Error::Ok,
                   InvalidArgument, out);
   const int64_t width = gate.size(1), hidden = x.size(1), matrix = width * hidden;
   const auto matrices = [&](int64_t e) {
@@ -783,8 +782,6 @@ Tensor& moe_experts_int4_out(KernelRuntimeContext& ctx, const Tensor& x,
                   check_scales(gate_scale, gate, groups(hidden)) &&
                       check_scales(up_scale, up, groups(hidden)) &&
                       check_scales(down_scale, down, groups(width)),
-                  InvalidArgument, out);
-  ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, x.sizes()) == Error::Ok,
                   InvalidArgument, out);
   const int64_t in_matrix = width * ((hidden + 1) / 2), out_matrix = hidden * ((width + 1) / 2);
   const auto matrices = [&](int64_t e) {
